@@ -1,0 +1,39 @@
+"""Test set-up: the Triton interpreter (so kernels run on the CPU), a fixed seed, tolerances per dtype.
+
+TRITON_INTERPRET must be set before any Triton kernel module is imported, hence at the top of conftest.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tolerances from the arithmetic, stated once per dtype:
+# float64: exact math, rounding ~1e-16 per op, sums of <= 1e6 terms -> 1e-9 relative.
+# float32: ~6e-8 per op; GEMM-shaped sums over D <= 256 and tile reductions over N <= 512 -> 1e-4 relative,
+#          1e-5 absolute (the parity target of ALGORITHMS.md).
+# float16: inputs rounded to 11 bits (~5e-4), fp32 accumulation -> 1e-2.
+TOL = {
+    torch.float64: dict(atol=1e-9, rtol=1e-9),
+    torch.float32: dict(atol=1e-5, rtol=1e-4),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=5e-2, rtol=5e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tol():
+    return TOL
