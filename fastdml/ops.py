@@ -1,0 +1,528 @@
+"""The fused primitives as ``torch.library`` custom ops, behind autograd and ``torch.compile``.
+
+Every loss and miner of fastdml reduces to a handful of primitives over the signed distance
+``d'`` (see ``docs/ARCHITECTURE.md``)::
+
+    contrastive_stats  -> [S+, C+, S-, C-]   sums and counts of the contrastive terms
+    triplet_stats      -> [S, C]             all triplets in a band, hinge or softplus
+    semihard_stats     -> [S, C]             FaceNet / TF-Addons semi-hard triplets
+    row_extreme        -> (value, index, found) per anchor (batch-hard style mining)
+    pair_values        -> d' of listed pairs (exact, differentiable, O(T D))
+    triplet_list / pair_list                 listing miners (PML's index tuples)
+
+This module is the glue between the public API and the backends. It asks :mod:`fastdml.dispatch` (the one
+place that chooses) for the path, and
+
+- ``"reference"``: calls :mod:`fastdml.reference` directly (plain autograd through a materialized matrix);
+- ``"blocked"`` / ``"triton"``: calls the custom op ``torch.ops.fastdml.<name>``, whose implementation runs
+  the backend's ``<name>_fwd`` (:mod:`fastdml.blocked` or :mod:`fastdml.kernels`). The stats ops compute their
+  gradient during the forward sweep (the parts ``dS_k/dx``), so their backward is one weighted sum, no second
+  sweep: ``dL/dx = sum_k dL/dS_k * dS_k/dx``.
+
+Under ``torch.compile`` the Python dispatch is skipped (Dynamo sees only the custom ops, whose fake
+implementations give every output's shape without data-dependent branches), and the backend is chosen when
+the op runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+
+__all__ = [
+    "contrastive_stats",
+    "triplet_stats",
+    "semihard_stats",
+    "row_extreme",
+    "pair_values",
+    "triplet_list",
+    "pair_list",
+    "KINDS",
+]
+
+KINDS = ("l2", "sql2", "dot")
+INF = math.inf
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backend selection (runs eagerly, inside the custom ops)
+# ----------------------------------------------------------------------------------------------------------
+def _backend_module(x: Tensor):
+    """The module implementing the contract for ``x``: ``fastdml.blocked`` or ``fastdml.kernels``."""
+    name = dispatch.backend_for(x)
+    if name == "triton":
+        kernels = importlib.import_module("fastdml.kernels")
+        # the kernels take fp16/bf16/fp32; float64 (tests, gradcheck) runs on the exact blocked path
+        if x.dtype == torch.float64 and not getattr(kernels, "SUPPORTS_FLOAT64", False):
+            return importlib.import_module("fastdml.blocked")
+        return kernels
+    # "reference" never reaches a custom op eagerly; under torch.compile it runs the blocked path
+    return importlib.import_module("fastdml.blocked")
+
+
+def _backend_fn(x: Tensor, name: str):
+    module = _backend_module(x)
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise NotImplementedError(f"{module.__name__} does not implement {name}; use FASTDML_BACKEND=reference")
+    return fn
+
+
+def _use_reference(x: Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return dispatch.backend_for(x) == "reference"
+
+
+def _reference():
+    return importlib.import_module("fastdml.reference")
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the stats ops: one custom op each, outputs (stats, gx_parts, gr_parts)
+# ----------------------------------------------------------------------------------------------------------
+def _fake_stats(x: Tensor, r: Optional[Tensor], n_stats: int, n_parts: int, need_grad: bool):
+    n, d = x.shape
+    k = n_parts if need_grad else 0
+    gx = x.new_empty((k, n, d), dtype=_acc_dtype(x))
+    if r is None:
+        gr = x.new_empty((0, 0, d), dtype=_acc_dtype(x))
+    else:
+        gr = x.new_empty((k, r.shape[0], d), dtype=_acc_dtype(x))
+    return x.new_empty((n_stats,), dtype=torch.float64), gx, gr
+
+
+def _stats_setup_context(ctx, inputs, output):
+    _, gx_parts, gr_parts = output
+    x, r = inputs[0], inputs[2]
+    ctx.save_for_backward(gx_parts, gr_parts)
+    ctx.x_dtype = x.dtype
+    ctx.r_dtype = None if r is None else r.dtype
+    # (parts carry no gradient: the backward ignores what flows into them)
+
+
+def _make_stats_backward(sum_slots: tuple[int, ...], n_inputs: int):
+    """Backward of a stats op: ``dL/dx = sum_k dL/dS_k * dS_k/dx`` with the parts saved by the forward."""
+
+    def backward(ctx, grad_stats, _grad_gx, _grad_gr):
+        gx_parts, gr_parts = ctx.saved_tensors
+        grads: list[Optional[Tensor]] = [None] * n_inputs
+        if grad_stats is None:
+            return tuple(grads)
+        if gx_parts.shape[0] != len(sum_slots):
+            raise RuntimeError(
+                "fastdml: backward through a stats op whose forward ran without gradient parts "
+                "(was the forward run under torch.no_grad() or on inputs that did not require grad?)"
+            )
+        weights = grad_stats[list(sum_slots)].to(gx_parts.dtype)
+        grads[0] = torch.einsum("k,knd->nd", weights, gx_parts).to(ctx.x_dtype)
+        if ctx.r_dtype is not None:
+            grads[2] = torch.einsum("k,knd->nd", weights, gr_parts).to(ctx.r_dtype)
+        return tuple(grads)
+
+    return backward
+
+
+@torch.library.custom_op("fastdml::contrastive_stats", mutates_args=())
+def _contrastive_stats_op(
+    x: Tensor,
+    y: Tensor,
+    r: Optional[Tensor],
+    z: Optional[Tensor],
+    excl: Optional[Tensor],
+    kind: str,
+    pos_margin: float,
+    neg_margin: float,
+    pos_lo: float,
+    neg_hi: float,
+    low: float,
+    high: float,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = _backend_fn(x, "contrastive_stats_fwd")
+    stats, gx, gr = fn(x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo, neg_hi, low, high, need_grad)
+    return stats, gx, gr
+
+
+@_contrastive_stats_op.register_fake
+def _(x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo, neg_hi, low, high, need_grad):
+    return _fake_stats(x, r, 4, 2, need_grad)
+
+
+_contrastive_stats_op.register_autograd(_make_stats_backward((0, 2), 13), setup_context=_stats_setup_context)
+
+
+@torch.library.custom_op("fastdml::triplet_stats", mutates_args=())
+def _triplet_stats_op(
+    x: Tensor,
+    y: Tensor,
+    r: Optional[Tensor],
+    z: Optional[Tensor],
+    excl: Optional[Tensor],
+    kind: str,
+    margin: float,
+    smooth: bool,
+    band_lo: float,
+    band_hi: float,
+    low: float,
+    high: float,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = _backend_fn(x, "triplet_stats_fwd")
+    stats, gx, gr = fn(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad)
+    return stats, gx, gr
+
+
+@_triplet_stats_op.register_fake
+def _(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad):
+    return _fake_stats(x, r, 2, 1, need_grad)
+
+
+_triplet_stats_op.register_autograd(_make_stats_backward((0,), 13), setup_context=_stats_setup_context)
+
+
+@torch.library.custom_op("fastdml::semihard_stats", mutates_args=())
+def _semihard_stats_op(
+    x: Tensor,
+    y: Tensor,
+    r: Optional[Tensor],
+    z: Optional[Tensor],
+    excl: Optional[Tensor],
+    kind: str,
+    margin: float,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = _backend_fn(x, "semihard_stats_fwd")
+    stats, gx, gr = fn(x, y, r, z, excl, kind, margin, need_grad)
+    return stats, gx, gr
+
+
+@_semihard_stats_op.register_fake
+def _(x, y, r, z, excl, kind, margin, need_grad):
+    return _fake_stats(x, r, 2, 1, need_grad)
+
+
+_semihard_stats_op.register_autograd(_make_stats_backward((0,), 8), setup_context=_stats_setup_context)
+
+
+def contrastive_stats(
+    x: Tensor,
+    y: Tensor,
+    r: Optional[Tensor],
+    z: Optional[Tensor],
+    excl: Optional[Tensor],
+    kind: str,
+    pos_margin: float,
+    neg_margin: float,
+    pos_lo: float = -INF,
+    neg_hi: float = INF,
+    low: float = -INF,
+    high: float = INF,
+) -> Tensor:
+    """Sums and counts of the contrastive terms over all pairs: float64 ``[S+, C+, S-, C-]``.
+
+    Positive pair (i, j), ``z_j == y_i`` (j not excluded), selected iff ``d'_ij > pos_lo``, term
+    ``relu(d'_ij - pos_margin)``; negative pair selected iff ``d'_ij < neg_hi``, term ``relu(neg_margin - d'_ij)``.
+    A term is counted iff ``low < term < high`` (the reducer's window). ``S`` sums the counted terms, ``C``
+    counts them. Differentiable in ``x`` and ``r`` through ``S+`` and ``S-``.
+    """
+    _check_kind(kind)
+    if _use_reference(x):
+        return _reference().contrastive_stats(
+            x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo, neg_hi, low, high
+        )
+    stats, _, _ = torch.ops.fastdml.contrastive_stats(
+        x, y, r, z, excl, kind, float(pos_margin), float(neg_margin), float(pos_lo), float(neg_hi),
+        float(low), float(high), _needs_grad(x, r),
+    )
+    return stats
+
+
+def triplet_stats(
+    x: Tensor,
+    y: Tensor,
+    r: Optional[Tensor],
+    z: Optional[Tensor],
+    excl: Optional[Tensor],
+    kind: str,
+    margin: float,
+    smooth: bool = False,
+    band_lo: float = -INF,
+    band_hi: float = INF,
+    low: float = -INF,
+    high: float = INF,
+) -> Tensor:
+    """Sum and count of the triplet terms over all triplets in a band: float64 ``[S, C]``.
+
+    Triplets (i, p, n) with ``p in P(i)``, ``n in Q(i)``; with ``t = d'_in - d'_ip`` the triplet is selected
+    iff ``band_lo < t <= band_hi``; ``v = d'_ip - d'_in + margin``; term ``relu(v)`` (``softplus(v)`` if
+    ``smooth``), counted iff ``low < term < high``. Differentiable through ``S``.
+    """
+    _check_kind(kind)
+    if _use_reference(x):
+        return _reference().triplet_stats(
+            x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high
+        )
+    stats, _, _ = torch.ops.fastdml.triplet_stats(
+        x, y, r, z, excl, kind, float(margin), bool(smooth), float(band_lo), float(band_hi),
+        float(low), float(high), _needs_grad(x, r),
+    )
+    return stats
+
+
+def semihard_stats(
+    x: Tensor,
+    y: Tensor,
+    r: Optional[Tensor],
+    z: Optional[Tensor],
+    excl: Optional[Tensor],
+    kind: str,
+    margin: float,
+) -> Tensor:
+    """FaceNet semi-hard triplets (TF-Addons semantics): float64 ``[S, C]``.
+
+    For each positive pair (i, p) of an anchor with a negative, ``n*`` is the negative with the smallest
+    ``d'_in > d'_ip``, else the farthest negative; ``S = sum relu(d'_ip - d'_in* + margin)``, ``C`` the number
+    of such pairs. Differentiable through ``S``.
+    """
+    _check_kind(kind)
+    if _use_reference(x):
+        return _reference().semihard_stats(x, y, r, z, excl, kind, margin)
+    stats, _, _ = torch.ops.fastdml.semihard_stats(x, y, r, z, excl, kind, float(margin), _needs_grad(x, r))
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# row_extreme: mining, no gradient
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastdml::row_extreme", mutates_args=())
+def _row_extreme_op(
+    x: Tensor,
+    y: Tensor,
+    r: Optional[Tensor],
+    z: Optional[Tensor],
+    excl: Optional[Tensor],
+    kind: str,
+    side: str,
+    mode: str,
+    lo: float,
+    hi: float,
+    thr: Optional[Tensor],
+    thr_op: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = _backend_fn(x, "row_extreme")
+    value, index, found = fn(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op)
+    return value, index, found
+
+
+@_row_extreme_op.register_fake
+def _(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op):
+    n = x.shape[0]
+    return (
+        x.new_empty((n,), dtype=_acc_dtype(x)),
+        x.new_empty((n,), dtype=torch.int64),
+        x.new_empty((n,), dtype=torch.bool),
+    )
+
+
+def row_extreme(
+    x: Tensor,
+    y: Tensor,
+    r: Optional[Tensor],
+    z: Optional[Tensor],
+    excl: Optional[Tensor],
+    kind: str,
+    side: str,
+    mode: str,
+    lo: float = -INF,
+    hi: float = INF,
+    thr: Optional[Tensor] = None,
+    thr_op: str = "",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per anchor, the max or min ``d'`` over its positives (``side="pos"``) or negatives (``"neg"``).
+
+    Candidates satisfy ``lo <= d' <= hi`` and, when ``thr`` is given, ``d' > thr_i`` (``thr_op="gt"``) or
+    ``d' < thr_i`` (``"lt"``). Returns ``(value, index, found)``; ties go to the lowest index; where nothing
+    qualifies ``found`` is False. Not differentiable: re-evaluate the chosen pairs with :func:`pair_values`.
+    """
+    _check_kind(kind)
+    if side not in ("pos", "neg"):
+        raise ValueError(f"side must be 'pos' or 'neg', got {side!r}")
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    if thr_op not in ("", "gt", "lt") or (thr is None) != (thr_op == ""):
+        raise ValueError(f"thr_op must be 'gt' or 'lt' together with thr, or '' without; got {thr_op!r}")
+    x = x.detach()
+    r = None if r is None else r.detach()
+    if _use_reference(x):
+        return _reference().row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op)
+    return torch.ops.fastdml.row_extreme(
+        x, y, r, z, excl, kind, side, mode, float(lo), float(hi), None if thr is None else thr.detach(), thr_op
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pair_values: exact d' of listed pairs, one implementation for every backend
+# ----------------------------------------------------------------------------------------------------------
+def _pair_chunk(n_pairs: int, dim: int) -> int:
+    from .config import memory_budget_bytes
+
+    # a chunk holds a (chunk, D) difference in the accumulation dtype, plus indices: stay within the budget
+    per_pair = max(1, dim) * 8 + 32
+    return max(1, min(n_pairs, memory_budget_bytes() // (4 * per_pair)))
+
+
+def _pair_values_impl(x: Tensor, r: Optional[Tensor], i: Tensor, j: Tensor, kind: str) -> Tensor:
+    ref = x if r is None else r
+    acc = _acc_dtype(x)
+    out = torch.empty(i.shape[0], dtype=acc, device=x.device)
+    chunk = _pair_chunk(i.shape[0], x.shape[1])
+    for s in range(0, i.shape[0], chunk):
+        xi = x[i[s : s + chunk]].to(acc)
+        rj = ref[j[s : s + chunk]].to(acc)
+        if kind == "dot":
+            out[s : s + chunk] = -(xi * rj).sum(1)
+        else:
+            q = (xi - rj).square().sum(1)
+            out[s : s + chunk] = q.sqrt() if kind == "l2" else q
+    return out
+
+
+@torch.library.custom_op("fastdml::pair_values", mutates_args=())
+def _pair_values_op(x: Tensor, r: Optional[Tensor], i: Tensor, j: Tensor, kind: str) -> Tensor:
+    return _pair_values_impl(x, r, i, j, kind)
+
+
+@_pair_values_op.register_fake
+def _(x, r, i, j, kind):
+    return x.new_empty(i.shape, dtype=_acc_dtype(x))
+
+
+@torch.library.custom_op("fastdml::pair_values_backward", mutates_args=())
+def _pair_values_backward_op(
+    grad: Tensor, values: Tensor, x: Tensor, r: Optional[Tensor], i: Tensor, j: Tensor, kind: str
+) -> tuple[Tensor, Tensor]:
+    acc = _acc_dtype(x)
+    gx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    ref = x if r is None else r
+    gr = gx if r is None else torch.zeros(r.shape, dtype=acc, device=r.device)
+    chunk = _pair_chunk(i.shape[0], x.shape[1])
+    for s in range(0, i.shape[0], chunk):
+        ii, jj = i[s : s + chunk], j[s : s + chunk]
+        g = grad[s : s + chunk].to(acc).unsqueeze(1)
+        xi, rj = x[ii].to(acc), ref[jj].to(acc)
+        if kind == "dot":
+            # d' = -x.r : dd'/dx = -r, dd'/dr = -x
+            gxi, grj = -g * rj, -g * xi
+        else:
+            diff = xi - rj
+            if kind == "l2":
+                d = values[s : s + chunk].to(acc).unsqueeze(1)
+                # the subgradient 0 at d = 0 (PML's cdist convention), never a division by zero
+                coef = torch.where(d > 0, g / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
+            else:
+                coef = 2.0 * g
+            gxi, grj = coef * diff, -coef * diff
+        # index_put_ with accumulate is deterministic under torch.use_deterministic_algorithms(True)
+        gx.index_put_((ii,), gxi, accumulate=True)
+        gr.index_put_((jj,), grj, accumulate=True)
+    if r is None:
+        return gx.to(x.dtype), x.new_empty((0, x.shape[1]))
+    return gx.to(x.dtype), gr.to(r.dtype)
+
+
+@_pair_values_backward_op.register_fake
+def _(grad, values, x, r, i, j, kind):
+    return torch.empty_like(x), (x.new_empty((0, x.shape[1])) if r is None else torch.empty_like(r))
+
+
+def _pair_values_setup(ctx, inputs, output):
+    x, r, i, j, kind = inputs
+    ctx.save_for_backward(output, x, r, i, j)
+    ctx.kind = kind
+    ctx.has_r = r is not None
+
+
+def _pair_values_backward(ctx, grad):
+    values, x, r, i, j = ctx.saved_tensors
+    gx, gr = torch.ops.fastdml.pair_values_backward(grad, values, x, r if ctx.has_r else None, i, j, ctx.kind)
+    return gx, (gr if ctx.has_r else None), None, None, None
+
+
+_pair_values_op.register_autograd(_pair_values_backward, setup_context=_pair_values_setup)
+
+
+def pair_values(x: Tensor, r: Optional[Tensor], i: Tensor, j: Tensor, kind: str) -> Tensor:
+    """``d'`` of the listed pairs ``(x[i_t], r[j_t])``, computed by direct differences (exact near 0).
+
+    ``r=None`` indexes both sides into ``x``. Returns float32 for fp16/bf16/fp32 inputs (float64 for float64).
+    The L2 gradient is ``g (x_i - r_j) / d`` and 0 where ``d = 0``. Memory is O(T) plus a chunk of
+    ``(chunk, D)`` within the memory budget; the backward accumulates deterministically.
+    """
+    _check_kind(kind)
+    if _use_reference(x):
+        return _reference().pair_values(x, r, i, j, kind)
+    return torch.ops.fastdml.pair_values(x, r, i.to(torch.int64), j.to(torch.int64), kind)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# listing miners: data-dependent output sizes, eager only
+# ----------------------------------------------------------------------------------------------------------
+def triplet_list(
+    x: Tensor,
+    y: Tensor,
+    r: Optional[Tensor],
+    z: Optional[Tensor],
+    excl: Optional[Tensor],
+    kind: str,
+    band_lo: float = -INF,
+    band_hi: float = INF,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """All triplets (a, p, n) with ``band_lo < d'_an - d'_ap <= band_hi``, int64, in PML's lexicographic order."""
+    _check_kind(kind)
+    x = x.detach()
+    r = None if r is None else r.detach()
+    if _use_reference(x):
+        return _reference().triplet_list(x, y, r, z, excl, kind, band_lo, band_hi)
+    with torch.no_grad():
+        return _backend_fn(x, "triplet_list")(x, y, r, z, excl, kind, float(band_lo), float(band_hi))
+
+
+def pair_list(
+    x: Tensor,
+    y: Tensor,
+    r: Optional[Tensor],
+    z: Optional[Tensor],
+    excl: Optional[Tensor],
+    kind: str,
+    pos_lo: float = -INF,
+    neg_hi: float = INF,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Positive pairs with ``d' > pos_lo`` and negative pairs with ``d' < neg_hi``: ``(a1, p, a2, n)`` int64,
+    in PML's row-major order."""
+    _check_kind(kind)
+    x = x.detach()
+    r = None if r is None else r.detach()
+    if _use_reference(x):
+        return _reference().pair_list(x, y, r, z, excl, kind, pos_lo, neg_hi)
+    with torch.no_grad():
+        return _backend_fn(x, "pair_list")(x, y, r, z, excl, kind, float(pos_lo), float(neg_hi))
