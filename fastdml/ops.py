@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import _context, dispatch
 
 __all__ = [
     "contrastive_stats",
@@ -71,7 +71,19 @@ def _backend_fn(x: Tensor, name: str):
     fn = getattr(module, name, None)
     if fn is None:
         raise NotImplementedError(f"{module.__name__} does not implement {name}; use FASTDML_BACKEND=reference")
-    return fn
+    return _without_autocast(fn, x.device.type)
+
+
+def _without_autocast(fn, device_type: str):
+    """[issue 7, mixed precision] Run ``fn`` with autocast off: the backends choose their own accumulation dtype
+    (fp32 for fp16/bf16/fp32 inputs), and an enclosing ``torch.autocast`` region would otherwise turn their fp32
+    GEMMs into bf16/fp16 ones (custom ops are not autocast-aware, the ops inside them are)."""
+
+    def call(*args, **kwargs):
+        with torch.autocast(device_type=device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def _use_reference(x: Tensor) -> bool:
@@ -81,7 +93,29 @@ def _use_reference(x: Tensor) -> bool:
 
 
 def _reference():
-    return importlib.import_module("fastdml.reference")
+    return _FP32_REFERENCE
+
+
+class _Fp32Reference:
+    """[issue 7, mixed precision] :mod:`fastdml.reference` with fp16/bf16 tensor arguments upcast to float32 (the
+    accumulation dtype of the contract: no overflow of squared distances, fp32-accurate sums) and autocast off;
+    the upcast is differentiable, so gradients reach the half-precision inputs in their dtype."""
+
+    def __getattr__(self, name):
+        fn = getattr(importlib.import_module("fastdml.reference"), name)
+
+        def call(*args):
+            up = tuple(
+                a.float() if isinstance(a, Tensor) and a.dtype in (torch.float16, torch.bfloat16) else a for a in args
+            )
+            device = next((a.device.type for a in up if isinstance(a, Tensor)), "cpu")
+            with torch.autocast(device_type=device, enabled=False):
+                return fn(*up)
+
+        return call
+
+
+_FP32_REFERENCE = _Fp32Reference()
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -134,9 +168,11 @@ def _make_stats_backward(sum_slots: tuple[int, ...], n_inputs: int):
                 "(was the forward run under torch.no_grad() or on inputs that did not require grad?)"
             )
         weights = grad_stats[list(sum_slots)].to(gx_parts.dtype)
-        grads[0] = torch.einsum("k,knd->nd", weights, gx_parts).to(ctx.x_dtype)
-        if ctx.r_dtype is not None:
-            grads[2] = torch.einsum("k,knd->nd", weights, gr_parts).to(ctx.r_dtype)
+        # [issue 7, mixed precision] a backward run inside torch.autocast must not turn this sum into a bf16 GEMM
+        with torch.autocast(device_type=gx_parts.device.type, enabled=False):
+            grads[0] = torch.einsum("k,knd->nd", weights, gx_parts).to(ctx.x_dtype)
+            if ctx.r_dtype is not None:
+                grads[2] = torch.einsum("k,knd->nd", weights, gr_parts).to(ctx.r_dtype)
         return tuple(grads)
 
     return backward
@@ -246,15 +282,18 @@ def contrastive_stats(
     counts them. Differentiable in ``x`` and ``r`` through ``S+`` and ``S-``.
     """
     _check_kind(kind)
+    # [issue 7 hook] inside a pool context (distributed wrapper, cross-batch memory) a rectangular op
+    # skips each query's own reference row, and the stats are added over the ranks: see fastdml/_context.py
+    excl = _context.resolve_excl(x, r, excl)
     if _use_reference(x):
-        return _reference().contrastive_stats(
+        return _context.reduce_stats(_reference().contrastive_stats(
             x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo, neg_hi, low, high
-        )
+        ))
     stats, _, _ = torch.ops.fastdml.contrastive_stats(
         x, y, r, z, excl, kind, float(pos_margin), float(neg_margin), float(pos_lo), float(neg_hi),
         float(low), float(high), _needs_grad(x, r),
     )
-    return stats
+    return _context.reduce_stats(stats)
 
 
 def triplet_stats(
@@ -278,15 +317,18 @@ def triplet_stats(
     ``smooth``), counted iff ``low < term < high``. Differentiable through ``S``.
     """
     _check_kind(kind)
+    # [issue 7 hook] inside a pool context (distributed wrapper, cross-batch memory) a rectangular op
+    # skips each query's own reference row, and the stats are added over the ranks: see fastdml/_context.py
+    excl = _context.resolve_excl(x, r, excl)
     if _use_reference(x):
-        return _reference().triplet_stats(
+        return _context.reduce_stats(_reference().triplet_stats(
             x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high
-        )
+        ))
     stats, _, _ = torch.ops.fastdml.triplet_stats(
         x, y, r, z, excl, kind, float(margin), bool(smooth), float(band_lo), float(band_hi),
         float(low), float(high), _needs_grad(x, r),
     )
-    return stats
+    return _context.reduce_stats(stats)
 
 
 def semihard_stats(
@@ -305,10 +347,13 @@ def semihard_stats(
     of such pairs. Differentiable through ``S``.
     """
     _check_kind(kind)
+    # [issue 7 hook] inside a pool context (distributed wrapper, cross-batch memory) a rectangular op
+    # skips each query's own reference row, and the stats are added over the ranks: see fastdml/_context.py
+    excl = _context.resolve_excl(x, r, excl)
     if _use_reference(x):
-        return _reference().semihard_stats(x, y, r, z, excl, kind, margin)
+        return _context.reduce_stats(_reference().semihard_stats(x, y, r, z, excl, kind, margin))
     stats, _, _ = torch.ops.fastdml.semihard_stats(x, y, r, z, excl, kind, float(margin), _needs_grad(x, r))
-    return stats
+    return _context.reduce_stats(stats)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -371,6 +416,7 @@ def row_extreme(
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     if thr_op not in ("", "gt", "lt") or (thr is None) != (thr_op == ""):
         raise ValueError(f"thr_op must be 'gt' or 'lt' together with thr, or '' without; got {thr_op!r}")
+    excl = _context.resolve_excl(x, r, excl)  # [issue 7 hook] see fastdml/_context.py
     x = x.detach()
     r = None if r is None else r.detach()
     if _use_reference(x):
@@ -499,6 +545,7 @@ def triplet_list(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """All triplets (a, p, n) with ``band_lo < d'_an - d'_ap <= band_hi``, int64, in PML's lexicographic order."""
     _check_kind(kind)
+    excl = _context.resolve_excl(x, r, excl)  # [issue 7 hook] see fastdml/_context.py
     x = x.detach()
     r = None if r is None else r.detach()
     if _use_reference(x):
@@ -520,6 +567,7 @@ def pair_list(
     """Positive pairs with ``d' > pos_lo`` and negative pairs with ``d' < neg_hi``: ``(a1, p, a2, n)`` int64,
     in PML's row-major order."""
     _check_kind(kind)
+    excl = _context.resolve_excl(x, r, excl)  # [issue 7 hook] see fastdml/_context.py
     x = x.detach()
     r = None if r is None else r.detach()
     if _use_reference(x):

@@ -1,0 +1,24 @@
+"""The memory-bounded blocked PyTorch path (the CPU backend).
+
+Implements the primitive-op contract of ``docs/ARCHITECTURE.md`` over blocks of anchor rows, keeping the
+working memory beyond inputs and outputs under ``fastdml.config.memory_budget_bytes()``:
+
+- :func:`contrastive_stats_fwd`, :func:`triplet_stats_fwd`, :func:`semihard_stats_fwd`:
+  ``(stats float64, gx_parts (k, N, D), gr_parts (k, M, D))`` with the gradient computed in the forward;
+- :func:`row_extreme`, :func:`triplet_list`, :func:`pair_list`: mining (no gradient).
+
+Every function runs under ``torch.no_grad()``; the autograd wiring is in :mod:`fastdml.ops`.
+"""
+
+from .contrastive import contrastive_stats_fwd
+from .mining import pair_list, row_extreme, triplet_list
+from .triplet import semihard_stats_fwd, triplet_stats_fwd
+
+__all__ = [
+    "contrastive_stats_fwd",
+    "triplet_stats_fwd",
+    "semihard_stats_fwd",
+    "row_extreme",
+    "triplet_list",
+    "pair_list",
+]

@@ -1,0 +1,11 @@
+"""fastdml's benchmarks: pytest-benchmark suites (one file per loss family) and the report.
+
+- ``bench/test_bench_<family>.py``: the timed cases, parametrized over implementation x N x D x dtype x
+  label pattern x mode (forward+backward, forward alone); see :mod:`bench._cases`.
+- ``bench/test_bench_floor.py``: the GEMM floor (``torch.mm(X, X.T)`` forward+backward) at the same shapes.
+- ``bench/test_bench_targets.py``: the headline ratios (drop-in API against PML, alternating runs).
+- ``python -m bench.report``: runs the suites, saves the JSON, prints the ratio tables, draws the chart.
+
+CI runs the same files with ``--benchmark-disable`` on tiny sizes (``FASTDML_BENCH_TINY=1``) so they stay
+correct; nothing here asserts a speed.
+"""

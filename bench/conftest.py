@@ -1,0 +1,199 @@
+"""pytest set-up of the benchmark suites: options, case parametrization, the session's records.
+
+Options (all optional)::
+
+    --bench-sizes 256,1024,4096   N values           --bench-dims 128        D values
+    --bench-dtypes float32        dtypes             --bench-labels random10,pk4
+    --bench-modes fwdbwd,fwd      timed calls        --bench-impls fastdml,reference,pml(,blocked)
+    --bench-device auto|cpu|cuda  device             --bench-tiny            tiny sizes (CI)
+    --bench-no-memory             skip peak memory   --bench-records PATH    skips/failures JSON
+    --bench-target-s 2.0          seconds per case   --bench-max-rounds 20
+
+``FASTDML_BENCH_TINY=1`` is the same as ``--bench-tiny``: N in {24, 70}, D = 8, no memory worker, each
+timed call checked against fastdml's reference. CI runs the files that way with ``--benchmark-disable``
+(tests/test_bench_smoke.py), so the suites stay correct without ever asserting a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from bench import _cases, _memory
+
+DEFAULT_SIZES = (256, 1024, 4096)
+TINY_SIZES = (24, 70)
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("fastdml-bench")
+    g.addoption("--bench-sizes", default=None, help="comma-separated N values (default 256,1024,4096)")
+    g.addoption("--bench-dims", default=None, help="comma-separated D values (default 128)")
+    g.addoption("--bench-dtypes", default=None, help="comma-separated dtypes (default float32)")
+    g.addoption("--bench-labels", default=None, help="label patterns: random10, pk4 (default both)")
+    g.addoption("--bench-modes", default=None, help="fwdbwd, fwd (default both)")
+    g.addoption("--bench-impls", default=None, help="fastdml, reference, pml, blocked (default: all for the device)")
+    g.addoption("--bench-device", default="auto", help="auto (cuda if available), cpu or cuda")
+    g.addoption("--bench-tiny", action="store_true", help="tiny sizes for CI (also FASTDML_BENCH_TINY=1)")
+    g.addoption("--bench-no-memory", action="store_true", help="do not measure peak memory")
+    g.addoption("--bench-records", default=None, help="where to write the skip/failure records (JSON)")
+    g.addoption("--bench-target-s", type=float, default=2.0, help="about how long each case is timed")
+    g.addoption("--bench-max-rounds", type=int, default=20, help="most timed rounds per case")
+    g.addoption("--bench-memory-cache", default=_memory.DEFAULT_CACHE, help="CPU memory cache ('' for none)")
+
+
+def _list(value, default, cast=str):
+    if value is None or value == "":
+        return tuple(default)
+    return tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+
+
+class Options:
+    def __init__(self, config):
+        opt = config.getoption
+        self.tiny = bool(opt("--bench-tiny")) or os.environ.get("FASTDML_BENCH_TINY", "0") == "1"
+        device = opt("--bench-device")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.sizes = _list(opt("--bench-sizes"), TINY_SIZES if self.tiny else DEFAULT_SIZES, int)
+        self.dims = _list(opt("--bench-dims"), (8,) if self.tiny else (128,), int)
+        self.dtypes = _list(opt("--bench-dtypes"), ("float32",))
+        self.labels = _list(opt("--bench-labels"), _cases.LABELS)
+        self.modes = _list(opt("--bench-modes"), _cases.MODES)
+        impls = _list(opt("--bench-impls"), _cases.impls_for(device))
+        self.impls = tuple(i for i in impls if i in _cases.impls_for(device))
+        for name, values, allowed in (
+            ("--bench-dtypes", self.dtypes, _cases.DTYPES),
+            ("--bench-modes", self.modes, _cases.MODES),
+            ("--bench-impls", impls, ("fastdml", "reference", "pml", "blocked")),
+        ):
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                raise pytest.UsageError(f"{name}: unknown value(s) {bad}; choose from {list(allowed)}")
+        self.memory = not opt("--bench-no-memory") and not self.tiny
+        self.target_s = opt("--bench-target-s")
+        self.max_rounds = opt("--bench-max-rounds")
+        self.memory_cache = opt("--bench-memory-cache") or None
+        records = opt("--bench-records")
+        if records is None:
+            bj = config.getoption("--benchmark-json", None)
+            records = (os.path.splitext(str(bj))[0] + ".records.json") if bj else None
+        self.records = records
+
+
+class BenchSession:
+    """State shared by the cases of one pytest session: options, the memory meter, the records."""
+
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.tiny = opts.tiny
+        self.records: list[dict] = []
+        self._meter = None
+        self._limits: dict[str, float] = {}
+        self._timings: dict[_cases.Case, float] = {}
+
+    def note_timing(self, case, seconds: float) -> None:
+        """One call of ``case`` took ``seconds`` (used to predict the same case at larger N)."""
+        self._timings[case] = min(seconds, self._timings.get(case, math.inf))
+
+    def known_timing(self, case):
+        """The fastest call of exactly this case measured in this session (seconds), or None."""
+        return self._timings.get(case)
+
+    def timing_below(self, case):
+        """``(n0, seconds)`` of the same case at the largest N below ``case.n`` whose call took long enough
+        (>= 0.3 s) for fixed costs not to dominate the extrapolation, or None."""
+        best = None
+        for c, sec in self._timings.items():
+            if sec < 0.3 or c.n >= case.n or c.replace(n=case.n) != case:
+                continue
+            if best is None or c.n > best[0]:
+                best = (c.n, sec)
+        return best
+
+    @property
+    def meter(self) -> _memory.MemoryMeter:
+        if self._meter is None:
+            self._meter = _memory.MemoryMeter(self.opts.memory_cache)
+        return self._meter
+
+    def mem_limit(self, device: str) -> float:
+        if device not in self._limits:
+            self._limits[device] = _cases.memory_limit_bytes(device)
+        return self._limits[device]
+
+    def record(self, case, status: str, **info) -> None:
+        row = {"status": status, "case": case.to_dict() if hasattr(case, "to_dict") else case}
+        row.update(info)
+        self.records.append(row)
+
+    def close(self) -> None:
+        if self._meter is not None:
+            self._meter.close()
+        if self.opts.records:
+            os.makedirs(os.path.dirname(os.path.abspath(self.opts.records)), exist_ok=True)
+            with open(self.opts.records, "w") as f:
+                json.dump(
+                    {
+                        "device": self.opts.device,
+                        "machine": _cases.machine(self.opts.device),
+                        "versions": _cases.versions(),
+                        "records": self.records,
+                    },
+                    f,
+                    indent=1,
+                )
+
+
+_SESSION: BenchSession | None = None
+
+
+def pytest_configure(config):
+    global _SESSION
+    _SESSION = BenchSession(Options(config))
+
+
+def pytest_unconfigure(config):
+    if _SESSION is not None:
+        _SESSION.close()
+
+
+@pytest.fixture(scope="session")
+def bench_session() -> BenchSession:
+    return _SESSION
+
+
+# Outside tiny mode the forward-alone timing is skipped where one call is predicted to take longer than this
+# (the slow baselines: each of their calls costs seconds, and the forward+backward is the headline figure),
+# label patterns other than 10 random classes are timed forward+backward only, and the reference (whose cost
+# does not depend on the labels) with 10 random classes only.
+FWD_ONLY_BELOW_S = 5.0
+
+
+def _keep(case, tiny: bool) -> bool:
+    if case.impl == "reference" and case.labels != "random10" and not tiny:
+        return False  # the reference materializes everything: its cost does not depend on the labels
+    if case.mode == "fwdbwd":
+        return True
+    if case.labels != "random10":
+        return False
+    return tiny or _cases.predict(case)["seconds"] < FWD_ONLY_BELOW_S
+
+
+def pytest_generate_tests(metafunc):
+    opts = _SESSION.opts
+    if "case" in metafunc.fixturenames:
+        family = metafunc.module.FAMILY
+        cases = _cases.cases_for(
+            family, opts.device, opts.sizes, opts.dims, opts.dtypes, opts.labels, opts.modes, opts.impls
+        )
+        cases = [c for c in cases if _keep(c, opts.tiny)]
+        metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+    if "floor_shape" in metafunc.fixturenames:
+        shapes = [(n, d, dt, opts.device) for n in sorted(opts.sizes) for d in opts.dims for dt in opts.dtypes]
+        metafunc.parametrize("floor_shape", shapes, ids=[f"N{n}-D{d}-{dt}-{dev}" for n, d, dt, dev in shapes])

@@ -1,0 +1,190 @@
+"""Shared plumbing of the losses and miners: PML's input conventions, and the distance "geometry".
+
+:func:`resolve_inputs` applies PML's rules once (labels moved to the embeddings' device, ``ref_emb=None``
+meaning the batch against itself, the diagonal excluded iff ``ref_labels is labels``) and turns them into the
+ops' arguments ``(y, r, z, excl)``:
+
+* ``ref_emb`` is ``embeddings`` and ``ref_labels`` is ``labels``: the square case (``r = z = None``);
+* ``ref_labels`` is ``labels`` but ``ref_emb`` is another tensor: rectangular, ``excl = arange(N)``;
+* otherwise: rectangular, nothing excluded.
+
+:class:`Geometry` gives distances of index pairs in PML's raw convention (a similarity for
+``is_inverted`` distances) and lists of pairs / triplets, through :mod:`fastdml.ops` when the distance has a
+fused spec, else through the distance object's own matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import _validation as V
+from . import ops, reference
+from .distances import fused_spec
+
+INF = math.inf
+
+
+@dataclass
+class Inputs:
+    embeddings: torch.Tensor
+    labels: torch.Tensor | None
+    ref_emb: torch.Tensor  # resolved: embeddings when not given
+    ref_labels: torch.Tensor | None  # resolved as PML (None only when labels is None or not given with ref_emb)
+    square: bool
+    y: torch.Tensor | None  # int64 ids for the ops
+    z: torch.Tensor | None  # None in the square case
+    excl: torch.Tensor | None
+    diag: bool  # PML's `ref_labels is labels`
+
+    @property
+    def n(self):
+        return self.embeddings.shape[0]
+
+    @property
+    def m(self):
+        return self.ref_emb.shape[0]
+
+
+def resolve_inputs(embeddings, labels, ref_emb, ref_labels, labels_required: bool = True) -> Inputs:
+    """Validate and resolve a PML-style call (see the module docstring)."""
+    V.check_embeddings(embeddings, "embeddings")
+    n = embeddings.shape[0]
+    if labels is None:
+        if labels_required:
+            raise ValueError("labels are required (or pass an indices_tuple to a loss)")
+    else:
+        V.check_labels(labels, n, "labels")
+        labels = V.move_labels(labels, embeddings.device)
+    if ref_emb is not None:
+        V.check_ref(embeddings, ref_emb, "ref_emb")
+        if ref_labels is not None:
+            V.check_labels(ref_labels, ref_emb.shape[0], "ref_labels")
+            ref_labels = V.move_labels(ref_labels, ref_emb.device)
+    else:
+        # PML's set_ref_emb: without ref_emb the batch is compared with itself, whatever ref_labels says
+        ref_emb, ref_labels = embeddings, labels
+    m = ref_emb.shape[0]
+    z_obj = labels if ref_labels is None else ref_labels
+    diag = z_obj is labels
+    square = diag and ref_emb is embeddings
+    y = z = excl = None
+    if labels is not None:
+        if diag and m != n:
+            raise ValueError(
+                f"ref_labels is required when ref_emb ({m} rows) is given with {n} embeddings "
+                "(without it the labels are used for both, which needs as many rows)"
+            )
+        if square:
+            y, _ = V.labels_as_int64(labels, None)
+        else:
+            y, z = V.labels_as_int64(labels, z_obj)
+            if diag:
+                excl = torch.arange(n, device=embeddings.device)
+    return Inputs(embeddings, labels, ref_emb, ref_labels, square, y, z, excl, diag)
+
+
+class Geometry:
+    """Distances for one call: ``raw(i, j)`` (PML's convention, differentiable), lists, row extremes.
+
+    With a fused spec ``(kind, normalize)`` the embeddings are L2-normalized once (if asked) and every value
+    comes from :mod:`fastdml.ops` (exact, O(T D)); otherwise the distance object's matrix is built once.
+    """
+
+    def __init__(self, distance, inp: Inputs):
+        self.distance = distance
+        self.inp = inp
+        self.spec = fused_spec(distance)
+        self.inverted = bool(getattr(distance, "is_inverted", False))
+        self._mat = None
+        if self.spec is not None:
+            kind, normalize = self.spec
+            self.kind = kind
+            x = inp.embeddings
+            self.x = F.normalize(x, p=2, dim=1) if normalize else x
+            if inp.square:
+                self.r = None
+            elif inp.ref_emb is x:
+                self.r = self.x
+            else:
+                self.r = F.normalize(inp.ref_emb, p=2, dim=1) if normalize else inp.ref_emb
+
+    # -- the generic path's matrix --
+    @property
+    def mat(self):
+        """The distance object's (N, M) matrix (raw convention), built once."""
+        if self._mat is None:
+            self._mat = self.distance(self.inp.embeddings, self.inp.ref_emb)
+        return self._mat
+
+    def dprime_matrix(self):
+        """d' (larger is farther) of the generic path."""
+        return -self.mat if self.inverted else self.mat
+
+    def masks(self):
+        inp = self.inp
+        return reference.masks(inp.y, inp.z, inp.excl, inp.square)
+
+    # -- values --
+    def raw(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Distance (similarity, for inverted distances) of the pairs (embeddings[i], ref_emb[j])."""
+        if self.spec is None:
+            return self.mat[i, j]
+        d = ops.pair_values(self.x, self.r, i, j, self.kind).to(self.inp.embeddings.dtype)
+        return -d if self.kind == "dot" else d
+
+    def dprime(self, i, j):
+        v = self.raw(i, j)
+        return -v if self.inverted else v
+
+    # -- lists (no gradient) --
+    def pair_list(self, pos_lo=-INF, neg_hi=INF):
+        inp = self.inp
+        if self.spec is not None:
+            return ops.pair_list(self.x, inp.y, self.r, inp.z, inp.excl, self.kind, pos_lo, neg_hi)
+        pos, neg = self.masks()
+        return reference.pair_list_from_matrix(self.dprime_matrix(), pos, neg, pos_lo, neg_hi)
+
+    def triplet_list(self, band_lo=-INF, band_hi=INF):
+        inp = self.inp
+        if self.spec is not None:
+            return ops.triplet_list(self.x, inp.y, self.r, inp.z, inp.excl, self.kind, band_lo, band_hi)
+        pos, neg = self.masks()
+        return reference.triplet_list_from_matrix(self.dprime_matrix(), pos, neg, band_lo, band_hi)
+
+    def row_extreme(self, side, mode, lo=-INF, hi=INF, thr=None, thr_op=""):
+        """(value d', index, found) per anchor; see :func:`fastdml.ops.row_extreme`."""
+        inp = self.inp
+        if self.spec is not None:
+            return ops.row_extreme(self.x, inp.y, self.r, inp.z, inp.excl, self.kind, side, mode, lo, hi, thr, thr_op)
+        pos, neg = self.masks()
+        dmat = self.dprime_matrix()  # built (and cached) with its graph: raw() reuses it for the gradient
+        with torch.no_grad():
+            return reference.row_extreme_from_matrix(dmat.detach(), pos, neg, side, mode, lo, hi, thr, thr_op)
+
+    def raw_interval_to_dprime(self, lo, hi):
+        """A closed interval of raw values as an interval of d' (flipped for similarities)."""
+        lo = -INF if lo is None else float(lo)
+        hi = INF if hi is None else float(hi)
+        return (-hi, -lo) if self.inverted else (lo, hi)
+
+
+def zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
+    """Zero with zero gradient, attached to the graph (PML's ``torch.sum(embeddings * 0)``)."""
+    return torch.sum(embeddings * 0)
+
+
+def window_value(stats_s, stats_c, window, embeddings):
+    """The reducer's value from a sum and a count: ``S / C`` (or ``S``), and 0 when ``C = 0``.
+
+    No host synchronisation: with ``C = 0`` nothing was counted, so ``S`` is an exact 0 whose gradient is 0
+    (still attached to the embeddings' graph through the op), and ``S / max(C, 1)`` is that 0.
+    """
+    val = stats_s / stats_c.clamp_min(1) if window[2] else stats_s
+    val = val.to(embeddings.dtype)
+    if embeddings.requires_grad and not val.requires_grad:
+        val = val + zero_loss(embeddings)  # keep the result attached to the graph (PML's zero loss)
+    return val

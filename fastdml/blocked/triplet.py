@@ -1,0 +1,299 @@
+"""All-triplets and semi-hard triplet statistics on the blocked CPU path (sort-based, O(N M log K)).
+
+Per anchor i, with positives' d' ``a_p`` (p in P(i)) and negatives' d' ``b_n`` (n in Q(i)):
+
+``triplet_stats_fwd`` (hinge): a triplet (p, n) is selected iff ``band_lo < b_n - a_p <= band_hi``,
+``v = a_p - b_n + margin``, counted iff ``low < relu(v) < high``. Every such condition reads
+"b_n compared with a_p + const", so sorting the anchor's positives once (``sa``, ascending; only K per
+anchor) turns each into a rank range: for a threshold sequence ``T = sa + c`` (still sorted),
+
+    b_n >  a_p + c   <=>  rank(p) <  #{T <  b_n}   (searchsorted left)
+    b_n <= a_p + c   <=>  rank(p) >= #{T <  b_n}   (searchsorted left)
+    b_n <  a_p + c   <=>  rank(p) >= #{T <= b_n}   (searchsorted right)
+
+and the positives forming a counted triplet with negative n are the ranks ``[U_n, L_n)`` (U the max of the
+upper bounds, L the min of the lower ones). The active triplets (counted and v > 0) add the bound
+``b_n < a_p + margin``: ranks ``[Ua_n, La_n)``. Then, per anchor,
+
+    C     = sum_n (L_n - U_n)^+
+    cnt_k = #{n : Ua_n <= k < La_n}         (difference array over ranks + cumsum)
+    S     = sum_k cnt_k (sa_k + margin) - sum_n (La_n - Ua_n)^+ b_n
+    dS/dd'_ip = cnt_rank(p),  dS/dd'_in = -(La_n - Ua_n)^+
+
+(one searchsorted of the anchor's M values per distinct finite bound, no sort of the negatives), then the
+common GEMM-shaped gradient pass. With ``smooth`` (softplus) the sum is not prefix-summable: the
+(anchor, positive, negative) block is materialized in chunks within the budget (a slower, documented path).
+
+``semihard_stats_fwd`` (TF-Addons): per positive pair (i, p), n* = the negative with the smallest
+``b_n > a_p``, else the farthest negative (ties: lowest index). With ``pos_n = #{sa < b_n}`` (searchsorted),
+negative n is above rank k iff ``pos_n > k``; binning negatives by ``pos_n`` (bins are value-ordered) and a
+suffix "first non-empty bin" gives n* for every rank at once; ties inside a bin go to the lowest index.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import budget
+from .distance import Problem, accumulate_grad, distances, new_parts
+
+INF = math.inf
+
+
+class PositiveLayout:
+    """Where every anchor's positives are: columns sorted by label (stable, so ascending index within a
+    label), ``start[i]`` and ``count[i]`` of the run of label ``y_i``. A block gathers its positives into a
+    padded ``(b, Kmax)`` tensor in ascending column order."""
+
+    def __init__(self, P: Problem):
+        self.colperm = torch.argsort(P.z, stable=True)
+        zs = P.z[self.colperm]
+        self.start = torch.searchsorted(zs, P.y, side="left")
+        self.count = torch.searchsorted(zs, P.y, side="right") - self.start
+
+    def kmax(self, s: int, e: int) -> int:
+        return int(self.count[s:e].max()) if e > s else 0
+
+    def gather(self, P: Problem, s: int, e: int, d: torch.Tensor, kmax: int):
+        """``(gidx, valid, a)``: (b, Kmax) column of each positive slot, its validity (in the label run and
+        not excluded), and its d' (+inf where not valid)."""
+        ar = torch.arange(kmax, device=P.device)
+        slot = self.start[s:e, None] + ar
+        valid = ar[None, :] < self.count[s:e, None]
+        gidx = self.colperm[slot.clamp_(max=P.M - 1)]
+        if P.square:
+            valid &= gidx != torch.arange(s, e, device=P.device)[:, None]
+        elif P.excl is not None:
+            valid &= gidx != P.excl[s:e, None]
+        a = d.gather(1, gidx).masked_fill_(~valid, INF)
+        return gidx, valid, a
+
+
+def rank_bounds(sa: torch.Tensor, kv: torch.Tensor, d: torch.Tensor, lowers, uppers):
+    """Rank range ``[U, L)`` (each (b, M) int64) of the sorted positives ``sa`` (b, K) (+inf padded, ``kv``
+    valid) that satisfy every bound for the value ``b = d[i, n]``.
+
+    ``lowers``: constants c of strict lower bounds ``b > a + c``; ``uppers``: ``(c, strict)`` of upper bounds
+    ``b < a + c`` (strict) or ``b <= a + c``. Without lower bounds L = kv, without upper bounds U = 0.
+    """
+    L = None
+    for c in lowers:
+        t = torch.searchsorted(sa + c, d, side="left")
+        L = t if L is None else torch.minimum(L, t, out=L)
+    if L is None:
+        L = kv[:, None].expand(d.shape)
+    U = None
+    for c, strict in uppers:
+        t = torch.searchsorted(sa + c, d, side="right" if strict else "left")
+        U = t if U is None else torch.maximum(U, t, out=U)
+    if U is None:
+        U = torch.zeros(d.shape, dtype=torch.int64, device=d.device)
+    return U, L
+
+
+def _relu_bounds(margin, band_lo, band_hi, low, high):
+    """(lowers, uppers) of the counted interval and the extra upper bound of the active one (v > 0)."""
+    lowers, uppers = [], []
+    if band_lo != -INF:
+        lowers.append(band_lo)  # b - a > band_lo
+    if band_hi != INF:
+        uppers.append((band_hi, False))  # b - a <= band_hi
+    if high != INF:
+        lowers.append(margin - high)  # v < high  <=>  b > a + margin - high
+    if low != -INF and low >= 0.0:
+        uppers.append((margin - low, True))  # v > low  <=>  b < a + margin - low
+    return lowers, uppers
+
+
+def _sum_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(dtype=torch.float64)
+
+
+def _relu_block(P, s, e, d, neg, layout, kmax, margin, bounds, active_extra, need_grad, sums):
+    """Hinge triplets of block rows s:e; returns the pair weights G (1, b, M) (or None)."""
+    gidx, pvalid, a = layout.gather(P, s, e, d, kmax)
+    sa, sperm = torch.sort(a, dim=1)
+    kv = pvalid.sum(1)
+    lowers, uppers = bounds
+    U, L = rank_bounds(sa, kv, d, lowers, uppers)
+    cover = (L - U).clamp_min_(0).masked_fill_(~neg, 0)
+    sums[1] += _sum_rows(cover)
+    if active_extra is not None:
+        Ua = torch.maximum(U, torch.searchsorted(sa + active_extra, d, side="right"))
+        cover = (L - Ua).clamp_min_(0).masked_fill_(~neg, 0)
+        U = Ua
+    # per-rank active counts: +1 at U, -1 at L for every negative with a non-empty range, cumsum over ranks
+    # (U, L are in [0, kmax]; negatives with an empty range add 0)
+    act = (cover > 0).to(torch.int64)
+    b = d.shape[0]
+    hist = torch.zeros((b, kmax + 1), dtype=torch.int64, device=P.device)
+    hist.scatter_add_(1, U, act)
+    hist.scatter_add_(1, L.contiguous(), act.neg_())
+    cnt = hist.cumsum_(1)[:, :kmax]  # (b, Kmax) by rank
+    rank_ok = cnt > 0
+    sa_f = sa.to(torch.float64).add_(margin).masked_fill_(~rank_ok, 0.0)
+    # sum_n cover_n b_n: per-row dot products in the accumulation dtype (cover <= K is exact there),
+    # the rows added in float64
+    cover_f = cover.to(P.acc)
+    sums[0] += _sum_rows(cnt.to(torch.float64) * sa_f) - _sum_rows(torch.linalg.vecdot(cover_f, d, dim=1))
+    if not need_grad:
+        return None
+    G = cover_f.neg_().unsqueeze(0)
+    cnt_slot = torch.empty_like(cnt).scatter_(1, sperm, cnt)
+    G[0].scatter_add_(1, gidx, cnt_slot.to(P.acc))
+    return G
+
+
+def _smooth_block(P, s, e, d, neg, layout, kmax, margin, band_lo, band_hi, low, high, need_grad, sums):
+    """Softplus triplets of block rows s:e, materialized per chunk of anchors: (anchor, positive, negative)."""
+    gidx, pvalid, a = layout.gather(P, s, e, d, kmax)
+    b, m = d.shape
+    G = torch.zeros((1, b, m), dtype=P.acc, device=P.device) if need_grad else None
+    gpos = torch.zeros((b, kmax), dtype=P.acc, device=P.device) if need_grad else None
+    per_anchor = kmax * m * (5 * P.esize + 4)
+    rows = max(1, (budget.budget_bytes() // 2) // max(1, per_anchor))
+    for cs in range(0, b, rows):
+        ce = min(b, cs + rows)
+        A = a[cs:ce, :, None]
+        B = d[cs:ce, None, :]
+        mask = pvalid[cs:ce, :, None] & neg[cs:ce, None, :]
+        t = B - A
+        if band_lo != -INF:
+            mask &= t > band_lo
+        if band_hi != INF:
+            mask &= t <= band_hi
+        del t
+        v = (A - B).add_(margin)
+        term = F.softplus(v)
+        if low != -INF:
+            mask &= term > low
+        if high != INF:
+            mask &= term < high
+        sums[0] += torch.where(mask, term, 0.0).sum(dtype=torch.float64)
+        sums[1] += mask.sum()
+        del term
+        if need_grad:
+            w = torch.sigmoid_(v).mul_(mask)
+            gpos[cs:ce] = w.sum(2)
+            G[0, cs:ce] = w.sum(1).neg_()
+    if need_grad:
+        G[0].scatter_add_(1, gidx, gpos.masked_fill_(~pvalid, 0.0))
+    return G
+
+
+def _bytes_per_entry_triplet(P: Problem, need_grad: bool, n_bounds: int) -> int:
+    # d, neg mask, U/L/searchsorted (int64), cover, hist slack, and with the gradient G, inv (+ C) in acc
+    return P.esize + 2 + 8 * (3 + n_bounds) + (3 * P.esize if need_grad else 0)
+
+
+def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad):
+    """``(stats, gx_parts, gr_parts)`` over all triplets (see the module docstring).
+
+    ``stats`` float64 ``[S, C]``; ``gx_parts`` (1, N, D) = dS/dx, ``gr_parts`` (1, M, D) = dS/dr (square case:
+    (0, 0, D), gx holding both sides); empty (0, ., D) without ``need_grad``.
+    """
+    with torch.no_grad():
+        P = Problem(x, y, r, z, excl, kind, "triplet_stats_fwd")
+        margin, band_lo, band_hi = float(margin), float(band_lo), float(band_hi)
+        low, high = float(low), float(high)
+        gx, gr = new_parts(P, 1, need_grad)
+        sums = torch.zeros(2, dtype=torch.float64, device=P.device)
+        if P.N == 0 or P.M == 0 or band_lo >= band_hi:
+            return sums, gx, gr
+        if not smooth and high <= 0.0:
+            return sums, gx, gr  # relu(v) >= 0: nothing is below high
+        layout = PositiveLayout(P)
+        if smooth:
+            rows = budget.rows_per_block(P.N, P.M, _bytes_per_entry_triplet(P, need_grad, 0), budget.budget_bytes() // 2)
+        else:
+            lowers, uppers = _relu_bounds(margin, band_lo, band_hi, low, high)
+            # the active set adds v > 0 unless the window already implies it (low >= 0)
+            active_extra = None if (low != -INF and low >= 0.0) else margin
+            n_b = len(lowers) + len(uppers) + (active_extra is not None)
+            rows = budget.rows_per_block(P.N, P.M, _bytes_per_entry_triplet(P, need_grad, n_b))
+        for s, e in budget.blocks(P.N, rows):
+            kmax = layout.kmax(s, e)
+            if kmax == 0:
+                continue
+            d, flagged = distances(P, s, e)
+            _, neg = P.masks(s, e)
+            if smooth:
+                G = _smooth_block(P, s, e, d, neg, layout, kmax, margin, band_lo, band_hi, low, high, need_grad, sums)
+            else:
+                G = _relu_block(P, s, e, d, neg, layout, kmax, margin, (lowers, uppers), active_extra, need_grad, sums)
+            if need_grad:
+                accumulate_grad(P, s, e, d, flagged, G, gx, gr)
+        return sums, gx, gr
+
+
+# ------------------------------------------------------------------------------------------------------
+# semi-hard
+# ------------------------------------------------------------------------------------------------------
+def _semihard_block(P, s, e, d, neg, layout, kmax, margin, need_grad, sums):
+    gidx, pvalid, a = layout.gather(P, s, e, d, kmax)
+    b, m = d.shape
+    sa, sperm = torch.sort(a, dim=1)
+    kv = pvalid.sum(1)
+    hasneg = neg.any(1)
+    # bin of negative n: pos_n = #{sa < b_n}; non-negatives go to the dummy bin kmax + 1
+    bins = torch.searchsorted(sa, d, side="left").masked_fill_(~neg, kmax + 1)
+    binmin = torch.full((b, kmax + 2), INF, dtype=P.acc, device=P.device)
+    binmin.scatter_reduce_(1, bins, d, reduce="amin")
+    cols = torch.arange(m, device=P.device).expand(b, m)
+    hit = neg & (d == binmin.gather(1, bins))
+    binidx = torch.full((b, kmax + 2), m, dtype=torch.int64, device=P.device)
+    binidx.scatter_reduce_(1, bins, torch.where(hit, cols, m), reduce="amin")
+    del hit, bins
+    # first non-empty bin >= j, for every j (suffix minimum of the bin numbers)
+    big = kmax + 1
+    jn = torch.arange(kmax + 1, device=P.device).expand(b, kmax + 1)
+    jn = torch.where(binmin[:, : kmax + 1] < INF, jn, big)
+    jsuf = jn.flip(1).cummin(1).values.flip(1)
+    jstar = jsuf[:, 1:]  # rank k looks at bins >= k + 1  (b, kmax)
+    above = jstar < big
+    jc = jstar.clamp(max=kmax)
+    far_val, far_idx = d.masked_fill(~neg, -INF).max(1) if m > 0 else (None, None)
+    dn = torch.where(above, binmin.gather(1, jc), far_val[:, None])
+    nstar = torch.where(above, binidx.gather(1, jc), far_idx[:, None])
+    rank_ok = (torch.arange(kmax, device=P.device)[None, :] < kv[:, None]) & hasneg[:, None]
+    v = (sa - dn).add_(margin).masked_fill_(~rank_ok, 0.0)
+    sums[0] += F.relu(v).sum(dtype=torch.float64)
+    sums[1] += rank_ok.sum()
+    if not need_grad:
+        return None
+    w = (v > 0).to(P.acc)
+    G = torch.zeros((1, b, m), dtype=P.acc, device=P.device)
+    G[0].scatter_add_(1, gidx.gather(1, sperm), w)
+    G[0].scatter_add_(1, nstar, w.neg())
+    return G
+
+
+def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad):
+    """``(stats, gx_parts, gr_parts)`` of TF-Addons' semi-hard triplet loss (see the module docstring).
+
+    ``stats`` float64 ``[S, C]``: ``S = sum relu(a_p - b_n* + margin)`` over the positive pairs of anchors
+    with a negative, ``C`` their number. Gradient part: weight ``[v > 0]`` on (i, p), minus that on (i, n*).
+    """
+    with torch.no_grad():
+        P = Problem(x, y, r, z, excl, kind, "semihard_stats_fwd")
+        margin = float(margin)
+        gx, gr = new_parts(P, 1, need_grad)
+        sums = torch.zeros(2, dtype=torch.float64, device=P.device)
+        if P.N == 0 or P.M == 0:
+            return sums, gx, gr
+        layout = PositiveLayout(P)
+        per_entry = P.esize * 2 + 2 + 8 * 3 + (3 * P.esize if need_grad else 0)
+        rows = budget.rows_per_block(P.N, P.M, per_entry)
+        for s, e in budget.blocks(P.N, rows):
+            kmax = layout.kmax(s, e)
+            if kmax == 0:
+                continue
+            d, flagged = distances(P, s, e)
+            _, neg = P.masks(s, e)
+            G = _semihard_block(P, s, e, d, neg, layout, kmax, margin, need_grad, sums)
+            if need_grad:
+                accumulate_grad(P, s, e, d, flagged, G, gx, gr)
+        return sums, gx, gr

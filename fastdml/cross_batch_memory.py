@@ -1,0 +1,205 @@
+"""Cross-batch memory (Wang et al. 2020, "Cross-Batch Memory for Embedding Learning"), PML's semantics, fused.
+
+A ring buffer holds the last ``memory_size`` embeddings (detached) and their labels. Each call writes the
+batch (or, with ``enqueue_mask``, its masked rows) into the buffer first, then evaluates the wrapped loss with
+the batch as queries and the filled part of the buffer as references::
+
+    L = loss(x, y, None, E_mem, L_mem)    with query i never compared with its own slot excl[i]
+
+(PML's ``remove_self_comparisons``; with ``enqueue_mask`` the queries are the rows *not* enqueued and nothing
+is excluded). PML lists every (query, memory) pair to do this; here the loss runs on the rectangular fused
+ops with the per-query exclusion ``excl`` (through :func:`fastdml._context.pool_context`), so nothing of size
+batch x memory is ever held (on the blocked CPU path the working memory stays within the memory budget).
+Gradients reach the batch embeddings only (the memory is detached), as in PML.
+
+With a ``miner``, the miner runs on (batch, memory) inside the same context (fastdml's miners skip the self
+slots), then self comparisons are filtered from its tuple as PML does; with an explicit ``indices_tuple`` the
+all-pairs tuple is listed and the two are concatenated (PML's behaviour; this path lists pairs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _context
+from .lazy import LazyIndices
+
+__all__ = ["CrossBatchMemory"]
+
+_SUPPORTED = (
+    "AngularLoss",
+    "CircleLoss",
+    "ContrastiveLoss",
+    "GeneralizedLiftedStructureLoss",
+    "IntraPairVarianceLoss",
+    "LiftedStructureLoss",
+    "MarginLoss",
+    "MultiSimilarityLoss",
+    "NCALoss",
+    "NTXentLoss",
+    "SignalToNoiseRatioContrastiveLoss",
+    "SupConLoss",
+    "TripletMarginLoss",
+    "TupletMarginLoss",
+)
+
+
+def _all_pairs(labels: Tensor, ref_labels: Tensor):
+    """PML's ``get_all_pairs_indices``: positive and negative (query, reference) pairs in row-major order."""
+    eq = labels[:, None] == ref_labels[None, :]
+    a1, p = torch.where(eq)
+    a2, n = torch.where(~eq)
+    return a1, p, a2, n
+
+
+def _remove_self(indices_tuple, excl: Tensor):
+    """Drop the pairs/triplets (a, p) with ``p == excl[a]`` (a query against its own memory slot)."""
+    if len(indices_tuple) == 3:
+        a, p, n = indices_tuple
+        keep = p != excl[a]
+        return a[keep], p[keep], n[keep]
+    a1, p, a2, n = indices_tuple
+    keep = p != excl[a1]
+    return a1[keep], p[keep], a2, n
+
+
+def _pairs_to_triplets(indices_tuple):
+    """PML's ``convert_to_triplets`` of a pair tuple: every (a, p) with every (a, n) of the same anchor."""
+    a1, p, a2, n = indices_tuple
+    pi, ni = torch.where(a1.unsqueeze(1) == a2)
+    return a1[pi], p[pi], n[ni]
+
+
+class CrossBatchMemory(torch.nn.Module):
+    """``CrossBatchMemory(loss, embedding_size, memory_size=1024, miner=None)``: the loss of each batch against
+    a memory of the last ``memory_size`` embeddings (PML's call and semantics, see the module docstring).
+
+    ``forward(embeddings, labels, indices_tuple=None, enqueue_mask=None)``: ``enqueue_mask`` (N,) bool puts
+    only the masked rows into the memory and uses the other rows as queries (no self exclusion);
+    ``indices_tuple`` and ``enqueue_mask`` are mutually exclusive.
+    """
+
+    def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None, **kwargs):
+        super().__init__(**kwargs)
+        self.check_loss_support(type(loss).__name__)
+        if int(embedding_size) < 1:
+            raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
+        if int(memory_size) < 1:
+            raise ValueError(f"memory_size must be a positive int, got {memory_size!r}")
+        self.loss = loss
+        self.miner = miner
+        self.embedding_size = int(embedding_size)
+        self.memory_size = int(memory_size)
+        self.reset_queue()
+
+    @staticmethod
+    def supported_losses():
+        return list(_SUPPORTED)
+
+    @classmethod
+    def check_loss_support(cls, loss_name):
+        if loss_name not in cls.supported_losses():
+            raise Exception(f"CrossBatchMemory not supported for {loss_name}")
+
+    def reset_queue(self):
+        """Empty the memory (zeros, ``queue_idx = 0``, not filled)."""
+        self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_size))
+        self.register_buffer("label_memory", torch.zeros(self.memory_size).long())
+        self.has_been_filled = False
+        self.queue_idx = 0
+
+    def add_to_memory(self, embeddings: Tensor, labels: Tensor, batch_size: int):
+        """Write ``embeddings`` (detached) at slots ``queue_idx, queue_idx + 1, ...`` modulo the memory size."""
+        self.curr_batch_idx = (
+            torch.arange(self.queue_idx, self.queue_idx + batch_size, device=labels.device) % self.memory_size
+        )
+        self.embedding_memory[self.curr_batch_idx] = embeddings.detach()
+        self.label_memory[self.curr_batch_idx] = labels.detach()
+        prev = self.queue_idx
+        self.queue_idx = (self.queue_idx + batch_size) % self.memory_size
+        if (not self.has_been_filled) and (self.queue_idx <= prev):
+            self.has_been_filled = True
+
+    def _check(self, embeddings, labels, indices_tuple, enqueue_mask):
+        if indices_tuple is not None and enqueue_mask is not None:
+            raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
+        if not torch.is_tensor(embeddings) or embeddings.ndim != 2 or not embeddings.is_floating_point():
+            raise ValueError(
+                f"embeddings must be a 2-D floating tensor (N, D), got {getattr(embeddings, 'shape', embeddings)}"
+            )
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings have width {embeddings.shape[1]} but embedding_size is {self.embedding_size}"
+            )
+        if not torch.is_tensor(labels) or labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"labels must be a 1-D tensor of length {embeddings.shape[0]}, got {getattr(labels, 'shape', labels)}"
+            )
+        if enqueue_mask is not None:
+            if not torch.is_tensor(enqueue_mask) or enqueue_mask.shape != (embeddings.shape[0],):
+                raise ValueError(
+                    f"enqueue_mask must be a bool tensor of shape ({embeddings.shape[0]},), "
+                    f"got {getattr(enqueue_mask, 'shape', enqueue_mask)}"
+                )
+        elif embeddings.shape[0] > self.memory_size:
+            raise ValueError(
+                f"a batch of {embeddings.shape[0]} embeddings does not fit a memory of memory_size={self.memory_size}"
+            )
+
+    def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        self._check(embeddings, labels, indices_tuple, enqueue_mask)
+        device = embeddings.device
+        labels = labels.to(device)
+        if self.embedding_memory.device != device or self.embedding_memory.dtype != embeddings.dtype:
+            self.embedding_memory = self.embedding_memory.to(device=device, dtype=embeddings.dtype)
+        if self.label_memory.device != device or self.label_memory.dtype != labels.dtype:
+            self.label_memory = self.label_memory.to(device=device, dtype=labels.dtype)
+
+        if enqueue_mask is not None:
+            enqueue_mask = enqueue_mask.to(device=device, dtype=torch.bool)
+            emb_q, lab_q = embeddings[enqueue_mask], labels[enqueue_mask]
+            embeddings, labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
+            remove_self = False
+        else:
+            emb_q, lab_q = embeddings, labels
+            remove_self = True
+
+        self.add_to_memory(emb_q, lab_q, len(emb_q))
+        if not self.has_been_filled:
+            e_mem, l_mem = self.embedding_memory[: self.queue_idx], self.label_memory[: self.queue_idx]
+        else:
+            e_mem, l_mem = self.embedding_memory, self.label_memory
+
+        n = embeddings.shape[0]
+        excl = self.curr_batch_idx if remove_self else None
+
+        if self.miner is None and indices_tuple is None:
+            with _context.pool_context(n, e_mem.shape[0], excl) as ctx:
+                loss = self.loss(embeddings, labels, None, e_mem, l_mem)
+            if excl is None or ctx.applied > 0 or n == 0:
+                return loss
+            # the loss did not run on the rectangular ops (a configuration without a fused path): list the
+            # pairs without self comparisons, as PML does
+            return self.loss(embeddings, labels, _remove_self(_all_pairs(labels, l_mem), excl), e_mem, l_mem)
+
+        if self.miner is not None:
+            with _context.pool_context(n, e_mem.shape[0], excl):
+                mined = self.miner(embeddings, labels, e_mem, l_mem)
+                if indices_tuple is None and isinstance(mined, LazyIndices) and not mined.is_materialized:
+                    # a fastdml miner's unlisted selection: the loss evaluates it fused (or lists it) here,
+                    # where the ops skip the self slots
+                    return self.loss(embeddings, labels, mined, e_mem, l_mem)
+                mined = tuple(mined)
+        else:
+            mined = _all_pairs(labels, l_mem)
+        if excl is not None:
+            mined = _remove_self(mined, excl)
+        if indices_tuple is not None:
+            given = tuple(torch.as_tensor(t, device=device) for t in indices_tuple)
+            if len(given) == 3 and len(mined) == 4:
+                given = (given[0], given[1], given[0], given[2])
+            elif len(given) == 4 and len(mined) == 3:
+                given = _pairs_to_triplets(given)
+            mined = tuple(torch.cat([m, g.to(m.dtype)], 0) for m, g in zip(mined, given))
+        return self.loss(embeddings, labels, mined, e_mem, l_mem)

@@ -1,0 +1,199 @@
+"""``python -m fastdml.demo`` / ``fastdml-demo``: learn a 2-D embedding of MNIST and draw it.
+
+Trains a small CNN with a metric-learning loss from fastdml, evaluates it by nearest neighbours
+(:mod:`fastdml.metrics`) and writes into ``--out``: ``embedding.png`` (the test embeddings by digit),
+``loss.png``, ``metrics.json`` and ``model.pt``. The console ends with one line of the key figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .recipes import DEFAULTS, LOSSES, MININGS
+
+    def per_loss(key: str) -> str:
+        return ", ".join(f"{loss}: {DEFAULTS[loss][key]}" for loss in LOSSES)
+
+    parser = argparse.ArgumentParser(
+        prog="fastdml-demo",
+        description="Learn a low-dimensional embedding of MNIST with a fastdml metric-learning loss, evaluate "
+        "it by nearest neighbours and plot it. Options left unset take the chosen loss's measured defaults.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = parser.add_argument_group("loss")
+    g.add_argument("--loss", choices=LOSSES, default="contrastive",
+                   help="contrastive: all pairs of a batch (Hadsell et al. 2006, batch form); paired-contrastive: "
+                   "the write-up's siamese pairs (i, i + B/2); triplet: margin triplet loss on mined triplets")
+    g.add_argument("--mining", default=None,
+                   help="pair/triplet selection; " + "; ".join(f"{loss}: {'|'.join(MININGS[loss])}"
+                                                              for loss in LOSSES)
+                   + " (default: the first of each list). none/batch-all: every pair/triplet of the batch")
+    g.add_argument("--margin", type=float, default=None,
+                   help="contrastive: neg_margin; paired-contrastive: margin; triplet: margin (default per loss: "
+                   + per_loss("margin") + ")")
+    g.add_argument("--pos-margin", type=float, default=None,
+                   help="contrastive only: pos_margin, positive pairs closer than this cost nothing (default 0)")
+    g.add_argument("--positive-weight", type=float, default=None,
+                   help="paired-contrastive only: weight of the positive term, 1 - it on the negative term "
+                   "(default 0.5)")
+    g = parser.add_argument_group("model and optimisation")
+    g.add_argument("--dim", type=int, default=2, help="embedding dimension")
+    g.add_argument("--width", type=int, default=16, help="channels of the first conv block (then 2x, 4x)")
+    g.add_argument("--hidden", type=int, default=128, help="width of the hidden layer before the projection")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (default per loss: " + per_loss("epochs") + ")")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of AdamW's one-cycle schedule (default per loss: " + per_loss("lr") + ")")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    g.add_argument("--classes-per-batch", type=int, default=None,
+                   help="P of the class-balanced P x K batches (default per loss: " + per_loss("p") + ")")
+    g.add_argument("--samples-per-class", type=int, default=None,
+                   help="K of the P x K batches (default per loss: " + per_loss("k") + ")")
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batch order")
+    g = parser.add_argument_group("data and run")
+    g.add_argument("--data-dir", default=None,
+                   help="folder with the four MNIST IDX files (.gz or not); default: the project's data/mnist, "
+                   "then the cache ($FASTDML_DATA_DIR or ~/.cache/fastdml/mnist), then a download")
+    g.add_argument("--no-download", action="store_true", help="never download the data")
+    g.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
+    g.add_argument("--test-subset", type=int, default=None, help="use only the first N test images")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available, else cpu")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--out", default=None, help="output folder (default: runs/<UTC timestamp>)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (the per-epoch lines remain)")
+    return parser
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fastdml-demo: --device cuda, but torch sees no CUDA device")
+    return choice
+
+
+def _mining_label(mining: str) -> str:
+    return {"none": "all pairs", "batch-all": "all triplets"}.get(mining, f"{mining} mining")
+
+
+def _positive(parser, args, names) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _positive(parser, args, ("dim", "width", "hidden", "epochs", "classes_per_batch", "samples_per_class",
+                             "train_subset", "test_subset", "threads"))
+
+    # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads
+    # slowed training by 5-10x in measured runs. Only effective before torch (libgomp) is loaded.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    from .data import MnistDataError, load_mnist
+    from .plot import plot_embedding, plot_loss
+    from .recipes import DEFAULTS, build_recipe
+    from .train import TrainConfig, embed, evaluate, to_tensor, train
+
+    try:
+        recipe = build_recipe(args.loss, args.mining, args.margin, args.pos_margin, args.positive_weight)
+    except ValueError as exc:
+        parser.error(str(exc))
+    d = DEFAULTS[args.loss]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    config = TrainConfig(
+        epochs=args.epochs or d["epochs"], lr=args.lr if args.lr is not None else d["lr"],
+        weight_decay=args.weight_decay, p=args.classes_per_batch or d["p"], k=args.samples_per_class or d["k"],
+        width=args.width, hidden=args.hidden, dim=args.dim, seed=args.seed, device=device,
+        sampler="random" if args.loss == "paired-contrastive" else "pk", progress=not args.no_progress,
+    )
+    out = Path(args.out or os.path.join("runs", _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")))
+    out.mkdir(parents=True, exist_ok=True)
+
+    try:
+        train_split = load_mnist("train", args.data_dir, download=not args.no_download)
+        test_split = load_mnist("test", args.data_dir, download=not args.no_download)
+    except MnistDataError as exc:
+        print(f"fastdml-demo: {exc}", file=sys.stderr)
+        return 2
+    n_train = min(args.train_subset or len(train_split), len(train_split))
+    n_test = min(args.test_subset or len(test_split), len(test_split))
+    x_train = to_tensor(train_split.images[:n_train], device)
+    y_train = torch.from_numpy(train_split.labels[:n_train]).to(device)
+    x_test = to_tensor(test_split.images[:n_test], device)
+    y_test = torch.from_numpy(test_split.labels[:n_test]).to(device)
+
+    print(f"fastdml-demo: loss {recipe.loss}, mining {recipe.mining}, margin {recipe.margin}, dim {config.dim}, "
+          f"{config.epochs} epochs of {n_train} images in {config.p} x {config.k} batches, device {device}, "
+          f"{torch.get_num_threads()} threads -> {out}", flush=True)
+    result = train(recipe, x_train, y_train, config, log=lambda line: print(line, flush=True))
+
+    e_train, e_test = embed(result.model, x_train), embed(result.model, x_test)
+    metrics = evaluate(e_train, y_train, e_test, y_test)
+    record = {
+        **{key: float(value) for key, value in metrics.items()},
+        "train_seconds": round(result.train_seconds, 2),
+        "train_cpu_seconds": round(result.cpu_seconds, 2),
+        "epochs": config.epochs,
+        "steps": result.steps,
+        "loss": recipe.loss,
+        "mining": recipe.mining,
+        "margin": recipe.margin,
+        "pos_margin": recipe.pos_margin if recipe.loss == "contrastive" else None,
+        "positive_weight": recipe.positive_weight if recipe.loss == "paired-contrastive" else None,
+        "dim": config.dim,
+        "width": config.width,
+        "hidden": config.hidden,
+        "batch": f"{config.p}x{config.k}" if config.sampler == "pk" else f"random {config.p * config.k}",
+        "lr": config.lr,
+        "weight_decay": config.weight_decay,
+        "seed": config.seed,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "train_images": n_train,
+        "test_images": n_test,
+        "final_loss": result.epoch_losses[-1] if result.epoch_losses else None,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''} x{os.cpu_count()}".strip(),
+        # other jobs on a shared CPU stretch train_seconds (not train_cpu_seconds): record how busy it was
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "command": "fastdml-demo " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    torch.save({"state_dict": result.model.state_dict(), "config": vars(config), "metrics": record},
+               out / "model.pt")
+    summary = (f"P@1 {metrics['precision_at_1']:.2%}  R-precision {metrics['r_precision']:.2%}  "
+               f"MAP@R {metrics['mean_average_precision_at_r']:.2%}  1-NN acc {metrics['knn_accuracy']:.2%}")
+    plot_embedding(e_test.cpu().numpy(), y_test.cpu().numpy(), out / "embedding.png",
+                   title=f"MNIST test set, {recipe.loss} loss ({_mining_label(recipe.mining)}), dim {config.dim}",
+                   subtitle=summary)
+    plot_loss(result.losses, out / "loss.png", steps_per_epoch=max(1, result.steps // max(config.epochs, 1)),
+              title=f"{recipe.loss} loss ({_mining_label(recipe.mining)})")
+    print(f"{recipe.loss}/{recipe.mining}: {summary}  train {result.train_seconds:.1f} s "
+          f"({config.epochs} epochs, {device})  -> {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""Loss recipes of the demo: which loss, miner, margin and batch form each ``--loss`` uses.
+
+The loss library is imported here and nowhere else in the demo (``_library``).
+
+Every recipe measures Euclidean distance without normalization (``LpDistance(normalize_embeddings=False)``):
+normalized 2-D embeddings live on a circle, where ten classes crowd and batch-hard mining collapsed in a trial.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LOSSES", "MININGS", "DEFAULTS", "Recipe", "build_recipe"]
+
+
+def _library():
+    """The loss library: fastdml's drop-in classes.
+
+    ``FASTDML_DEMO_LIB=pml`` selects pytorch-metric-learning's identical classes instead (a parity check:
+    same recipe, same numbers); ``paired-contrastive`` always uses fastdml's ``PairedContrastiveLoss``.
+    """
+    choice = os.environ.get("FASTDML_DEMO_LIB", "fastdml")
+    if choice == "pml":
+        from pytorch_metric_learning import distances, losses, miners, reducers
+    elif choice == "fastdml":
+        from fastdml import distances, losses, miners, reducers
+    else:
+        raise ValueError(f"FASTDML_DEMO_LIB must be 'fastdml' or 'pml', got {choice!r}")
+    return losses, miners, distances, reducers
+
+
+LOSSES = ("contrastive", "paired-contrastive", "triplet")
+
+# mining choices per loss; the first is the default
+MININGS = {
+    "contrastive": ("none", "pair-margin", "batch-hard"),
+    "paired-contrastive": ("none",),
+    "triplet": ("batch-hard", "semi-hard", "batch-all", "hard", "all"),
+}
+
+# Per-loss defaults, chosen from measured runs (see the README): margin, batch layout, schedule.
+DEFAULTS = {
+    "contrastive": dict(mining="none", margin=2.0, pos_margin=0.0, positive_weight=0.5, p=10, k=25,
+                        epochs=20, lr=3e-3),
+    "paired-contrastive": dict(mining="none", margin=2.0, pos_margin=0.0, positive_weight=0.5, p=10, k=25,
+                               epochs=20, lr=3e-3),
+    "triplet": dict(mining="batch-hard", margin=1.0, pos_margin=0.0, positive_weight=0.5, p=10, k=25,
+                    epochs=20, lr=3e-3),
+}
+
+
+@dataclass
+class Recipe:
+    """A loss callable ``(embeddings, labels) -> scalar`` with the settings that made it."""
+
+    loss: str
+    mining: str
+    margin: float
+    pos_margin: float
+    positive_weight: float
+    fn: object  # (embeddings, labels) -> loss
+
+    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.fn(embeddings, labels)
+
+
+def _paired_contrastive(losses, distances, margin: float, positive_weight: float):
+    """The write-up's siamese loss on pairs (i, i + B/2) of a batch of B, averaged over the B/2 pairs."""
+    criterion = losses.PairedContrastiveLoss(distance=distances.LpDistance(normalize_embeddings=False),
+                                             margin=margin, positive_weight=positive_weight)
+
+    def fn(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        half = len(embeddings) // 2
+        x, y = embeddings[:half], embeddings[half : 2 * half]
+        # the write-up's loss is a sum over pairs; the mean keeps the step size independent of the batch size
+        return criterion(x, y, labels[:half], labels[half : 2 * half]) / max(half, 1)
+
+    return fn
+
+
+def build_recipe(loss: str, mining: str | None = None, margin: float | None = None,
+                 pos_margin: float | None = None, positive_weight: float | None = None) -> Recipe:
+    """Build the loss callable of ``--loss``/``--mining``/``--margin`` (None: the loss's default).
+
+    - ``contrastive``: ``ContrastiveLoss(pos_margin, neg_margin=margin)`` over all pairs of the batch
+      (``mining="none"``), over ``PairMarginMiner(pos_margin, margin)`` pairs, or over the pairs of
+      ``BatchHardMiner`` triplets;
+    - ``paired-contrastive``: ``PairedContrastiveLoss(margin, positive_weight)`` on the pairs (i, i + B/2);
+    - ``triplet``: ``TripletMarginLoss(margin)`` on ``BatchHardMiner`` triplets (``batch-hard``), on
+      ``TripletMarginMiner(margin, type)`` triplets (``semi-hard``: "semihard", ``hard``: "hard",
+      ``all``: "all"), or on every triplet of the batch (``batch-all``).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    d = DEFAULTS[loss]
+    mining = d["mining"] if mining is None else mining
+    if mining not in MININGS[loss]:
+        raise ValueError(f"mining for loss {loss!r} must be one of {MININGS[loss]}, got {mining!r}")
+    margin = d["margin"] if margin is None else float(margin)
+    pos_margin = d["pos_margin"] if pos_margin is None else float(pos_margin)
+    positive_weight = d["positive_weight"] if positive_weight is None else float(positive_weight)
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    if not 0.0 <= positive_weight <= 1.0:
+        raise ValueError(f"positive_weight must be in [0, 1], got {positive_weight}")
+
+    losses, miners, distances, _ = _library()
+
+    def dist():
+        return distances.LpDistance(normalize_embeddings=False)
+
+    if loss == "paired-contrastive":
+        from fastdml import distances as fastdml_distances
+        from fastdml import losses as fastdml_losses
+
+        fn = _paired_contrastive(fastdml_losses, fastdml_distances, margin, positive_weight)
+    elif loss == "contrastive":
+        criterion = losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=margin, distance=dist())
+        miner = {
+            "none": None,
+            "pair-margin": lambda: miners.PairMarginMiner(pos_margin=pos_margin, neg_margin=margin,
+                                                          distance=dist()),
+            "batch-hard": lambda: miners.BatchHardMiner(distance=dist()),
+        }[mining]
+        fn = _with_miner(criterion, miner() if miner else None)
+    else:
+        criterion = losses.TripletMarginLoss(margin=margin, distance=dist())
+        types = {"semi-hard": "semihard", "hard": "hard", "all": "all"}
+        if mining == "batch-hard":
+            miner = miners.BatchHardMiner(distance=dist())
+        elif mining == "batch-all":
+            miner = None
+        else:
+            miner = miners.TripletMarginMiner(margin=margin, type_of_triplets=types[mining], distance=dist())
+        fn = _with_miner(criterion, miner)
+    return Recipe(loss, mining, margin, pos_margin, positive_weight, fn)
+
+
+def _with_miner(criterion, miner):
+    if miner is None:
+        return lambda embeddings, labels: criterion(embeddings, labels)
+
+    def fn(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return criterion(embeddings, labels, miner(embeddings, labels))
+
+    return fn

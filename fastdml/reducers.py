@@ -1,0 +1,255 @@
+"""Reducers, drop-in for ``pytorch_metric_learning.reducers``.
+
+A reducer turns a loss's per-element terms into one number. PML's call ``reducer(loss_dict, embeddings,
+labels)`` works with the same loss-dict format (``{"loss": {"losses", "indices", "reduction_type"}}``).
+
+For the fused ops, the four common reducers are a **window** over the terms, so a loss can be evaluated
+from a sum ``S`` and a count ``C`` without ever listing the terms (see :func:`reducer_window`):
+
+==========================  =========================  ==================================
+reducer                     counted terms              value
+==========================  =========================  ==================================
+``MeanReducer``             all                        ``S / C``
+``SumReducer``              all                        ``S``
+``AvgNonZeroReducer``       ``t > 0``                  ``S / C``
+``ThresholdReducer(lo, hi)``  ``lo < t < hi``          ``S / C``
+==========================  =========================  ==================================
+
+and zero (``(embeddings * 0).sum()``, attached to the graph) when ``C = 0``. PML's own reducer objects of
+these classes map to the same windows. ``DoNothingReducer`` (returns the loss dict) and any other reducer
+(custom subclasses) take the per-element path: the loss lists its terms and calls the reducer, as PML does.
+``MultipleReducers`` applies one reducer per sub-loss (e.g. ``pos_loss`` / ``neg_loss`` of the contrastive
+loss) and adds the results.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+__all__ = [
+    "BaseReducer",
+    "MeanReducer",
+    "SumReducer",
+    "ThresholdReducer",
+    "AvgNonZeroReducer",
+    "DoNothingReducer",
+    "MultipleReducers",
+    "reducer_window",
+    "is_do_nothing",
+    "is_multiple",
+]
+
+
+class BaseReducer(torch.nn.Module):
+    """PML's reducer protocol: ``forward(loss_dict, embeddings, labels)`` with a one-entry ``loss_dict``."""
+
+    def __init__(self, collect_stats=None):
+        super().__init__()
+        self.collect_stats = bool(collect_stats) if collect_stats is not None else False
+        if self.collect_stats:
+            self.losses_size = 0
+
+    def reset_stats(self):
+        if self.collect_stats:
+            self.losses_size = 0
+
+    def forward(self, loss_dict, embeddings, labels):
+        self.reset_stats()
+        if len(loss_dict) != 1:
+            raise ValueError(f"a reducer takes a one-entry loss dict, got {list(loss_dict)}")
+        info = next(iter(loss_dict.values()))
+        losses, reduction_type = info["losses"], info["reduction_type"]
+        if self.collect_stats:
+            self.losses_size = 1 if (not torch.is_tensor(losses) or losses.ndim == 0) else len(losses)
+        if not torch.is_tensor(losses) and losses == 0:
+            return self.zero_loss(embeddings)
+        if reduction_type == "already_reduced":
+            return losses
+        if reduction_type not in ("element", "pos_pair", "neg_pair", "triplet"):
+            raise ValueError(f"unknown reduction_type {reduction_type!r}")
+        return self.element_reduction(losses, embeddings)
+
+    def element_reduction(self, losses, embeddings):
+        raise NotImplementedError
+
+    @staticmethod
+    def zero_loss(embeddings):
+        """Zero with zero gradient, attached to the graph (PML's ``torch.sum(embeddings * 0)``)."""
+        return torch.sum(embeddings * 0)
+
+
+class MeanReducer(BaseReducer):
+    """Mean of all terms."""
+
+    window = (-math.inf, math.inf, True)
+
+    def element_reduction(self, losses, embeddings):
+        return torch.mean(losses)
+
+
+class SumReducer(MeanReducer):
+    """Sum of all terms."""
+
+    window = (-math.inf, math.inf, False)
+
+    def element_reduction(self, losses, embeddings):
+        return torch.sum(losses)
+
+
+class ThresholdReducer(BaseReducer):
+    """Mean of the terms with ``low < t < high`` (either bound may be None); zero if none qualifies."""
+
+    def __init__(self, low=None, high=None, **kwargs):
+        super().__init__(**kwargs)
+        if low is None and high is None:
+            raise ValueError("ThresholdReducer: at least one of low or high must be given")
+        self.low = low
+        self.high = high
+        self.reset_stats()
+
+    @property
+    def window(self):
+        return (
+            -math.inf if self.low is None else float(self.low),
+            math.inf if self.high is None else float(self.high),
+            True,
+        )
+
+    def reset_stats(self):
+        super().reset_stats()
+        if self.collect_stats:
+            self.num_past_filter = 0
+            self.num_above_low = 0
+            self.num_above_high = 0
+
+    def element_reduction(self, losses, embeddings):
+        low_cond = high_cond = None
+        if self.low is not None:
+            low_cond = losses > self.low
+            losses = losses[low_cond]
+        if self.high is not None:
+            high_cond = losses < self.high
+            losses = losses[high_cond]
+        n = len(losses)
+        if self.collect_stats:
+            self.num_past_filter = n
+            if low_cond is not None:
+                self.num_above_low = int(low_cond.sum())
+            if high_cond is not None:
+                # PML's attribute name (it counts the terms below high)
+                self.num_above_high = int(high_cond.sum())
+        return torch.mean(losses) if n >= 1 else self.zero_loss(embeddings)
+
+
+class AvgNonZeroReducer(ThresholdReducer):
+    """Mean of the positive terms (PML's default for the contrastive and triplet losses)."""
+
+    def __init__(self, **kwargs):
+        kwargs.pop("low", None)
+        super().__init__(low=0, **kwargs)
+
+
+class DoNothingReducer(BaseReducer):
+    """Returns the loss dict unreduced (per-element terms with their indices)."""
+
+    def forward(self, loss_dict, embeddings, labels):
+        return loss_dict
+
+
+class MultipleReducers(BaseReducer):
+    """One reducer per sub-loss name (``default_reducer``, MeanReducer by default, for the others); the
+    reduced sub-losses are added (in the embeddings' dtype, as PML)."""
+
+    def __init__(self, reducers, default_reducer=None, **kwargs):
+        super().__init__(**kwargs)
+        self.reducers = torch.nn.ModuleDict(reducers)
+        self.default_reducer = MeanReducer() if default_reducer is None else default_reducer
+
+    def reducer_for(self, name):
+        return self.reducers[name] if name in self.reducers else self.default_reducer
+
+    def forward(self, loss_dict, embeddings, labels):
+        self.reset_stats()
+        sub = torch.zeros(len(loss_dict), dtype=embeddings.dtype, device=embeddings.device)
+        for k, (name, info) in enumerate(loss_dict.items()):
+            sub[k] = self.reducer_for(name)({name: info}, embeddings, labels)
+        return self.sub_loss_reduction(sub, embeddings, labels)
+
+    def sub_loss_reduction(self, sub_losses, embeddings=None, labels=None):
+        return torch.sum(sub_losses)
+
+
+# ---- mapping reducer objects (fastdml's or PML's) to windows ----
+
+_PML_WINDOWS = {
+    "MeanReducer": lambda r: (-math.inf, math.inf, True),
+    "SumReducer": lambda r: (-math.inf, math.inf, False),
+    "AvgNonZeroReducer": lambda r: (0.0, math.inf, True),
+    "ThresholdReducer": lambda r: (
+        -math.inf if r.low is None else float(r.low),
+        math.inf if r.high is None else float(r.high),
+        True,
+    ),
+}
+
+
+def _pml_name(obj, sub="reducers"):
+    mod = type(obj).__module__ or ""
+    if mod.startswith(f"pytorch_metric_learning.{sub}"):
+        return type(obj).__name__
+    return None
+
+
+def reducer_window(reducer) -> tuple[float, float, bool] | None:
+    """``(low, high, divide)`` for Mean/Sum/AvgNonZero/Threshold reducers (fastdml's or PML's, exact classes),
+    else None (per-element path). A term ``t`` is counted iff ``low < t < high`` (an infinite bound imposes
+    nothing); the value is ``S / C`` if ``divide`` else ``S``."""
+    if type(reducer) in (MeanReducer, SumReducer, ThresholdReducer, AvgNonZeroReducer):
+        return reducer.window
+    name = _pml_name(reducer)
+    if name in _PML_WINDOWS:
+        return _PML_WINDOWS[name](reducer)
+    return None
+
+
+def is_do_nothing(reducer) -> bool:
+    """fastdml's or PML's DoNothingReducer (the loss then returns its loss dict)."""
+    return isinstance(reducer, DoNothingReducer) or is_pml_do_nothing(reducer)
+
+
+def is_multiple(reducer) -> bool:
+    if isinstance(reducer, MultipleReducers):
+        return True
+    try:
+        from pytorch_metric_learning.reducers import MultipleReducers as PMLMultiple
+    except ImportError:
+        return False
+    return isinstance(reducer, PMLMultiple)
+
+
+def is_pml_do_nothing(reducer) -> bool:
+    try:
+        from pytorch_metric_learning.reducers import DoNothingReducer as PMLDoNothing
+    except ImportError:
+        return False
+    return isinstance(reducer, PMLDoNothing)
+
+
+def sub_reducers(reducer, names, default_factory):
+    """The reducer each sub-loss gets, as PML's ``set_reducer``: a MultipleReducers keeps its mapping
+    (``default_reducer`` for missing names); any other reducer is deep-copied per sub-loss when there are
+    several; ``None`` gives ``default_factory()``."""
+    if is_multiple(reducer):
+        return {n: (reducer.reducers[n] if n in reducer.reducers else reducer.default_reducer) for n in names}
+    if len(names) == 1:
+        return {names[0]: default_factory() if reducer is None else copy.deepcopy(reducer)}
+    return {n: default_factory() if reducer is None else copy.deepcopy(reducer) for n in names}
+
+
+def __getattr__(name):
+    from ._fallback import pml_fallback
+
+    return pml_fallback(__name__, "reducers", name, __all__)

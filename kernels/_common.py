@@ -1,0 +1,297 @@
+"""Shared pieces of the Triton kernels: input validation, launch settings and the distance tile.
+
+Every launcher goes through :func:`prepare`, which checks the arguments (clear errors naming the argument),
+makes the inputs contiguous and computes the squared row norms once in fp32 (PyTorch, O(N D)).
+
+The jit helpers compute one tile of the signed distance d' (ARCHITECTURE.md):
+
+- ``l2``:   d' = sqrt(max(q, 0)),  q = |x|^2 + |r|^2 - 2 x.r
+- ``sql2``: d' = max(q, 0)
+- ``dot``:  d' = -(x . r)
+
+with ``tl.dot`` over chunks of D (``input_precision`` set explicitly: "ieee" for fp32 unless tf32 is asked
+for). The expansion of q cancels for near-duplicates (q small against |x|^2 + |r|^2), so every entry with
+``q < 1e-2 (|x|^2 + |r|^2)`` ("near") is recomputed by direct differences sum_k (x_k - r_k)^2, only in the
+tiles that hold such an entry (rare outside genuine near-duplicates; the excluded diagonal of the square
+case is one tile per row block). The gradient helpers treat near entries by direct differences too, because
+the GEMM form ``(sum_j c_ij) x_i - sum_j c_ij r_j`` cancels the same way when c = g / d is large.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from types import SimpleNamespace
+
+import torch
+import triton
+import triton.language as tl
+
+KINDS = {"l2": 0, "sql2": 1, "dot": 2}
+# fraction of |x|^2 + |r|^2 under which q is recomputed by direct differences
+NEAR_FRACTION = 1e-2
+
+
+def interpreting() -> bool:
+    """True under the Triton CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _cpu_ok() -> bool:
+    # CPU tensors run only under the interpreter (bench/compile_check.py patches this to compile on a CPU box)
+    return interpreting()
+
+
+def _fail(exc, msg):
+    raise exc(f"fastdml.kernels: {msg}")
+
+
+def check_kind(kind):
+    if kind not in KINDS:
+        _fail(ValueError, f"kind must be one of {tuple(KINDS)}, got {kind!r}")
+    return KINDS[kind]
+
+
+def _check_embeddings(name, t, device=None, dtype=None, dim=None):
+    if not isinstance(t, torch.Tensor):
+        _fail(TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        _fail(ValueError, f"{name} must be 2-D (rows, D), got shape {tuple(t.shape)}")
+    if t.dtype == torch.float64:
+        _fail(TypeError, f"{name} is float64, which the Triton kernels do not take (use the blocked backend)")
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        _fail(TypeError, f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.shape[1] < 1:
+        _fail(ValueError, f"{name} must have at least one column, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        _fail(ValueError, f"{name} is on {t.device} but x is on {device}")
+    if dtype is not None and t.dtype != dtype:
+        _fail(TypeError, f"{name} has dtype {t.dtype} but x has {dtype}")
+    if dim is not None and t.shape[1] != dim:
+        _fail(ValueError, f"{name} has {t.shape[1]} columns but x has {dim}")
+    return t.contiguous()
+
+
+def _check_index(name, t, length, device, what):
+    if not isinstance(t, torch.Tensor):
+        _fail(TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != length:
+        _fail(ValueError, f"{name} must have shape ({length},) ({what}), got {tuple(t.shape)}")
+    if t.dtype != torch.int64:
+        _fail(TypeError, f"{name} must be int64, got {t.dtype}")
+    if t.device != device:
+        _fail(ValueError, f"{name} is on {t.device} but x is on {device}")
+    return t.contiguous()
+
+
+def prepare(x, y, r, z, excl, kind):
+    """Validate the common arguments; return a namespace with contiguous tensors and fp32 row norms.
+
+    Square case (``r is None``): ``z`` and ``excl`` must be None; the kernels then see ``r = x``, ``z = y``
+    and ``excl = arange(N)`` (the diagonal pair excluded).
+    """
+    kind_id = check_kind(kind)
+    x = _check_embeddings("x", x)
+    dev = x.device
+    if dev.type != "cuda" and not _cpu_ok():
+        _fail(ValueError, f"x is on {dev}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+    n, d = x.shape
+    y = _check_index("y", y, n, dev, "one label per row of x")
+    square = r is None
+    if square:
+        if z is not None:
+            _fail(ValueError, "z must be None when r is None (square case)")
+        if excl is not None:
+            _fail(ValueError, "excl must be None when r is None (square case: the diagonal is excluded)")
+        r, z = x, y
+        excl_t = torch.arange(n, device=dev, dtype=torch.int64)
+    else:
+        r = _check_embeddings("r", r, dev, x.dtype, d)
+        if z is None:
+            _fail(ValueError, "z (reference labels) must be given with r")
+        z = _check_index("z", z, r.shape[0], dev, "one label per row of r")
+        if excl is None:
+            excl_t = torch.full((n,), -1, device=dev, dtype=torch.int64)
+        else:
+            excl_t = _check_index("excl", excl, n, dev, "one excluded reference index per query, -1: none")
+    m = r.shape[0]
+    xn = x.float().pow(2).sum(1).contiguous()
+    rn = xn if square else r.float().pow(2).sum(1).contiguous()
+    return SimpleNamespace(
+        x=x, y=y, r=r, z=z, excl=excl_t, kind=kind, kind_id=kind_id, square=square,
+        n=n, m=m, d=d, xn=xn, rn=rn, device=dev,
+        upcast=_upcast(x.dtype),
+    )
+
+
+def _upcast(dtype) -> bool:
+    # fp32 always dots in fp32. fp16/bf16 dot natively (tensor cores, fp32 accumulation) on a GPU, but the
+    # interpreter's bf16 arithmetic is broken, so it upcasts right after the load there.
+    return dtype == torch.float32 or interpreting()
+
+
+def check_float(name, v, allow_nan=False):
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        _fail(TypeError, f"{name} must be a float, got {v!r}")
+    if math.isnan(f) and not allow_nan:
+        _fail(ValueError, f"{name} must not be NaN")
+    return f
+
+
+def block_d(d: int) -> int:
+    """Width of the D chunks: a power of two in [16, 64] (tl.dot needs K >= 16)."""
+    return max(16, min(64, triton.next_power_of_2(d)))
+
+
+def grad_group(d: int) -> int:
+    """Width of a gradient D group held in registers (one program per group): a power of two in [16, 128]."""
+    return max(16, min(128, triton.next_power_of_2(d)))
+
+
+def poison(shape, device, dtype=torch.float32):
+    """An output buffer filled with NaN, so that an entry a kernel forgot to write shows up in the tests."""
+    return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+
+def precision(allow_tf32: bool) -> str:
+    return "tf32" if allow_tf32 else "ieee"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def load_rows(ptr, rows, rmask, k0, D, BK: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows ``rows`` (int64), columns [k0, k0 + BK) of a (rows, D) matrix; zero outside."""
+    kk = k0 + tl.arange(0, BK)
+    t = tl.load(ptr + rows[:, None] * D + kk[None, :], mask=rmask[:, None] & (kk[None, :] < D), other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def direct_q(x_ptr, r_ptr, rows, rmask, cols, cmask, D,
+             BM: tl.constexpr, BN: tl.constexpr, SUBK: tl.constexpr):
+    """sum_k (x_ik - r_jk)^2 for a (BM, BN) tile by direct differences, in fp32 (exact for near-duplicates)."""
+    q = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, D, SUBK):
+        kk = k0 + tl.arange(0, SUBK)
+        km = kk < D
+        a = tl.load(x_ptr + rows[:, None] * D + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+        b = tl.load(r_ptr + cols[:, None] * D + kk[None, :], mask=cmask[:, None] & km[None, :], other=0.0)
+        diff = a.to(tl.float32)[:, None, :] - b.to(tl.float32)[None, :, :]
+        q += tl.sum(diff * diff, axis=2)
+    return q
+
+
+@triton.jit
+def dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D,
+                KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                SUBK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """The (BM, BN) tile of d' and the mask of its "near" entries (recomputed by direct differences).
+
+    Out-of-range rows/columns hold garbage and must be masked by the caller.
+    """
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, D, BK):
+        a = load_rows(x_ptr, rows, rmask, k0, D, BK, UPCAST)
+        b = load_rows(r_ptr, cols, cmask, k0, D, BK, UPCAST)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    inb = rmask[:, None] & cmask[None, :]
+    if KIND == 2:
+        dp = -acc
+        near = inb & (acc != acc)  # never near (NaN-free inputs): the dot kind has no cancellation issue
+    else:
+        xn = tl.load(xn_ptr + rows, mask=rmask, other=0.0)
+        rn = tl.load(rn_ptr + cols, mask=cmask, other=0.0)
+        s = xn[:, None] + rn[None, :]
+        q = s - 2.0 * acc
+        near = inb & (q < 1e-2 * s)
+        if tl.max(near.to(tl.int32)) > 0:
+            qd = direct_q(x_ptr, r_ptr, rows, rmask, cols, cmask, D, BM, BN, SUBK)
+            q = tl.where(near, qd, q)
+        q = tl.maximum(q, 0.0)
+        if KIND == 0:
+            dp = tl.sqrt(q)
+        else:
+            dp = q
+    return dp, near
+
+
+@triton.jit
+def pair_coef(g, dp, KIND: tl.constexpr):
+    """c = g * dd'/dq * 2 for l2 (g / d, 0 at d = 0) and sql2 (2 g); for dot the weight g itself."""
+    if KIND == 0:
+        c = tl.where(dp > 0, g / tl.where(dp > 0, dp, 1.0), 0.0)
+    elif KIND == 1:
+        c = 2.0 * g
+    else:
+        c = g
+    return c
+
+
+@triton.jit
+def grad_tile(acc, rs, c, near, own_ptr, oth_ptr, near_ptr, rows, rmask, cols, cmask, g0, D,
+              KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
+              SUBK: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate one tile's gradient contribution to the owned rows, D group [g0, g0 + BG).
+
+    l2/sql2: out_i = sum_j c_ij (own_i - oth_j): the far entries go through ``rs += rowsum(c)`` and
+    ``acc += c @ oth`` (finished by the caller as ``rs * own - acc``); the near entries (cancellation) are
+    added by direct differences into the fp32 scratch ``near_ptr`` (zero-initialised, rows owned by this
+    program; a barrier orders the read-modify-write). dot: out_i = -sum_j c_ij oth_j, ``acc += c @ oth``.
+    """
+    kk = g0 + tl.arange(0, BG)
+    o = tl.load(oth_ptr + cols[:, None] * D + kk[None, :], mask=cmask[:, None] & (kk[None, :] < D), other=0.0)
+    o = o.to(tl.float32)
+    if KIND == 2:
+        acc = tl.dot(c, o, acc, input_precision=PREC)
+    else:
+        cf = tl.where(near, 0.0, c)
+        rs += tl.sum(cf, axis=1)
+        acc = tl.dot(cf, o, acc, input_precision=PREC)
+        cn = tl.where(near, c, 0.0)
+        if tl.max((cn != 0).to(tl.int32)) > 0:
+            for k0 in range(0, BG, SUBK):
+                k2 = g0 + k0 + tl.arange(0, SUBK)
+                km = k2 < D
+                a = tl.load(own_ptr + rows[:, None] * D + k2[None, :], mask=rmask[:, None] & km[None, :],
+                            other=0.0).to(tl.float32)
+                b = tl.load(oth_ptr + cols[:, None] * D + k2[None, :], mask=cmask[:, None] & km[None, :],
+                            other=0.0).to(tl.float32)
+                part = tl.sum(cn[:, :, None] * (a[:, None, :] - b[None, :, :]), axis=1)
+                nptr = near_ptr + rows[:, None] * D + k2[None, :]
+                nm = rmask[:, None] & km[None, :]
+                old = tl.load(nptr, mask=nm, other=0.0)
+                tl.store(nptr, old + part, mask=nm)
+                tl.debug_barrier()
+    return acc, rs
+
+
+@triton.jit
+def grad_finish(acc, rs, own_ptr, near_ptr, out_ptr, rows, rmask, g0, D, scale,
+                KIND: tl.constexpr, BG: tl.constexpr, HAS_NEAR: tl.constexpr, ACCUM: tl.constexpr = False):
+    """out[rows, group] (+)= scale * (rs * own - acc + near) (l2/sql2) or scale * (-acc) (dot).
+
+    With ``ACCUM`` the result is added to what ``out`` holds (an earlier launch wrote it: stream order).
+    """
+    kk = g0 + tl.arange(0, BG)
+    m2 = rmask[:, None] & (kk[None, :] < D)
+    offs = rows[:, None] * D + kk[None, :]
+    if KIND == 2:
+        res = -acc
+    else:
+        own = tl.load(own_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        res = rs[:, None] * own - acc
+        if HAS_NEAR:
+            tl.debug_barrier()
+            res += tl.load(near_ptr + offs, mask=m2, other=0.0)
+    res = res * scale
+    if ACCUM:
+        res += tl.load(out_ptr + offs, mask=m2, other=0.0)
+    tl.store(out_ptr + offs, res, mask=m2)

@@ -1,0 +1,190 @@
+"""Staging for the triplet-shaped ops: d' of a chunk of anchors, positives as index ranges, gradient passes.
+
+The triplet ops (batch-all, semi-hard, triplet listing) compare, per anchor, every positive with every
+negative: O(N K M) compares that each need two d' values. Recomputing d' inside that loop would cost
+O(N K M D); instead each chunk of anchors gets its d' rows staged once in a (CH, M) fp32 buffer by a
+GEMM-shaped kernel (O(CH M D), same precision handling as every other kernel), and the per-anchor kernels
+read them. CH is chosen so that the staging buffers stay under ``stage_bytes()`` (512 MB by default,
+``FASTDML_TRITON_STAGE_MB``): peak extra memory is bounded, independent of N.
+
+Positives are enumerated without scanning all M columns: the references are sorted by label once
+(stable argsort, so each class's members stay in ascending index order) and anchor i's positives are
+``perm[lo_i:hi_i]`` (``searchsorted``); negatives are scanned in natural column order (label mask), which
+keeps PML's index order for the listing miner.
+
+Gradients: the per-anchor kernels write pair weights W (CH, M) (dS/dd'_ij; rows owned by one program, so
+no atomics), then two GEMM-shaped passes turn W into gradients with the common helper: a row pass
+(programs own anchor rows, writes gx) and a column pass (programs own reference rows, adds the chunk's
+contribution to gr; chunks run in stream order, so the sum is deterministic).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import block_d, dprime_tile, grad_finish, grad_group, grad_tile, interpreting, pair_coef, poison
+
+_STAGE_OVERRIDE: list[int] = []
+
+
+def stage_bytes() -> int:
+    """Budget for the staging buffers of one chunk of anchors, in bytes."""
+    if _STAGE_OVERRIDE:
+        return _STAGE_OVERRIDE[-1]
+    return int(float(os.environ.get("FASTDML_TRITON_STAGE_MB", "512")) * 2**20)
+
+
+def config(d):
+    if interpreting():
+        return dict(BM=32, BN=64, BK=block_d(d), BG=grad_group(d), SUBK=16, BP=32, BT=64, num_warps=4)
+    return dict(BM=64, BN=32, BK=32, BG=min(64, grad_group(d)), SUBK=4, BP=32, BT=64, num_warps=4)
+
+
+@triton.jit
+def stage_dist_kernel(
+    x_ptr, r_ptr, xn_ptr, rn_ptr, buf_ptr, A0, CH, M, D,
+    KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SUBK: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """buf[i, j] = d'(x[A0 + i], r[j]) for i < CH, j < M."""
+    loc = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    lmask = loc < CH
+    rows = A0 + loc
+    cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    cmask = cols < M
+    dp, near = dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, lmask, cols, cmask, D,
+                           KIND, BM, BN, BK, SUBK, PREC, UPCAST)
+    tl.store(buf_ptr + loc[:, None] * M + cols[None, :], dp, mask=lmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def wpass_kernel(
+    own_ptr, oth_ptr, ownn_ptr, othn_ptr, buf_ptr, w_ptr, near_ptr, out_ptr,
+    N_OWN, N_OTH, OWN0, OTH0, S_OWN, S_OTH, D, scale,
+    KIND: tl.constexpr, ACCUM: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, SUBK: tl.constexpr, PREC: tl.constexpr,
+):
+    """out[own rows] (+)= scale * sum_j c_ij (own_i - oth_j) over the staged chunk (dot: -sum_j w_ij oth_j).
+
+    Own row ``OWN0 + i`` and other row ``OTH0 + j`` have d' at ``buf[i * S_OWN + j * S_OTH]`` and weight
+    ``w`` at the same place, so the same kernel does the row pass (S_OWN = M, S_OTH = 1) and the column pass
+    (S_OWN = 1, S_OTH = M) over a chunk.
+    """
+    loc = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    lmask = loc < N_OWN
+    rows = OWN0 + loc
+    g0 = tl.program_id(1).to(tl.int64) * BG
+    acc = tl.zeros((BM, BG), tl.float32)
+    rs = tl.zeros((BM,), tl.float32)
+    if KIND != 2:
+        ownn = tl.load(ownn_ptr + rows, mask=lmask, other=0.0)
+    for j0 in range(0, N_OTH, BN):
+        cl = j0 + tl.arange(0, BN).to(tl.int64)
+        cmask = cl < N_OTH
+        cols = OTH0 + cl
+        inb = lmask[:, None] & cmask[None, :]
+        offs = loc[:, None] * S_OWN + cl[None, :] * S_OTH
+        w = tl.load(w_ptr + offs, mask=inb, other=0.0)
+        dp = tl.load(buf_ptr + offs, mask=inb, other=1.0)
+        if KIND == 2:
+            near = inb & (dp != dp)
+        else:
+            othn = tl.load(othn_ptr + cols, mask=cmask, other=0.0)
+            if KIND == 0:
+                q = dp * dp
+            else:
+                q = dp
+            near = inb & (q < 1e-2 * (ownn[:, None] + othn[None, :]))
+        acc, rs = grad_tile(acc, rs, pair_coef(w, dp, KIND), near, own_ptr, oth_ptr, near_ptr,
+                            rows, lmask, cols, cmask, g0, D, KIND, BM, BN, BG, SUBK, PREC)
+    grad_finish(acc, rs, own_ptr, near_ptr, out_ptr, rows, lmask, g0, D, scale, KIND, BG, KIND != 2, ACCUM)
+
+
+class Stager:
+    """Chunks of anchors with their staged d' rows (and zeroed weight rows when a gradient is wanted)."""
+
+    def __init__(self, p, need_grad, prec):
+        self.p = p
+        self.need_grad = need_grad
+        self.prec = prec
+        self.cfg = config(p.d)
+        dev = p.device
+        # positives of anchor i: perm[plo[i]:phi[i]] (sorted by label, stable)
+        zs, perm = torch.sort(p.z, stable=True)
+        self.perm = perm.contiguous()
+        self.plo = torch.searchsorted(zs, p.y, right=False).contiguous()
+        self.phi = torch.searchsorted(zs, p.y, right=True).contiguous()
+        if not interpreting() and p.n > 0:
+            # positive tile: the largest class (PK batches: K = 4 -> 16 rows, not 32 mostly masked)
+            kmax = int((self.phi - self.plo).max())
+            self.cfg["BP"] = max(16, min(64, triton.next_power_of_2(max(kmax, 1))))
+        per_row = max(1, p.m) * 4 * (2 if need_grad else 1)
+        bm = self.cfg["BM"]
+        ch = max(bm, (stage_bytes() // per_row) // bm * bm)
+        self.ch = min(ch, max(bm, triton.cdiv(p.n, bm) * bm))
+        self.buf = torch.empty((self.ch, max(1, p.m)), device=dev, dtype=torch.float32)
+        self.w = torch.empty_like(self.buf) if need_grad else self.buf
+        if need_grad and p.kind_id != 2:
+            self.near_x = torch.zeros((p.n, p.d), device=dev, dtype=torch.float32)
+            self.near_r = torch.zeros((p.m, p.d), device=dev, dtype=torch.float32)
+        else:
+            self.near_x = self.near_r = self.buf
+
+    def chunks(self):
+        """Yield (a0, ch): the buffer holds d'(x[a0 + i], r[j]) for i < ch (W zeroed) when yielded."""
+        p, c = self.p, self.cfg
+        for a0 in range(0, p.n, self.ch):
+            ch = min(self.ch, p.n - a0)
+            if p.m > 0:
+                self.buf.fill_(float("nan"))
+                stage_dist_kernel[(triton.cdiv(ch, c["BM"]), triton.cdiv(p.m, c["BN"]))](
+                    p.x, p.r, p.xn, p.rn, self.buf, a0, ch, p.m, p.d,
+                    KIND=p.kind_id, BM=c["BM"], BN=c["BN"], BK=c["BK"], SUBK=c["SUBK"],
+                    PREC=self.prec, UPCAST=p.upcast, num_warps=c["num_warps"],
+                )
+            if self.need_grad:
+                self.w.zero_()
+            yield a0, ch
+
+    def grad_passes(self, a0, ch, gx, gr, first):
+        """Turn the chunk's weights into gradients: gx rows [a0, a0 + ch) written, gr (all M rows) added."""
+        p, c = self.p, self.cfg
+        groups = triton.cdiv(p.d, c["BG"])
+        common = dict(KIND=p.kind_id, BM=c["BM"], BN=c["BN"], BG=c["BG"], SUBK=c["SUBK"], PREC=self.prec,
+                      num_warps=c["num_warps"])
+        wpass_kernel[(triton.cdiv(ch, c["BM"]), groups)](
+            p.x, p.r, p.xn, p.rn, self.buf, self.w, self.near_x, gx,
+            ch, p.m, a0, 0, self.buf.shape[1], 1, p.d, 1.0, ACCUM=False, **common,
+        )
+        if p.m == 0:
+            return
+        if self.near_r is not self.buf:
+            self.near_r.zero_()
+        wpass_kernel[(triton.cdiv(p.m, c["BM"]), groups)](
+            p.r, p.x, p.rn, p.xn, self.buf, self.w, self.near_r, gr,
+            p.m, ch, 0, a0, 1, self.buf.shape[1], p.d, 1.0, ACCUM=not first, **common,
+        )
+
+    def grads(self):
+        p = self.p
+        gx = poison((p.n, p.d), p.device)
+        gr = poison((p.m, p.d), p.device)
+        return gx, gr
+
+    def finish(self, gx, gr):
+        """(gx_parts, gr_parts) in the contract's shapes; square case: the column side lands on x."""
+        p = self.p
+        if p.m > 0 and p.n == 0:
+            gr.zero_()
+        if p.square:
+            return (gx + gr).unsqueeze(0), torch.empty((0, 0, p.d), device=p.device, dtype=torch.float32)
+        return gx.unsqueeze(0), gr.unsqueeze(0)
+
+
+def empty_parts(p):
+    return (torch.empty((0, p.n, p.d), device=p.device, dtype=torch.float32),
+            torch.empty((0, 0 if p.square else p.m, p.d), device=p.device, dtype=torch.float32))

@@ -1,0 +1,127 @@
+"""Row extremes (batch-hard mining and the threshold-based miners): ``row_extreme``.
+
+For each query i, over j in P(i) (``side="pos"``) or Q(i) (``side="neg"``) with ``lo <= d'_ij <= hi`` and,
+when ``thr`` is given, ``d'_ij > thr_i`` (``thr_op="gt"``) or ``d'_ij < thr_i`` (``"lt"``): the max or min
+d'_ij and its index j, ties to the lowest index (PML's argmax/argmin). ``found`` is False where nothing
+qualifies (value and index are then 0).
+
+One program owns a block of query rows and sweeps the column tiles in increasing order, keeping the running
+extreme and its index in registers: strict comparisons across tiles keep the earlier (lower) index on ties,
+and inside a tile the lowest index among the entries equal to the tile's extreme is taken. Deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import _fail, block_d, check_float, dprime_tile, interpreting, poison, precision, prepare
+
+_SIDES = {"pos": 0, "neg": 1}
+_MODES = {"max": 0, "min": 1}
+_THR_OPS = {"": 0, "gt": 1, "lt": 2}
+
+
+@triton.jit
+def row_extreme_kernel(
+    x_ptr, r_ptr, xn_ptr, rn_ptr, y_ptr, z_ptr, excl_ptr, thr_ptr,
+    val_ptr, idx_ptr, found_ptr,
+    N, M, D, lo, hi,
+    KIND: tl.constexpr, SIDE: tl.constexpr, MODE: tl.constexpr, THR_OP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SUBK: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    rmask = rows < N
+    yl = tl.load(y_ptr + rows, mask=rmask, other=0)
+    ex = tl.load(excl_ptr + rows, mask=rmask, other=-1)
+    if THR_OP != 0:
+        thr = tl.load(thr_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    if MODE == 0:
+        best = tl.full((BM,), float("-inf"), tl.float32)
+    else:
+        best = tl.full((BM,), float("inf"), tl.float32)
+    bidx = tl.zeros((BM,), tl.int64)
+    found = rows < 0
+    for j0 in range(0, M, BN):
+        cols = j0 + tl.arange(0, BN).to(tl.int64)
+        cmask = cols < M
+        zl = tl.load(z_ptr + cols, mask=cmask, other=0)
+        dp, near = dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D,
+                               KIND, BM, BN, BK, SUBK, PREC, UPCAST)
+        ok = rmask[:, None] & cmask[None, :] & (ex[:, None] != cols[None, :])
+        same = yl[:, None] == zl[None, :]
+        if SIDE == 0:
+            ok = ok & same
+        else:
+            ok = ok & (~same)
+        ok = ok & (dp >= lo) & (dp <= hi)
+        if THR_OP == 1:
+            ok = ok & (dp > thr[:, None])
+        elif THR_OP == 2:
+            ok = ok & (dp < thr[:, None])
+        any_ok = tl.max(ok.to(tl.int32), axis=1) > 0
+        if MODE == 0:
+            m = tl.max(tl.where(ok, dp, float("-inf")), axis=1)
+            better = any_ok & ((~found) | (m > best))
+        else:
+            m = tl.min(tl.where(ok, dp, float("inf")), axis=1)
+            better = any_ok & ((~found) | (m < best))
+        at = tl.min(tl.where(ok & (dp == m[:, None]), cols[None, :], M), axis=1)
+        best = tl.where(better, m, best)
+        bidx = tl.where(better, at, bidx)
+        found = found | any_ok
+    tl.store(val_ptr + rows, tl.where(found, best, 0.0), mask=rmask)
+    tl.store(idx_ptr + rows, tl.where(found, bidx, 0), mask=rmask)
+    tl.store(found_ptr + rows, found.to(tl.int8), mask=rmask)
+
+
+def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op, allow_tf32=False):
+    """Per-query extreme of d' over the positives or negatives in a band: ``(value f32, index i64, found)``.
+
+    See the module docstring for the exact selection; ``lo``/``hi`` are inclusive bounds (may be +-inf),
+    ``thr`` an optional (N,) per-query threshold applied with ``thr_op`` ("gt" or "lt").
+    """
+    p = prepare(x, y, r, z, excl, kind)
+    if side not in _SIDES:
+        _fail(ValueError, f"side must be 'pos' or 'neg', got {side!r}")
+    if mode not in _MODES:
+        _fail(ValueError, f"mode must be 'max' or 'min', got {mode!r}")
+    thr_op = thr_op or ""
+    if thr_op not in _THR_OPS:
+        _fail(ValueError, f"thr_op must be 'gt', 'lt' or '', got {thr_op!r}")
+    lo = check_float("lo", lo)
+    hi = check_float("hi", hi)
+    if thr is None:
+        if thr_op != "":
+            _fail(ValueError, f"thr_op={thr_op!r} needs a thr tensor")
+        thr_t = p.xn  # never read
+    else:
+        if thr_op == "":
+            _fail(ValueError, "thr is given but thr_op is ''; use 'gt' or 'lt'")
+        if not isinstance(thr, torch.Tensor) or thr.shape != (p.n,):
+            _fail(ValueError, f"thr must be a tensor of shape ({p.n},), got "
+                              f"{tuple(thr.shape) if isinstance(thr, torch.Tensor) else type(thr).__name__}")
+        if thr.device != p.device:
+            _fail(ValueError, f"thr is on {thr.device} but x is on {p.device}")
+        if not thr.is_floating_point():
+            _fail(TypeError, f"thr must be floating point, got {thr.dtype}")
+        thr_t = thr.detach().float().contiguous()
+    val = poison((p.n,), p.device)
+    idx = torch.full((p.n,), -1, device=p.device, dtype=torch.int64)
+    found = torch.full((p.n,), 2, device=p.device, dtype=torch.int8)
+    if p.n > 0:
+        if interpreting():
+            cfg = dict(BM=32, BN=32, BK=block_d(p.d), SUBK=16, num_warps=4)
+        else:
+            cfg = dict(BM=64, BN=64, BK=32, SUBK=4, num_warps=4)
+        row_extreme_kernel[(triton.cdiv(p.n, cfg["BM"]),)](
+            p.x, p.r, p.xn, p.rn, p.y, p.z, p.excl, thr_t, val, idx, found,
+            p.n, p.m, p.d, lo, hi,
+            KIND=p.kind_id, SIDE=_SIDES[side], MODE=_MODES[mode], THR_OP=_THR_OPS[thr_op],
+            PREC=precision(allow_tf32), UPCAST=p.upcast, **cfg,
+        )
+    # a row the kernel did not write keeps the poison 2 (and index -1): reads as not found, caught by tests
+    return val, idx, found == 1

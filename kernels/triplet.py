@@ -1,0 +1,325 @@
+"""Triplet-shaped ops over staged d' rows: ``triplet_stats_fwd``, ``semihard_stats_fwd``, ``triplet_list``.
+
+Per anchor i (one program each), positives p in P(i) (an index range of the label-sorted references, see
+``_staged``) against negatives n in Q(i) (column tiles in natural order):
+
+- ``triplet_stats`` (batch-all / all triplets, ARCHITECTURE.md primitive 2): with t = d'_in - d'_ip and
+  v = d'_ip - d'_in + margin, the triplet is selected iff band_lo < t <= band_hi; term relu(v) (softplus(v)
+  if ``smooth``), counted iff low < term < high. Weights dS/dd'_ip = sum_n [counted] term'(v) and
+  dS/dd'_in = -sum_p [counted] term'(v).
+- ``semihard_stats`` (TF-Addons, primitive 3): n* = the negative with the smallest d'_in > d'_ip, else the
+  one with the largest d'_in (ties: lowest index), kept as running (value, index) pairs across negative
+  tiles; S = sum relu(d'_ip - d'_in* + margin) over positive pairs of anchors with a negative, C their
+  number. Weights [v > 0] on (i, p) and -[v > 0] on (i, n*) (a second sweep counts, per negative, the
+  positives that chose it: no scatter, no atomics).
+- ``triplet_list`` (primitive 6): selected triplets in PML's lexicographic (a, p, n) order: count per
+  anchor, exclusive prefix sum (int64), write; inside an anchor the positive rows take consecutive ranges
+  (exclusive cumsum of per-positive counts) and each row writes in negative order (cumsum along the row).
+
+The loads of positives/negatives are written out inline in each loop (not jit helpers): the interpreter
+re-patches the language on every helper call, which dominated the CPU test time.
+
+Every per-anchor kernel owns its anchor's weight row, so the read-modify-writes of W need no atomics (a
+barrier orders them inside the program).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import _fail, check_float, poison, precision, prepare
+from ._staged import Stager, empty_parts
+
+
+@triton.jit
+def _anchor_setup(y_ptr, excl_ptr, plo_ptr, phi_ptr, A0, pid, M):
+    a = A0 + pid.to(tl.int64)
+    ya = tl.load(y_ptr + a)
+    ex = tl.load(excl_ptr + a)
+    lo = tl.load(plo_ptr + a)
+    hi = tl.load(phi_ptr + a)
+    # an anchor whose class takes every reference has no negative: nothing to compare
+    hi = tl.where(hi - lo >= M, lo, hi)
+    return ya, ex, lo, hi
+
+
+@triton.jit
+def triplet_anchor_kernel(
+    buf_ptr, w_ptr, y_ptr, z_ptr, excl_ptr, perm_ptr, plo_ptr, phi_ptr, part_ptr,
+    A0, M, LD, margin, band_lo, band_hi, low, high,
+    SMOOTH: tl.constexpr, NEED_GRAD: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    ya, ex, lo, hi = _anchor_setup(y_ptr, excl_ptr, plo_ptr, phi_ptr, A0, pid, M)
+    buf_row = buf_ptr + pid.to(tl.int64) * LD
+    w_row = w_ptr + pid.to(tl.int64) * LD
+    s = tl.zeros((1,), tl.float64)
+    c = tl.zeros((1,), tl.int64)
+    for t0 in range(lo, hi, BP):
+        ts = t0 + tl.arange(0, BP).to(tl.int64)
+        tm = ts < hi
+        pidx = tl.load(perm_ptr + ts, mask=tm, other=0)
+        pm = tm & (pidx != ex)
+        dap = tl.load(buf_row + pidx, mask=pm, other=0.0)
+        wp = tl.zeros((BP,), tl.float32)
+        for j0 in range(0, M, BT):
+            cols = j0 + tl.arange(0, BT).to(tl.int64)
+            cm = cols < M
+            zl = tl.load(z_ptr + cols, mask=cm, other=0)
+            nm = cm & (zl != ya) & (cols != ex)
+            dan = tl.load(buf_row + cols, mask=nm, other=0.0)
+            t = dan[None, :] - dap[:, None]
+            v = dap[:, None] - dan[None, :] + margin
+            sel = pm[:, None] & nm[None, :] & (t > band_lo) & (t <= band_hi)
+            if SMOOTH:
+                term = tl.maximum(v, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v)))
+            else:
+                term = tl.maximum(v, 0.0)
+            cnt = sel & (term > low) & (term < high)
+            s += tl.sum(tl.sum(tl.where(cnt, term, 0.0), axis=1), axis=0).to(tl.float64)
+            c += tl.sum(tl.sum(cnt.to(tl.int32), axis=1), axis=0).to(tl.int64)
+            if NEED_GRAD:
+                if SMOOTH:
+                    dterm = tl.where(cnt, 1.0 / (1.0 + tl.exp(-v)), 0.0)
+                else:
+                    dterm = tl.where(cnt & (v > 0), 1.0, 0.0)
+                wp += tl.sum(dterm, axis=1)
+                old = tl.load(w_row + cols, mask=nm, other=0.0)
+                tl.store(w_row + cols, old - tl.sum(dterm, axis=0), mask=nm)
+                tl.debug_barrier()
+        if NEED_GRAD:
+            # positives are never negatives of the same anchor: no overlap with the stores above
+            tl.store(w_row + pidx, wp, mask=pm)
+            tl.debug_barrier()
+    one = tl.arange(0, 1)
+    tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + one, s)
+    tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + 1 + one, c.to(tl.float64))
+
+
+@triton.jit
+def semihard_anchor_kernel(
+    buf_ptr, w_ptr, y_ptr, z_ptr, excl_ptr, perm_ptr, plo_ptr, phi_ptr, part_ptr,
+    A0, M, LD, margin,
+    NEED_GRAD: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    ya, ex, lo, hi = _anchor_setup(y_ptr, excl_ptr, plo_ptr, phi_ptr, A0, pid, M)
+    buf_row = buf_ptr + pid.to(tl.int64) * LD
+    w_row = w_ptr + pid.to(tl.int64) * LD
+    s = tl.zeros((1,), tl.float64)
+    c = tl.zeros((1,), tl.int64)
+    for t0 in range(lo, hi, BP):
+        ts = t0 + tl.arange(0, BP).to(tl.int64)
+        tm = ts < hi
+        pidx = tl.load(perm_ptr + ts, mask=tm, other=0)
+        pm = tm & (pidx != ex)
+        dap = tl.load(buf_row + pidx, mask=pm, other=0.0)
+        ab_v = tl.full((BP,), float("inf"), tl.float32)
+        ab_i = tl.full((BP,), -1, tl.int64)
+        mx_v = tl.full((BP,), float("-inf"), tl.float32)
+        mx_i = tl.full((BP,), -1, tl.int64)
+        for j0 in range(0, M, BT):
+            cols = j0 + tl.arange(0, BT).to(tl.int64)
+            cm = cols < M
+            zl = tl.load(z_ptr + cols, mask=cm, other=0)
+            nm = cm & (zl != ya) & (cols != ex)
+            dan = tl.load(buf_row + cols, mask=nm, other=0.0)
+            dd = dan[None, :] + tl.zeros((BP, BT), tl.float32)
+            above = nm[None, :] & (dd > dap[:, None])
+            m1 = tl.min(tl.where(above, dd, float("inf")), axis=1)
+            i1 = tl.min(tl.where(above & (dd == m1[:, None]), cols[None, :], M), axis=1)
+            any1 = tl.max(above.to(tl.int32), axis=1) > 0
+            up1 = any1 & ((ab_i < 0) | (m1 < ab_v))
+            ab_v = tl.where(up1, m1, ab_v)
+            ab_i = tl.where(up1, i1, ab_i)
+            negs = nm[None, :] & (dd == dd)
+            m2 = tl.max(tl.where(negs, dd, float("-inf")), axis=1)
+            i2 = tl.min(tl.where(negs & (dd == m2[:, None]), cols[None, :], M), axis=1)
+            any2 = tl.max(negs.to(tl.int32), axis=1) > 0
+            up2 = any2 & ((mx_i < 0) | (m2 > mx_v))
+            mx_v = tl.where(up2, m2, mx_v)
+            mx_i = tl.where(up2, i2, mx_i)
+        has = pm & (mx_i >= 0)
+        nstar = tl.where(ab_i >= 0, ab_i, mx_i)
+        dstar = tl.where(ab_i >= 0, ab_v, mx_v)
+        v = dap - dstar + margin
+        s += tl.sum(tl.where(has, tl.maximum(v, 0.0), 0.0), axis=0).to(tl.float64)
+        c += tl.sum(has.to(tl.int32), axis=0).to(tl.int64)
+        if NEED_GRAD:
+            wpos = tl.where(has & (v > 0), 1.0, 0.0)
+            tl.store(w_row + pidx, wpos, mask=pm)
+            tl.debug_barrier()
+            for j0 in range(0, M, BT):
+                cols = j0 + tl.arange(0, BT).to(tl.int64)
+                cm = cols < M
+                zl = tl.load(z_ptr + cols, mask=cm, other=0)
+                nm = cm & (zl != ya) & (cols != ex)
+                dan = tl.load(buf_row + cols, mask=nm, other=0.0)
+                hit = tl.where(nstar[:, None] == cols[None, :], wpos[:, None], 0.0)
+                old = tl.load(w_row + cols, mask=nm, other=0.0)
+                tl.store(w_row + cols, old - tl.sum(hit, axis=0), mask=nm)
+                tl.debug_barrier()
+    one = tl.arange(0, 1)
+    tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + one, s)
+    tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + 1 + one, c.to(tl.float64))
+
+
+@triton.jit
+def triplet_list_kernel(
+    buf_ptr, y_ptr, z_ptr, excl_ptr, perm_ptr, plo_ptr, phi_ptr, cnt_ptr, off_ptr, a_ptr, p_ptr, n_ptr,
+    A0, M, LD, band_lo, band_hi,
+    WRITE: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    ya, ex, lo, hi = _anchor_setup(y_ptr, excl_ptr, plo_ptr, phi_ptr, A0, pid, M)
+    a = A0 + pid.to(tl.int64)
+    buf_row = buf_ptr + pid.to(tl.int64) * LD
+    one = tl.arange(0, 1)
+    if WRITE:
+        base = tl.load(off_ptr + a + one)
+    else:
+        base = tl.zeros((1,), tl.int64)
+    for t0 in range(lo, hi, BP):
+        ts = t0 + tl.arange(0, BP).to(tl.int64)
+        tm = ts < hi
+        pidx = tl.load(perm_ptr + ts, mask=tm, other=0)
+        pm = tm & (pidx != ex)
+        dap = tl.load(buf_row + pidx, mask=pm, other=0.0)
+        per_p = tl.zeros((BP,), tl.int64)
+        for j0 in range(0, M, BT):
+            cols = j0 + tl.arange(0, BT).to(tl.int64)
+            cm = cols < M
+            zl = tl.load(z_ptr + cols, mask=cm, other=0)
+            nm = cm & (zl != ya) & (cols != ex)
+            dan = tl.load(buf_row + cols, mask=nm, other=0.0)
+            t = dan[None, :] - dap[:, None]
+            sel = pm[:, None] & nm[None, :] & (t > band_lo) & (t <= band_hi)
+            per_p += tl.sum(sel.to(tl.int32), axis=1).to(tl.int64)
+        if WRITE:
+            run = base + tl.cumsum(per_p, axis=0) - per_p
+            for j0 in range(0, M, BT):
+                cols = j0 + tl.arange(0, BT).to(tl.int64)
+                cm = cols < M
+                zl = tl.load(z_ptr + cols, mask=cm, other=0)
+                nm = cm & (zl != ya) & (cols != ex)
+                dan = tl.load(buf_row + cols, mask=nm, other=0.0)
+                t = dan[None, :] - dap[:, None]
+                sel = (pm[:, None] & nm[None, :] & (t > band_lo) & (t <= band_hi)).to(tl.int32)
+                pos = run[:, None] + (tl.cumsum(sel, axis=1) - sel).to(tl.int64)
+                wm = sel != 0
+                tl.store(a_ptr + pos, a + tl.zeros((BP, BT), tl.int64), mask=wm)
+                tl.store(p_ptr + pos, pidx[:, None] + tl.zeros((BP, BT), tl.int64), mask=wm)
+                tl.store(n_ptr + pos, cols[None, :] + tl.zeros((BP, BT), tl.int64), mask=wm)
+                run += tl.sum(sel, axis=1).to(tl.int64)
+        base += tl.sum(per_p, axis=0)
+    if not WRITE:
+        tl.store(cnt_ptr + a + one, base)
+
+
+def _grid_cfg(st):
+    c = st.cfg
+    return dict(BP=c["BP"], BT=c["BT"], num_warps=c["num_warps"])
+
+
+def _stats_run(p, need_grad, allow_tf32, launch):
+    """Common driver: stage each chunk, run the per-anchor kernel, then the gradient passes."""
+    st = Stager(p, need_grad, precision(allow_tf32))
+    part = poison((p.n, 2), p.device, torch.float64)
+    if need_grad:
+        gx, gr = st.grads()
+    for k, (a0, ch) in enumerate(st.chunks()):
+        launch(st, a0, ch, part)
+        if need_grad:
+            st.grad_passes(a0, ch, gx, gr, first=(k == 0))
+    stats = part.sum(0)
+    if need_grad:
+        gx_parts, gr_parts = st.finish(gx, gr)
+    else:
+        gx_parts, gr_parts = empty_parts(p)
+    return stats, gx_parts, gr_parts
+
+
+def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad,
+                      allow_tf32=False):
+    """All-triplet statistics ``[S, C]`` (float64) and the gradient part dS/d(x, r).
+
+    S = sum of counted terms relu(v) (softplus(v) if ``smooth``), v = d'_ip - d'_in + margin, over triplets
+    with band_lo < d'_in - d'_ip <= band_hi and low < term < high; C their number. Returns
+    ``(stats (2,), gx_parts (1, N, D), gr_parts (1, M, D))`` (see ``contrastive_stats_fwd`` for the
+    empty/square shapes).
+    """
+    p = prepare(x, y, r, z, excl, kind)
+    vals = [check_float(nm, v) for nm, v in (("margin", margin), ("band_lo", band_lo), ("band_hi", band_hi),
+                                             ("low", low), ("high", high))]
+    smooth = bool(smooth)
+    need_grad = bool(need_grad)
+
+    def launch(st, a0, ch, part):
+        if p.m == 0:
+            part[a0:a0 + ch].zero_()
+            return
+        triplet_anchor_kernel[(ch,)](
+            st.buf, st.w, p.y, p.z, p.excl, st.perm, st.plo, st.phi, part,
+            a0, p.m, st.buf.shape[1], *vals, SMOOTH=smooth, NEED_GRAD=need_grad, **_grid_cfg(st),
+        )
+
+    return _stats_run(p, need_grad, allow_tf32, launch)
+
+
+def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, allow_tf32=False):
+    """Semi-hard statistics ``[S, C]`` (float64, TF-Addons ``triplet_semihard_loss``) and dS/d(x, r).
+
+    For each positive pair (i, p) of an anchor with at least one negative: n* = the negative with the
+    smallest d'_in > d'_ip, else the one with the largest d'_in (ties: lowest index);
+    S = sum relu(d'_ip - d'_in* + margin), C = the number of such pairs.
+    """
+    p = prepare(x, y, r, z, excl, kind)
+    margin = check_float("margin", margin)
+    need_grad = bool(need_grad)
+
+    def launch(st, a0, ch, part):
+        if p.m == 0:
+            part[a0:a0 + ch].zero_()
+            return
+        semihard_anchor_kernel[(ch,)](
+            st.buf, st.w, p.y, p.z, p.excl, st.perm, st.plo, st.phi, part,
+            a0, p.m, st.buf.shape[1], margin, NEED_GRAD=need_grad, **_grid_cfg(st),
+        )
+
+    return _stats_run(p, need_grad, allow_tf32, launch)
+
+
+def triplet_list(x, y, r, z, excl, kind, band_lo, band_hi, allow_tf32=False):
+    """Triplets (a, p, n) with band_lo < d'_an - d'_ap <= band_hi, int64, PML's lexicographic order."""
+    p = prepare(x, y, r, z, excl, kind)
+    band_lo = check_float("band_lo", band_lo)
+    band_hi = check_float("band_hi", band_hi)
+    dev = p.device
+    empty = torch.empty(0, device=dev, dtype=torch.int64)
+    if p.n == 0 or p.m == 0:
+        return empty, empty.clone(), empty.clone()
+    st = Stager(p, False, precision(allow_tf32))
+    cnt = torch.full((p.n,), -1, device=dev, dtype=torch.int64)
+    dummy = torch.empty(1, device=dev, dtype=torch.int64)
+    chunks = []
+    # count pass (the staged rows are recomputed in the write pass: the staging costs O(CH M D) per chunk,
+    # far less than the compares, and the budget holds one chunk at a time)
+    for a0, ch in st.chunks():
+        triplet_list_kernel[(ch,)](
+            st.buf, p.y, p.z, p.excl, st.perm, st.plo, st.phi, cnt, dummy, dummy, dummy, dummy,
+            a0, p.m, st.buf.shape[1], band_lo, band_hi, WRITE=False, **_grid_cfg(st),
+        )
+        chunks.append((a0, ch))
+    off = (torch.cumsum(cnt, 0) - cnt).contiguous()
+    total = int(cnt.sum().item())
+    if total < 0:
+        _fail(RuntimeError, "triplet count overflow")
+    out = [torch.full((max(total, 1),), -1, device=dev, dtype=torch.int64) for _ in range(3)]
+    for a0, ch in st.chunks():
+        triplet_list_kernel[(ch,)](
+            st.buf, p.y, p.z, p.excl, st.perm, st.plo, st.phi, cnt, off, out[0], out[1], out[2],
+            a0, p.m, st.buf.shape[1], band_lo, band_hi, WRITE=True, **_grid_cfg(st),
+        )
+    return tuple(o[:total] for o in out)

@@ -1,0 +1,115 @@
+"""fastdml.kernels.contrastive_stats_fwd against fastdml.reference.contrastive_stats: values and gradients."""
+
+import pytest
+import torch
+from fastdml.kernels import contrastive_stats_fwd
+
+from fastdml import reference as ref
+from tests.kernel_cases import (
+    DEVICE,
+    INF,
+    as_ref,
+    assert_close_scaled,
+    combine,
+    cuda_only,
+    make_inputs,
+    near_duplicates,
+    needs_kernels,
+    ref_call,
+    safe_quantile,
+)
+
+pytestmark = needs_kernels
+
+# (N, M, D, label pattern, case): N, M never multiples of the 32-row blocks
+SCENARIOS = [
+    (45, 0, 1, "few", "square"),
+    (70, 0, 3, "pk", "square"),
+    (37, 0, 130, "imbalanced", "square"),
+    (33, 0, 2, "one", "square"),
+    (50, 37, 64, "few", "rect"),
+    (41, 29, 2, "distinct", "excl"),
+    (35, 66, 3, "pk", "excl"),
+]
+
+
+def _margins(x, r, kind, banded):
+    """Margins/bands at quantiles of the actual d' so that every branch (hinge on and off) is exercised."""
+    d = ref.signed_distance_matrix(as_ref(x), as_ref(r), kind).flatten()
+    q = lambda f: safe_quantile(d, f)
+    pos_margin, neg_margin = q(0.3), q(0.7)
+    if banded:
+        return pos_margin, neg_margin, q(0.2), q(0.8), -INF, q(0.9) - q(0.1)
+    return pos_margin, neg_margin, -INF, INF, 0.0, INF
+
+
+def _check(x, y, r, z, excl, kind, args, tol, dtype):
+    u = torch.randn(2, dtype=torch.float64)
+    stats, gx, gr = contrastive_stats_fwd(x, y, r, z, excl, kind, *args, True)
+    want, x64, r64 = ref_call("contrastive_stats", x, y, r, z, excl, kind, *args, grad=True)
+    assert stats.dtype == torch.float64 and stats.shape == (4,)
+    assert_close_scaled(stats, want.detach(), tol[dtype], "stats")
+    loss = u[0] * want[0] + u[1] * want[2]
+    leaves = [x64] if r is None else [x64, r64]
+    if loss.requires_grad:
+        grads = torch.autograd.grad(loss, leaves)
+    else:  # nothing counted: the reference sum has no graph, the gradient is zero
+        grads = [torch.zeros_like(t) for t in leaves]
+    n, d = x.shape
+    assert gx.shape == (2, n, d) and gx.dtype == torch.float32
+    assert_close_scaled(combine(gx, u), grads[0], tol[dtype], "gx")
+    if r is None:
+        assert gr.shape == (0, 0, d)
+    else:
+        assert gr.shape == (2, r.shape[0], d)
+        assert_close_scaled(combine(gr, u), grads[1], tol[dtype], "gr")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["l2", "sql2", "dot"])
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: f"N{s[0]}M{s[1]}D{s[2]}-{s[3]}-{s[4]}")
+def test_contrastive_stats_and_gradient_parts_match_reference(scenario, kind, dtype, tol):
+    n, m, d, pattern, case = scenario
+    x, y, r, z, excl = make_inputs(n, m, d, pattern, case, dtype, seed=n + d)
+    banded = (n + d) % 2 == 1
+    _check(x, y, r, z, excl, kind, _margins(x, r, kind, banded), tol, dtype)
+
+
+@pytest.mark.parametrize("kind", ["l2", "sql2", "dot"])
+def test_contrastive_without_grad_returns_empty_parts(kind, tol):
+    x, y, r, z, excl = make_inputs(40, 35, 5, "few", "excl", torch.float32)
+    args = _margins(x, r, kind, False)
+    stats, gx, gr = contrastive_stats_fwd(x, y, r, z, excl, kind, *args, False)
+    want, _, _ = ref_call("contrastive_stats", x, y, r, z, excl, kind, *args)
+    assert_close_scaled(stats, want, tol[torch.float32], "stats")
+    assert gx.shape == (0, 40, 5) and gr.shape == (0, 35, 5)
+    stats, gx, gr = contrastive_stats_fwd(x, y, None, None, None, kind, *args, False)
+    assert gx.shape == (0, 40, 5) and gr.shape == (0, 0, 5)
+
+
+@pytest.mark.parametrize("only_near", [False, True])
+@pytest.mark.parametrize("kind", ["l2", "sql2"])
+def test_contrastive_near_duplicates_match_float64(kind, only_near, tol):
+    # pairs at distance ~1e-4: the expansion |x|^2 + |r|^2 - 2 x.r alone would be off by ~3e-4 in d, and the
+    # GEMM form of the gradient (sum_j c_ij) x_i - sum_j c_ij x_j by ~1e-3 for c = 1/d. With only_near the
+    # positive margin is out of reach, so only the near negative pairs carry weight (and dominate the check).
+    x, y = near_duplicates(66, 3, torch.float32)
+    pos_margin = 100.0 if only_near else (1e-3 if kind == "l2" else 1e-6)
+    neg_margin = 5e-3 if kind == "l2" else 2.5e-5
+    _check(x, y, None, None, None, kind, (pos_margin, neg_margin, -INF, INF, 0.0, INF), tol, torch.float32)
+
+
+def test_contrastive_identical_points_give_finite_zero_subgradient(tol):
+    x = torch.ones(34, 3)
+    x[17:] = 2.0
+    y = torch.arange(34) % 2
+    x, y = x.to(DEVICE), y.to(DEVICE)
+    _check(x, y, None, None, None, "l2", (-1.0, 2.0, -INF, INF, 0.0, INF), tol, torch.float32)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("kind", ["l2", "dot"])
+def test_contrastive_bf16_on_cuda(kind, tol):
+    x, y, r, z, excl = make_inputs(300, 0, 64, "pk", "square", torch.bfloat16)
+    _check(x, y, r, z, excl, kind, _margins(x, r, kind, False), tol, torch.bfloat16)

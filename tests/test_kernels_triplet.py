@@ -1,0 +1,137 @@
+"""fastdml.kernels.triplet_stats_fwd / semihard_stats_fwd against fastdml.reference: values and gradients."""
+
+import pytest
+import torch
+from fastdml.kernels import _staged, semihard_stats_fwd, triplet_stats_fwd
+
+from fastdml import reference as ref
+from tests.kernel_cases import (
+    DEVICE,
+    INF,
+    as_ref,
+    assert_close_scaled,
+    cuda_only,
+    grid,
+    make_inputs,
+    near_duplicates,
+    needs_kernels,
+    ref_call,
+    safe_quantile,
+)
+
+pytestmark = needs_kernels
+
+SCENARIOS = [
+    (45, 0, 1, "few", "square"),
+    (40, 31, 64, "imbalanced", "excl"),
+    (38, 0, 130, "pk", "square"),
+    (33, 0, 2, "one", "square"),
+    (35, 29, 3, "distinct", "excl"),
+]
+
+
+def _check(fn, ref_name, x, y, r, z, excl, kind, args, tol, dtype, nograd=False):
+    u = float(torch.randn(()))
+    stats, gx, gr = fn(x, y, r, z, excl, kind, *args, True)
+    want, x64, r64 = ref_call(ref_name, x, y, r, z, excl, kind, *args, grad=True)
+    assert stats.dtype == torch.float64 and stats.shape == (2,)
+    assert_close_scaled(stats, want.detach(), tol[dtype], "stats")
+    leaves = [x64] if r is None else [x64, r64]
+    if want[0].requires_grad:
+        grads = torch.autograd.grad(u * want[0], leaves, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+    else:
+        grads = [torch.zeros_like(t) for t in leaves]
+    n, d = x.shape
+    assert gx.shape == (1, n, d) and gx.dtype == torch.float32
+    assert_close_scaled(u * gx[0].cpu().double(), grads[0], tol[dtype], "gx")
+    if r is None:
+        assert gr.shape == (0, 0, d)
+    else:
+        assert gr.shape == (1, r.shape[0], d)
+        assert_close_scaled(u * gr[0].cpu().double(), grads[1], tol[dtype], "gr")
+    if nograd:
+        nog = fn(x, y, r, z, excl, kind, *args, False)
+        assert nog[1].shape == (0, n, d) and nog[2].shape == ((0, 0, d) if r is None else (0, r.shape[0], d))
+        assert_close_scaled(nog[0], want.detach(), tol[dtype], "stats without grad")
+
+
+def _triplet_args(x, r, kind, variant):
+    """(margin, smooth, band_lo, band_hi, low, high) from the actual d' scale."""
+    dm = ref.signed_distance_matrix(as_ref(x), as_ref(r), kind)
+    spread = safe_quantile(dm, 0.7) - safe_quantile(dm, 0.3)
+    margin = 0.5 * spread
+    if variant == "plain":  # TripletMarginLoss + AvgNonZero window
+        return margin, False, -INF, INF, 0.0, INF
+    if variant == "smooth":
+        return margin, True, -INF, INF, -INF, INF
+    # semi-hard band (0, margin] and a threshold window on the terms
+    return margin, False, 0.0, margin, 0.1 * margin, 0.9 * margin + 0.37 * spread
+
+
+@pytest.mark.parametrize(("scenario", "kind", "dtype"), grid(SCENARIOS))
+def test_triplet_stats_and_gradient_match_reference(scenario, kind, dtype, tol):
+    n, m, d, pattern, case = scenario
+    x, y, r, z, excl = make_inputs(n, m, d, pattern, case, dtype, seed=n + d)
+    variant = ("plain", "smooth", "band")[(n + d) % 3]
+    _check(triplet_stats_fwd, "triplet_stats", x, y, r, z, excl, kind, _triplet_args(x, r, kind, variant),
+           tol, dtype)
+
+
+@pytest.mark.parametrize(("scenario", "kind", "dtype"), grid(SCENARIOS))
+def test_semihard_stats_and_gradient_match_reference(scenario, kind, dtype, tol):
+    n, m, d, pattern, case = scenario
+    x, y, r, z, excl = make_inputs(n, m, d, pattern, case, dtype, seed=n * d)
+    margin = _triplet_args(x, r, kind, "plain")[0]
+    _check(semihard_stats_fwd, "semihard_stats", x, y, r, z, excl, kind, (margin,), tol, dtype)
+
+
+@pytest.mark.parametrize("case", ["square", "excl"])
+def test_triplet_ops_with_a_class_larger_than_a_positive_tile(case, tol):
+    # class 0 holds ~60% of 70 rows: the positive loop runs over several tiles; also checks need_grad=False
+    x, y, r, z, excl = make_inputs(70, 50, 2, "imbalanced", case, torch.float32, seed=11)
+    args = _triplet_args(x, r, "l2", "plain")
+    _check(triplet_stats_fwd, "triplet_stats", x, y, r, z, excl, "l2", args, tol, torch.float32, nograd=True)
+    _check(semihard_stats_fwd, "semihard_stats", x, y, r, z, excl, "l2", args[:1], tol, torch.float32,
+           nograd=True)
+
+
+@pytest.mark.parametrize("kind", ["l2", "dot"])
+def test_triplet_ops_across_staging_chunks(kind, tol, monkeypatch):
+    # a budget of a few rows forces several anchor chunks: the column-side gradient adds up across them
+    monkeypatch.setattr(_staged, "_STAGE_OVERRIDE", [1])
+    x, y, r, z, excl = make_inputs(70, 45, 3, "few", "excl", torch.float32, seed=9)
+    args = _triplet_args(x, r, kind, "plain")
+    _check(triplet_stats_fwd, "triplet_stats", x, y, r, z, excl, kind, args, tol, torch.float32)
+    _check(semihard_stats_fwd, "semihard_stats", x, y, r, z, excl, kind, args[:1], tol, torch.float32)
+    x, y, r, z, excl = make_inputs(70, 0, 3, "few", "square", torch.float32, seed=10)
+    _check(triplet_stats_fwd, "triplet_stats", x, y, r, z, excl, kind, args, tol, torch.float32)
+
+
+def test_semihard_ties_resolve_to_lowest_index(tol):
+    # exact duplicate references: the chosen negative's index matters for the gradient only
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(6, 3, generator=g)
+    r = base[torch.randint(0, 6, (50,), generator=g)]
+    z = torch.randint(0, 3, (50,), generator=g)
+    x = base[torch.randint(0, 6, (40,), generator=g)] + 0.3 * torch.randn(40, 3, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    x, y, r, z = (t.to(DEVICE) for t in (x, y, r, z))
+    _check(semihard_stats_fwd, "semihard_stats", x, y, r, z, None, "l2", (0.5,), tol, torch.float32)
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_triplet_near_duplicates_match_float64(smooth, tol):
+    x, y = near_duplicates(66, 3, torch.float32)
+    args = (1e-3, smooth, -INF, INF, 0.0 if not smooth else -INF, INF)
+    _check(triplet_stats_fwd, "triplet_stats", x, y, None, None, None, "l2", args, tol, torch.float32)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("kind", ["l2", "dot"])
+def test_triplet_ops_bf16_on_cuda(kind, tol):
+    x, y, r, z, excl = make_inputs(300, 0, 64, "pk", "square", torch.bfloat16)
+    args = _triplet_args(x, r, kind, "plain")
+    _check(triplet_stats_fwd, "triplet_stats", x, y, r, z, excl, kind, args, tol, torch.bfloat16)
+    _check(semihard_stats_fwd, "semihard_stats", x, y, r, z, excl, kind, args[:1], tol, torch.bfloat16)
