@@ -76,6 +76,8 @@ def run_case(case: _cases.Case, benchmark, session) -> None:
     opts = session.opts
     if case.device == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
+    if session.over_budget():
+        _skip(session, case, f"time budget of {opts.budget_s:.0f} s used up: not run")
     pred = _cases.predict(case, session.timing_below(case))
     limit = session.mem_limit(case.device)
     pinfo = {"predicted_bytes": pred["bytes"], "predicted_s": pred["seconds"], "formula": pred["formula"]}

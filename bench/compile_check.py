@@ -5,7 +5,7 @@ compiler; this script catches those errors before GPU time is spent. It calls ea
 CPU tensors with the GPU configs, but instead of launching, each kernel is compiled ahead of time with
 ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (ptxas ships with Triton). Usage:
 
-    TRITON_INTERPRET=0 python -m bench.compile_check
+    TRITON_INTERPRET=0 python -m bench.compile_check [fp32] [fp16] [bf16]     (default: all three)
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ os.environ["TRITON_INTERPRET"] = "0"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from fastdml.kernels import _common  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fastdml  # noqa: E402,F401  (aliases kernels/ as fastdml.kernels)
-from fastdml.kernels import _common  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -60,9 +60,32 @@ def _compile(fn, args, kwargs):
     k = triton.compile(ASTSource(fn, sig, const), target=TARGET, options=opts)
     md = k.metadata
     seen[key] = (time.time() - t, getattr(md, "shared", None), getattr(md, "num_warps", None))
-    print(f"  ok {fn.__name__:28s} {time.time() - t:5.1f}s smem={getattr(md, 'shared', '?')} "
+    print(f"  ok {fn.__name__:28s} {time.time() - t:5.1f}s smem={getattr(md, 'shared', '?')} {_usage(k)} "
           f"{ {k: v for k, v in const.items() if k in ('KIND', 'BM', 'BN', 'BG', 'NEED_GRAD', 'COLMODE')} }",
           flush=True)
+
+
+def _usage(k) -> str:
+    """Registers / spill stores of the cubin, read with the cuobjdump that ships with Triton."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cubin = k.asm.get("cubin") if hasattr(k, "asm") else None
+    if not cubin or not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            txt = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                                 timeout=60).stdout
+        except Exception:
+            return ""
+    reg = re.search(r"REG:(\d+)", txt)
+    stack = re.search(r"STACK:(\d+)", txt)
+    return f"regs={reg.group(1) if reg else '?'} stack={stack.group(1) if stack else '?'}"
 
 
 class _Launcher:
@@ -77,12 +100,35 @@ JITFunction.__getitem__ = lambda self, grid: _Launcher(self)
 _common._cpu_ok = lambda: True
 
 
+def _calls(K, x, y, r, z, kind):
+    """(name, thunk) for every launcher on these inputs."""
+    inf = float("inf")
+    return [
+        ("contrastive", lambda: K.contrastive_stats_fwd(x, y, r, z, None, kind, 0.1, 1.0, -inf, inf,
+                                                        0.0, inf, True)),
+        ("contrastive-nograd", lambda: K.contrastive_stats_fwd(x, y, r, z, None, kind, 0.1, 1.0,
+                                                               -inf, inf, 0.0, inf, False)),
+        ("triplet", lambda: K.triplet_stats_fwd(x, y, r, z, None, kind, 0.1, False, -inf, inf, 0.0,
+                                                inf, True)),
+        ("triplet-smooth", lambda: K.triplet_stats_fwd(x, y, r, z, None, kind, 0.1, True, -inf,
+                                                       inf, 0.0, inf, False)),
+        ("semihard", lambda: K.semihard_stats_fwd(x, y, r, z, None, kind, 0.1, True)),
+        ("row_extreme", lambda: K.row_extreme(x, y, r, z, None, kind, "pos", "max", -inf, inf,
+                                              None, "")),
+        ("row_extreme-thr", lambda: K.row_extreme(x, y, r, z, None, kind, "neg", "min", -inf, inf,
+                                                  torch.zeros(40), "gt")),
+        ("pair_list", lambda: K.pair_list(x, y, r, z, None, kind, -inf, inf)),
+        ("triplet_list", lambda: K.triplet_list(x, y, r, z, None, kind, -inf, inf)),
+    ]
+
+
 def main() -> int:
     from fastdml import kernels as K
 
-    inf = float("inf")
+    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    dtypes = [names[a] for a in sys.argv[1:] if a in names] or list(names.values())
     fails = 0
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for dtype in dtypes:
         for kind in ("l2", "sql2", "dot"):
             for rect in (False, True):
                 for d in (3, 64, 130):
@@ -90,23 +136,7 @@ def main() -> int:
                     y = torch.randint(0, 3, (40,))
                     r = torch.randn(30, d).to(dtype) if rect else None
                     z = torch.randint(0, 3, (30,)) if rect else None
-                    calls = [
-                        ("contrastive", lambda: K.contrastive_stats_fwd(x, y, r, z, None, kind, 0.1, 1.0, -inf, inf,
-                                                                        0.0, inf, True)),
-                        ("contrastive-nograd", lambda: K.contrastive_stats_fwd(x, y, r, z, None, kind, 0.1, 1.0,
-                                                                               -inf, inf, 0.0, inf, False)),
-                        ("triplet", lambda: K.triplet_stats_fwd(x, y, r, z, None, kind, 0.1, False, -inf, inf, 0.0,
-                                                                inf, True)),
-                        ("triplet-smooth", lambda: K.triplet_stats_fwd(x, y, r, z, None, kind, 0.1, True, -inf,
-                                                                       inf, 0.0, inf, False)),
-                        ("semihard", lambda: K.semihard_stats_fwd(x, y, r, z, None, kind, 0.1, True)),
-                        ("row_extreme", lambda: K.row_extreme(x, y, r, z, None, kind, "pos", "max", -inf, inf,
-                                                              None, "")),
-                        ("row_extreme-thr", lambda: K.row_extreme(x, y, r, z, None, kind, "neg", "min", -inf, inf,
-                                                                  torch.zeros(40), "gt")),
-                        ("pair_list", lambda: K.pair_list(x, y, r, z, None, kind, -inf, inf)),
-                        ("triplet_list", lambda: K.triplet_list(x, y, r, z, None, kind, -inf, inf)),
-                    ]
+                    calls = _calls(K, x, y, r, z, kind)
                     for name, call in calls:
                         if d != 64 and name not in ("contrastive", "triplet"):
                             continue

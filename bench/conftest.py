@@ -8,6 +8,10 @@ Options (all optional)::
     --bench-device auto|cpu|cuda  device             --bench-tiny            tiny sizes (CI)
     --bench-no-memory             skip peak memory   --bench-records PATH    skips/failures JSON
     --bench-target-s 2.0          seconds per case   --bench-max-rounds 20
+    --bench-budget-s S            stop starting cases after S seconds (recorded as skipped)
+
+Without pytest-benchmark installed, ``bench/_shim.py`` stands in for its ``benchmark`` fixture and its
+``--benchmark-json`` / ``--benchmark-disable`` options.
 
 ``FASTDML_BENCH_TINY=1`` is the same as ``--bench-tiny``: N in {24, 70}, D = 8, no memory worker, each
 timed call checked against fastdml's reference. CI runs the files that way with ``--benchmark-disable``
@@ -19,17 +23,32 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
 
 from bench import _cases, _memory
 
+try:  # pytest-benchmark when installed; else the stand-in of bench/_shim.py (GPU machines without the plugin)
+    if os.environ.get("FASTDML_BENCH_SHIM") == "1":  # force the stand-in (with -p no:benchmark), to test it
+        raise ImportError("FASTDML_BENCH_SHIM=1")
+    import pytest_benchmark  # noqa: F401
+
+    HAVE_PYTEST_BENCHMARK = True
+except ImportError:
+    from bench import _shim
+
+    HAVE_PYTEST_BENCHMARK = False
+    benchmark = _shim.make_fixture()
+
 DEFAULT_SIZES = (256, 1024, 4096)
 TINY_SIZES = (24, 70)
 
 
 def pytest_addoption(parser):
+    if not HAVE_PYTEST_BENCHMARK:
+        _shim.add_options(parser)
     g = parser.getgroup("fastdml-bench")
     g.addoption("--bench-sizes", default=None, help="comma-separated N values (default 256,1024,4096)")
     g.addoption("--bench-dims", default=None, help="comma-separated D values (default 128)")
@@ -44,6 +63,13 @@ def pytest_addoption(parser):
     g.addoption("--bench-target-s", type=float, default=2.0, help="about how long each case is timed")
     g.addoption("--bench-max-rounds", type=int, default=20, help="most timed rounds per case")
     g.addoption("--bench-memory-cache", default=_memory.DEFAULT_CACHE, help="CPU memory cache ('' for none)")
+    g.addoption(
+        "--bench-budget-s",
+        type=float,
+        default=None,
+        help="stop starting cases after this many seconds (the rest are recorded as skipped), so that a run "
+        "under an outer time limit still ends cleanly and writes its JSON",
+    )
 
 
 def _list(value, default, cast=str):
@@ -79,6 +105,7 @@ class Options:
         self.target_s = opt("--bench-target-s")
         self.max_rounds = opt("--bench-max-rounds")
         self.memory_cache = opt("--bench-memory-cache") or None
+        self.budget_s = opt("--bench-budget-s")
         records = opt("--bench-records")
         if records is None:
             bj = config.getoption("--benchmark-json", None)
@@ -96,6 +123,11 @@ class BenchSession:
         self._meter = None
         self._limits: dict[str, float] = {}
         self._timings: dict[_cases.Case, float] = {}
+        self._t0 = time.monotonic()
+
+    def over_budget(self) -> bool:
+        """True once the session has run longer than ``--bench-budget-s``."""
+        return self.opts.budget_s is not None and time.monotonic() - self._t0 > self.opts.budget_s
 
     def note_timing(self, case, seconds: float) -> None:
         """One call of ``case`` took ``seconds`` (used to predict the same case at larger N)."""
@@ -129,6 +161,7 @@ class BenchSession:
 
     def record(self, case, status: str, **info) -> None:
         row = {"status": status, "case": case.to_dict() if hasattr(case, "to_dict") else case}
+        row["nodeid"] = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
         row.update(info)
         self.records.append(row)
 
@@ -156,11 +189,58 @@ _SESSION: BenchSession | None = None
 def pytest_configure(config):
     global _SESSION
     _SESSION = BenchSession(Options(config))
+    if not HAVE_PYTEST_BENCHMARK:
+        config._fastdml_bench_collector = _shim.Collector(config.getoption("--benchmark-json"))
 
 
 def pytest_unconfigure(config):
     if _SESSION is not None:
         _SESSION.close()
+    if not HAVE_PYTEST_BENCHMARK and hasattr(config, "_fastdml_bench_collector"):
+        config._fastdml_bench_collector.write()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run order: the headline comparison, the GEMM floors, then every family's cases by increasing N.
+
+    Ordering by N across families (rather than file by file) means that a run cut short by
+    ``--bench-budget-s`` loses the largest sizes, not whole families; and the headline's measurements
+    (memory, first timings) are there for the suites to reuse.
+    """
+
+    def key(item):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        case = params.get("case")
+        if case is not None:
+            v_names = [v.name for v in _cases.VARIANTS[case.family]]
+            return (
+                2,
+                case.n,
+                _cases.FAMILIES.index(case.family),
+                v_names.index(case.variant),
+                case.labels != "random10",
+                case.mode != "fwdbwd",
+                case.impl,
+            )
+        if "floor_shape" in params:
+            return (1, params["floor_shape"][0])
+        if "name" in params and item.module.__name__.endswith("test_bench_targets"):
+            return (0, 0)
+        return (3, 0)
+
+    items.sort(key=key)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report):
+    # a case that failed while timed (not in the memory worker, which records its own) goes to the records
+    if report.failed and report.when == "call" and _SESSION is not None:
+        known = {r.get("nodeid") for r in _SESSION.records}
+        if report.nodeid not in known:
+            msg = str(report.longrepr).strip().splitlines()
+            _SESSION.records.append(
+                {"status": "failed", "case": {}, "nodeid": report.nodeid, "reason": msg[-1][:300] if msg else ""}
+            )
 
 
 @pytest.fixture(scope="session")

@@ -28,9 +28,9 @@ else
     export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-T_KERNEL_TESTS=${T_KERNEL_TESTS:-180}
-T_ALL_TESTS=${T_ALL_TESTS:-60}
-T_TIMING=${T_TIMING:-240}
+T_KERNEL_TESTS=${T_KERNEL_TESTS:-240}
+T_ALL_TESTS=${T_ALL_TESTS:-45}
+T_TIMING=${T_TIMING:-210}
 
 {
     date -u
@@ -58,9 +58,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log, record the exi
 }
 
 step pytest_kernels "$T_KERNEL_TESTS" $PY -m pytest -q -m "cuda or not cuda" -p no:cacheprovider \
-    --junitxml="$OUT/pytest_kernels.xml" --durations=15 tests/test_kernels_contrastive.py \
-    tests/test_kernels_extreme.py tests/test_kernels_lists.py tests/test_kernels_triplet.py \
-    tests/test_kernels_validation.py
+    --junitxml="$OUT/pytest_kernels.xml" --durations=15 tests/test_kernels_*.py
 
 step pytest_all "$T_ALL_TESTS" $PY -m pytest -q -x -m "cuda or not cuda" -p no:cacheprovider \
     --junitxml="$OUT/pytest_all.xml" --ignore-glob='tests/test_kernels_*' --ignore=tests/test_demo.py tests

@@ -228,6 +228,10 @@ def main(argv=None) -> int:
                                                budget_s=min(10.0, args.case_s / 3))
             signal.alarm(0)
             row.update(ms=ms, peak=peak, loss=value, first_s=first)
+            if impl == "fastdml":
+                from fastdml import dispatch
+
+                row["note"] = f"backend={dispatch.backend_for(x)}"
             if not math.isfinite(value):
                 row["note"] = "non-finite loss"
             print(f"{row['family']:12s} N={n:6d} {pattern:8s} {impl:8s} {fmt_ms(ms):>9s} ms "

@@ -71,6 +71,8 @@ def pytest_command(args, device: str, json_path: str, records_path: str) -> list
     cmd.append(f"--bench-target-s={args.target_s}")
     if args.no_memory:
         cmd.append("--bench-no-memory")
+    if args.budget_s:
+        cmd.append(f"--bench-budget-s={args.budget_s}")
     cmd += args.pytest_args
     return cmd
 
@@ -247,9 +249,10 @@ def summary_table(measured, skipped, device) -> str:
 def targets_table(targets) -> str:
     if not targets:
         return ""
+    c0 = targets[0].get("case", {})
     lines = [
-        "| call (N=1024, D=128, fp32, 10 classes, fwd+bwd) | fastdml | PML | speed-up (goal) | "
-        "fastdml peak | PML peak | less memory (goal) | met |",
+        f"| call (N={c0.get('n')}, D={c0.get('d')}, fp32, 10 classes, fwd+bwd, {c0.get('device')}) | fastdml | PML "
+        "| speed-up (goal) | fastdml peak | PML peak | less memory (goal) | met |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for t in targets:
@@ -351,14 +354,15 @@ def draw_chart(measured, skipped, floors, device, path, title) -> bool:
                     ax_t.plot(xs, ts, ls=ls, marker=marker, color=color, label=label)
                     mx = [x for x, m in zip(xs, ms) if m]
                     if mx:
-                        mb = [max(m, 1e3) / 1e6 for m in ms if m]
+                        mb = [max(m, MEM_FLOOR) / 1e6 for m in ms if m]
                         ax_m.plot(mx, mb, ls=ls, marker=marker, color=color, label=label)
                 # baselines that were not run: hollow markers at their predicted cost
                 for c in pts:
                     r = skipped.get(c)
-                    if r and r.get("predicted_bytes") and "predicted peak" in r.get("reason", ""):
+                    if r and r.get("predicted_bytes"):
                         pmb = r["predicted_bytes"] / 1e6
                         ax_m.plot([c.n], [pmb], marker=marker, mfc="none", color=color, ls="none")
+                    if r and r.get("predicted_bytes") and "predicted peak" in r.get("reason", ""):
                         ax_m.annotate(
                             "predicted,\nnot run",
                             (c.n, pmb),
@@ -383,9 +387,9 @@ def draw_chart(measured, skipped, floors, device, path, title) -> bool:
             ax.grid(True, which="both", alpha=0.3)
             ax.set_xlabel("N (batch size)")
         ax_t.set_ylabel("time per call, forward+backward (s)")
-        ax_m.set_ylabel("peak memory of one call (MB)")
+        ax_m.set_ylabel("peak memory of one call (MB; floor 0.1)")
         ax_t.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"{title}\nD = {d}, {dt}, labels {lab}, forward+backward; hollow: predicted, not run", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -403,7 +407,10 @@ figures are taken: `bench/__init__.py` and `bench/_runner.py` (median of timed r
 synchronized inside each call; peak memory of one call: CUDA `max_memory_allocated`, CPU peak RSS growth in
 a worker process). "x floor": time over the GEMM floor `torch.mm(X, X.T)` forward+backward at the same
 shape. "speed-up" and "mem ratio": the baseline's time or peak over fastdml's (higher is better for
-fastdml). Baselines that would not fit show their predicted peak instead (not run).
+fastdml). Baselines that would not fit show their predicted peak instead (not run). Modes: `fwdbwd` is
+`loss = f(x, y); loss.backward()`; `fwd` is the loss alone with grad enabled, as in a training step
+(fastdml computes its gradient during the forward sweep, so its `fwd` is close to its `fwdbwd`). Labels:
+`random10` (10 classes drawn uniformly), `pk4` (N/4 classes of 4 samples, as a P x K sampler gives).
 """
 
 
@@ -448,6 +455,13 @@ def render(args, device, json_path, records_path, command) -> str:
     sl = skipped_list(skipped)
     if sl:
         parts += ["", "### Not run", "", sl]
+    failed = [r for r in records.get("records", []) if r["status"] == "failed"]
+    if failed:
+        parts += ["", "### Failed", ""]
+        for r in failed:
+            c = r.get("case", {})
+            name = _cases.Case.from_dict(c).id if "family" in c else r.get("nodeid", str(c))
+            parts.append(f"- `{name}`: {r.get('reason', '')}")
     return "\n".join(parts).replace("\n### ", "\n\n### ").replace("\n\n\n", "\n\n")
 
 
@@ -496,6 +510,9 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", default=None)
     ap.add_argument("--target-s", type=float, default=None, help="about how long each case is timed (s)")
     ap.add_argument("--no-memory", action="store_true", help="do not measure peak memory")
+    ap.add_argument(
+        "--budget-s", type=float, default=None, help="stop starting cases after this many seconds (GPU script)"
+    )
     ap.add_argument("--no-targets", dest="targets", action="store_false", help="skip the headline comparison")
     ap.add_argument("--out", default=None, help="output folder (default bench/out/<device>)")
     ap.add_argument("--no-run", action="store_true", help="render the last JSON without running")
@@ -540,21 +557,34 @@ def main(argv=None) -> int:
             ap.error("--json needs --no-run")
         json_path = args.json
     records_path = os.path.splitext(json_path)[0] + ".records.json"
+    meta_path = os.path.splitext(json_path)[0] + ".meta.json"
     command = "python -m bench.report" + (
         "" if argv is None and len(sys.argv) <= 1 else " " + shlex.join(sys.argv[1:] if argv is None else argv)
     )
     rc = 0
     if not args.no_run:
+        with open(meta_path, "w") as f:
+            json.dump({"command": command, "device": device}, f)
         cmd = pytest_command(args, device, json_path, records_path)
         print("+", shlex.join(cmd), flush=True)
         rc = subprocess.call(cmd, cwd=ROOT)
         if not os.path.exists(json_path):
             print("no benchmark JSON was written", file=sys.stderr)
             return rc or 1
+    elif os.path.exists(meta_path):
+        # re-rendering (say, a JSON fetched from a GPU machine): show the command that measured it
+        with open(meta_path) as f:
+            meta = json.load(f)
+        command, device = meta.get("command", command), meta.get("device", device)
+        full = full or bool(args.json)
     text = render(args, device, json_path, records_path, command)
     png = os.path.join(out, f"bench_{device}.png")
-    title = f"fastdml benchmarks, {device}: {_cases.machine(device)}"
-    _, measured, floors, skipped, _, _ = load(json_path, records_path)
+    _, measured, floors, skipped, _, recs = load(json_path, records_path)
+    vers = recs.get("versions") or {}
+    title = (
+        f"fastdml {vers.get('fastdml', '')} vs PML {vers.get('pml', '')}, torch {vers.get('torch', '')}: "
+        f"{recs.get('machine') or _cases.machine(device)}"
+    )
     drew = draw_chart(measured, skipped, floors, device, png, title)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text + "\n")
@@ -566,7 +596,12 @@ def main(argv=None) -> int:
     print(f"JSON: {json_path}\nrecords: {records_path}\nreport: {os.path.join(out, 'report.md')}")
     if drew:
         print(f"chart: {png}")
-    if full and not args.no_publish and rc == 0:
+    failed = [r for r in recs.get("records", []) if r["status"] == "failed"]
+    if rc not in (0, 1) or (rc == 1 and not failed):
+        print(f"pytest exited with {rc}: nothing published", file=sys.stderr)
+    elif full and not args.no_publish:
+        if failed:
+            print(f"{len(failed)} case(s) failed (listed in the report); publishing the rest", file=sys.stderr)
         if drew:
             img = os.path.join(ROOT, "docs", "img", f"bench_{device}.png")
             os.makedirs(os.path.dirname(img), exist_ok=True)

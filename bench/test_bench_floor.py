@@ -6,6 +6,7 @@ so this is the floor the report divides each case's time by. Only its forward+ba
 
 import time
 
+import pytest
 import torch
 
 from bench import _cases
@@ -14,6 +15,8 @@ from bench._runner import choose_rounds
 
 def test_gemm_floor(floor_shape, benchmark, bench_session):
     n, d, dtype, device = floor_shape
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g).to(device=device, dtype=_cases.DTYPES[dtype]).requires_grad_(True)
     upstream = torch.randn(n, n, generator=g).to(device=device, dtype=x.dtype)

@@ -65,6 +65,9 @@ def test_target(name, bench_session):
     device = opts.device
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
+    if session.over_budget():
+        session.record({"target": name}, "skipped", reason="time budget used up")
+        pytest.skip("time budget used up")
     fd = _cases.Case(family, variant, "fastdml", "fwdbwd", n, d, "float32", "random10", device)
     pm = fd.replace(impl="pml")
     known = session.known_timing(pm)

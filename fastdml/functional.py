@@ -147,8 +147,16 @@ def paired_contrastive_loss(
 
 
 def batch_hard_triplet_loss(
-    embeddings, labels, *, margin=1.0, soft=False, distance="euclidean", normalize=False, reduction="mean",
-    ref_emb=None, ref_labels=None,
+    embeddings,
+    labels,
+    *,
+    margin=1.0,
+    soft=False,
+    distance="euclidean",
+    normalize=False,
+    reduction="mean",
+    ref_emb=None,
+    ref_labels=None,
 ):
     """Batch-hard triplet loss (TF-Addons ``triplet_hard_loss``): mean over anchors of
     ``relu(max_p d_ap - min_n d_an + margin)`` (``softplus(max_p d_ap - min_n d_an)`` if ``soft``). See
@@ -160,8 +168,15 @@ def batch_hard_triplet_loss(
 
 
 def batch_all_triplet_loss(
-    embeddings, labels, *, margin=0.2, distance="euclidean", normalize=False, reduction="nonzero",
-    ref_emb=None, ref_labels=None,
+    embeddings,
+    labels,
+    *,
+    margin=0.2,
+    distance="euclidean",
+    normalize=False,
+    reduction="nonzero",
+    ref_emb=None,
+    ref_labels=None,
 ):
     """Batch-all triplet loss: ``relu(d_ap - d_an + margin)`` over all valid triplets, averaged over the
     positive terms (``"nonzero"``) or all (``"mean"``). See :class:`fastdml.losses.BatchAllTripletLoss`."""
@@ -172,8 +187,15 @@ def batch_all_triplet_loss(
 
 
 def semihard_triplet_loss(
-    embeddings, labels, *, margin=1.0, distance="euclidean", normalize=False, reduction="mean",
-    ref_emb=None, ref_labels=None,
+    embeddings,
+    labels,
+    *,
+    margin=1.0,
+    distance="euclidean",
+    normalize=False,
+    reduction="mean",
+    ref_emb=None,
+    ref_labels=None,
 ):
     """FaceNet semi-hard triplet loss (TF-Addons ``triplet_semihard_loss``): mean over positive pairs of
     ``relu(d_ap - d_an* + margin)``. See :class:`fastdml.losses.SemiHardTripletLoss`."""
@@ -195,8 +217,17 @@ class SelectedPairs(NamedTuple):
 
 
 def easy_hard_pairs(
-    embeddings, labels, pos_strategy="hard", neg_strategy="hard", *, distance="euclidean", normalize=True,
-    allowed_pos_range=None, allowed_neg_range=None, ref_emb=None, ref_labels=None,
+    embeddings,
+    labels,
+    pos_strategy="hard",
+    neg_strategy="hard",
+    *,
+    distance="euclidean",
+    normalize=True,
+    allowed_pos_range=None,
+    allowed_neg_range=None,
+    ref_emb=None,
+    ref_labels=None,
 ):
     """PML's BatchEasyHardMiner selection (``pos_strategy``/``neg_strategy`` in hard, semihard, easy; not
     "all") without listing anything: ``ops.row_extreme`` per anchor, then the chosen pairs' distances by
@@ -221,6 +252,12 @@ def hardest_pairs(embeddings, labels, *, distance="euclidean", normalize=True, r
     """Per anchor the farthest positive and the nearest negative (batch-hard), for the anchors that have both.
     See :func:`easy_hard_pairs`."""
     return easy_hard_pairs(
-        embeddings, labels, "hard", "hard", distance=distance, normalize=normalize, ref_emb=ref_emb,
+        embeddings,
+        labels,
+        "hard",
+        "hard",
+        distance=distance,
+        normalize=normalize,
+        ref_emb=ref_emb,
         ref_labels=ref_labels,
     )

@@ -7,13 +7,15 @@ semantics), ``isinstance(result, tuple)``, pickling/copying (as the plain tuple)
 exactly as PML lists them (same indices, same order, int64), through :mod:`fastdml.ops`.
 
 Until then nothing is listed: a fastdml loss given the result of a fastdml miner that ran on the very same
-embeddings tensor (identity, unchanged since) with the same fused distance evaluates the pair evaluated on
+embeddings tensor (identity, unchanged since) with the same fused distance evaluates the selection on
 the fly (for example TripletMarginMiner + TripletMarginLoss is one ``triplet_stats`` sweep with the miner's
 band), so the lists, which can be far larger than the batch, are never built.
 
 Caveat: the tuple's own storage is empty; Python-level access goes through the methods above, but C code
 that reads a tuple's storage directly (e.g. passing the result itself as a tensor-list argument such as
-``torch.stack(result)``) sees an empty tuple. Use ``tuple(result)`` (or unpack it) there.
+``torch.stack(result)`` or ``torch.cat(result)``) sees an empty tuple and raises ("expected a non-empty list
+of Tensors"). Use ``tuple(result)`` (or unpack it) there. (A tuple subclass is still the better trade: PML's
+reducers assert ``isinstance(indices, tuple)``, so PML's losses accept fastdml's mined results.)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class LazyIndices(tuple):
         obj._value = None if value is None else tuple(value)
         obj.fuse = fuse
         obj._counter = counter
+        obj._cell = {"value": obj._value}  # shared with count_handle() closures
         if obj._value is not None and len(obj._value) != obj._arity:
             raise ValueError(f"LazyIndices: expected {arity} tensors, got {len(obj._value)}")
         return obj
@@ -51,6 +54,7 @@ class LazyIndices(tuple):
             if len(value) != self._arity:
                 raise RuntimeError(f"LazyIndices: the builder returned {len(value)} tensors, expected {self._arity}")
             self._value = value
+            self._cell["value"] = value
             self._builder = None
         return self._value
 
@@ -64,6 +68,19 @@ class LazyIndices(tuple):
             return self._counter()
         v = self.materialize()
         return (len(v[0]),) if self._arity == 3 else (len(v[0]), len(v[2]))
+
+    def count_handle(self):
+        """A callable returning :meth:`counts` that does not keep this result (nor the embeddings it was mined
+        on) alive: it uses the listed tuple if it has been read by then, else the counting sweep."""
+        cell, counter, arity = self._cell, self._counter, self._arity
+
+        def counts():
+            v = cell["value"]
+            if v is None and counter is not None:
+                return counter()
+            return (len(v[0]),) if arity == 3 else (len(v[0]), len(v[2]))
+
+        return counts
 
     # ---- tuple protocol ----
     def __len__(self):

@@ -60,6 +60,7 @@ __all__ = [
     "BatchHardTripletLoss",
     "BatchAllTripletLoss",
     "SemiHardTripletLoss",
+    "CrossBatchMemory",
 ]
 
 
@@ -277,8 +278,18 @@ class ContrastiveLoss(BaseMetricLossFunction):
             else:
                 with torch.no_grad():
                     full = ops.contrastive_stats(
-                        x.detach(), y, None if r is None else r.detach(), z, excl, geo.kind, pm, nm, pos_lo, neg_hi,
-                        -INF, INF,
+                        x.detach(),
+                        y,
+                        None if r is None else r.detach(),
+                        z,
+                        excl,
+                        geo.kind,
+                        pm,
+                        nm,
+                        pos_lo,
+                        neg_hi,
+                        -INF,
+                        INF,
                     )
                 sel_p, sel_n = float(full[1]), float(full[3])
             if sel_p <= 1 and sel_n <= 1:
@@ -386,8 +397,18 @@ class TripletMarginLoss(BaseMetricLossFunction):
 
     def _fused(self, geo, square, y, z, excl, band_lo, band_hi, win):
         st = ops.triplet_stats(
-            geo.x, y, _r_for(geo, square), z, excl, geo.kind, self.margin, self.smooth_loss, band_lo, band_hi,
-            win[0], win[1],
+            geo.x,
+            y,
+            _r_for(geo, square),
+            z,
+            excl,
+            geo.kind,
+            self.margin,
+            self.smooth_loss,
+            band_lo,
+            band_hi,
+            win[0],
+            win[1],
         )
         self._fused_stats(geo, square, y, z, excl, band_lo, band_hi, st)
         return {"loss": _already_reduced(window_value(st[0], st[1], win, geo.inp.embeddings))}
@@ -614,10 +635,11 @@ class SemiHardTripletLoss(BaseMetricLossFunction):
     Anchors without a negative are dropped (TF-Addons' masked maximum would give their positive pairs the
     term ``margin + d_ip``); no usable pair gives zero with zero gradient.
 
-    Stats (``collect_stats=True``): ``num_pos_pairs`` (the pairs averaged over).
+    Stats (``collect_stats=True``): ``num_pos_pairs`` (the pairs averaged over), ``num_positive_triplets`` and
+    ``fraction_positive_triplets`` (terms > 0; computed on a materialized selection, O(N M) memory).
     """
 
-    _stat_names = ("num_pos_pairs",)
+    _stat_names = ("num_pos_pairs", "num_positive_triplets", "fraction_positive_triplets")
     _indices_supported = False
 
     def __init__(self, margin=1.0, **kwargs):
@@ -634,9 +656,22 @@ class SemiHardTripletLoss(BaseMetricLossFunction):
         if geo.spec is not None and win is not None and win[:2] == (-INF, INF):
             st = ops.semihard_stats(geo.x, inp.y, geo.r, inp.z, inp.excl, geo.kind, self.margin)
             if self.collect_stats:
-                self.num_pos_pairs = int(st[1])
+                with torch.no_grad():
+                    self._set_stats(self._per_element(geo, inp)["loss"]["losses"])
             return {"loss": _already_reduced(window_value(st[0], st[1], win, emb))}
-        # per-element: select on a materialized d' matrix, then evaluate the chosen pairs
+        out = self._per_element(geo, inp)
+        if self.collect_stats:
+            self._set_stats(out["loss"]["losses"])
+        return out
+
+    def _set_stats(self, terms):
+        n = int(terms.numel()) if torch.is_tensor(terms) else 0
+        self.num_pos_pairs = n
+        self.num_positive_triplets = int((terms > 0).sum()) if n else 0
+        self.fraction_positive_triplets = self.num_positive_triplets / n if n else 0.0
+
+    def _per_element(self, geo, inp):
+        """Select on a materialized d' matrix, then evaluate the chosen pairs (differentiable)."""
         if geo.spec is not None:
             with torch.no_grad():
                 r = None if geo.r is None else geo.r.detach()
@@ -646,8 +681,6 @@ class SemiHardTripletLoss(BaseMetricLossFunction):
         with torch.no_grad():
             pos, neg = geo.masks()
             a, p, n = reference.semihard_select_from_matrix(dmat, pos, neg)
-        if self.collect_stats:
-            self.num_pos_pairs = int(a.numel())
         if a.numel() == 0:
             return self.zero_losses()
         loss = F.relu(geo.dprime(a, p) - geo.dprime(a, n) + self.margin)
@@ -655,7 +688,11 @@ class SemiHardTripletLoss(BaseMetricLossFunction):
 
 
 def __getattr__(name):
+    if name == "CrossBatchMemory":
+        # fastdml's own wrapper (fastdml/cross_batch_memory.py), imported on first use
+        from .cross_batch_memory import CrossBatchMemory
+
+        return CrossBatchMemory
     from ._fallback import pml_fallback
 
     return pml_fallback(__name__, "losses", name, __all__)
-

@@ -47,7 +47,7 @@ class BaseMiner(torch.nn.Module):
         super().__init__()
         self.collect_stats = bool(collect_stats) if collect_stats is not None else False
         self.distance = self.get_default_distance() if distance is None else distance
-        self._last = None
+        self._last_arity = self._last_counts = self._last_handle = None
         self.reset_stats()
 
     def get_default_distance(self):
@@ -64,18 +64,28 @@ class BaseMiner(torch.nn.Module):
         with torch.no_grad():
             inp = resolve_inputs(embeddings, labels, ref_emb, ref_labels, labels_required=True)
             out = self.mine(inp)
-        self._last = out
+        self._remember(out)
         return out
+
+    def _remember(self, out):
+        # the counts PML records, readable later without keeping the result (and through it the embeddings'
+        # graph) alive: a counting closure over the detached inputs, or the listed tuple once it is read
+        self._last_arity = len(out)
+        self._last_counts = None
+        self._last_handle = out.count_handle()
 
     def mine(self, inp):
         raise NotImplementedError
 
     # PML sets these on every call; here they are counted on first read
     def _count(self, slot):
-        if self._last is None:
+        if self._last_arity is None:
             return 0
-        counts = self._last.counts()
-        arity = len(self._last)
+        if self._last_counts is None:
+            self._last_counts = self._last_handle()
+            self._last_handle = None
+        counts = self._last_counts
+        arity = self._last_arity
         if arity == 3:
             return counts[0] if slot == "t" else 0
         return {"p": counts[0], "n": counts[1]}.get(slot, 0)

@@ -24,7 +24,6 @@ loss) and adds the results.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -236,17 +235,6 @@ def is_pml_do_nothing(reducer) -> bool:
     except ImportError:
         return False
     return isinstance(reducer, PMLDoNothing)
-
-
-def sub_reducers(reducer, names, default_factory):
-    """The reducer each sub-loss gets, as PML's ``set_reducer``: a MultipleReducers keeps its mapping
-    (``default_reducer`` for missing names); any other reducer is deep-copied per sub-loss when there are
-    several; ``None`` gives ``default_factory()``."""
-    if is_multiple(reducer):
-        return {n: (reducer.reducers[n] if n in reducer.reducers else reducer.default_reducer) for n in names}
-    if len(names) == 1:
-        return {names[0]: default_factory() if reducer is None else copy.deepcopy(reducer)}
-    return {n: default_factory() if reducer is None else copy.deepcopy(reducer) for n in names}
 
 
 def __getattr__(name):

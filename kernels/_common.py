@@ -32,6 +32,10 @@ KINDS = {"l2": 0, "sql2": 1, "dot": 2}
 NEAR_FRACTION = 1e-2
 
 
+# Sizes and offsets (N, M, chunk starts) are not specialized by the kernels (``do_not_specialize``): a new
+# batch size must not trigger a new compilation; D (the row stride) is, for aligned vector loads.
+
+
 def interpreting() -> bool:
     """True under the Triton CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off")
@@ -69,7 +73,8 @@ def _check_embeddings(name, t, device=None, dtype=None, dim=None):
         _fail(TypeError, f"{name} has dtype {t.dtype} but x has {dtype}")
     if dim is not None and t.shape[1] != dim:
         _fail(ValueError, f"{name} has {t.shape[1]} columns but x has {dim}")
-    return t.contiguous()
+    # the kernels read raw memory: no autograd graph (the op layer owns the backward), row-major layout
+    return t.detach().contiguous()
 
 
 def _check_index(name, t, length, device, what):

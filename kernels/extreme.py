@@ -23,7 +23,7 @@ _MODES = {"max": 0, "min": 1}
 _THR_OPS = {"": 0, "gt": 1, "lt": 2}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "M"])
 def row_extreme_kernel(
     x_ptr, r_ptr, xn_ptr, rn_ptr, y_ptr, z_ptr, excl_ptr, thr_ptr,
     val_ptr, idx_ptr, found_ptr,
@@ -116,7 +116,7 @@ def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op, allow_t
         if interpreting():
             cfg = dict(BM=32, BN=32, BK=block_d(p.d), SUBK=16, num_warps=4)
         else:
-            cfg = dict(BM=64, BN=64, BK=32, SUBK=4, num_warps=4)
+            cfg = dict(BM=64, BN=32, BK=32, SUBK=1, num_warps=4)
         row_extreme_kernel[(triton.cdiv(p.n, cfg["BM"]),)](
             p.x, p.r, p.xn, p.rn, p.y, p.z, p.excl, thr_t, val, idx, found,
             p.n, p.m, p.d, lo, hi,

@@ -15,7 +15,7 @@ import triton.language as tl
 from ._common import block_d, check_float, dprime_tile, interpreting, precision, prepare
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "M"])
 def pair_list_kernel(
     x_ptr, r_ptr, xn_ptr, rn_ptr, y_ptr, z_ptr, excl_ptr,
     cnt_ptr, off_ptr, a1_ptr, p_ptr, a2_ptr, n_ptr,
@@ -77,7 +77,7 @@ def pair_list(x, y, r, z, excl, kind, pos_lo, neg_hi, allow_tf32=False):
     if interpreting():
         cfg = dict(BM=32, BN=32, BK=block_d(p.d), SUBK=16, num_warps=4)
     else:
-        cfg = dict(BM=64, BN=64, BK=32, SUBK=4, num_warps=4)
+        cfg = dict(BM=32, BN=32, BK=32, SUBK=1, num_warps=4)
     grid = (triton.cdiv(p.n, cfg["BM"]),)
     common = dict(KIND=p.kind_id, PREC=precision(allow_tf32), UPCAST=p.upcast, **cfg)
     cnt = torch.full((2, p.n), -1, device=dev, dtype=torch.int64)

@@ -45,7 +45,7 @@ def _anchor_setup(y_ptr, excl_ptr, plo_ptr, phi_ptr, A0, pid, M):
     return ya, ex, lo, hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["A0", "M", "LD"])
 def triplet_anchor_kernel(
     buf_ptr, w_ptr, y_ptr, z_ptr, excl_ptr, perm_ptr, plo_ptr, phi_ptr, part_ptr,
     A0, M, LD, margin, band_lo, band_hi, low, high,
@@ -98,7 +98,7 @@ def triplet_anchor_kernel(
     tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + 1 + one, c.to(tl.float64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["A0", "M", "LD"])
 def semihard_anchor_kernel(
     buf_ptr, w_ptr, y_ptr, z_ptr, excl_ptr, perm_ptr, plo_ptr, phi_ptr, part_ptr,
     A0, M, LD, margin,
@@ -166,7 +166,7 @@ def semihard_anchor_kernel(
     tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + 1 + one, c.to(tl.float64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["A0", "M", "LD"])
 def triplet_list_kernel(
     buf_ptr, y_ptr, z_ptr, excl_ptr, perm_ptr, plo_ptr, phi_ptr, cnt_ptr, off_ptr, a_ptr, p_ptr, n_ptr,
     A0, M, LD, band_lo, band_hi,

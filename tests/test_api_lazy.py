@@ -146,3 +146,28 @@ def test_lazy_repr_and_arity_checks():
     bad = LazyIndices(4, lambda: (torch.tensor([0]),))
     with pytest.raises(RuntimeError):
         bad.materialize()
+
+
+def test_miner_counts_do_not_keep_the_embeddings_alive(backend):
+    import gc
+    import weakref
+
+    x, y = batch(n=12, d=3, classes=3, seed=7)
+    want = len(pml_miners.TripletMarginMiner(margin=0.3)(x, y)[0])
+    miner = M.TripletMarginMiner(margin=0.3)
+    emb = x.clone().requires_grad_(True)
+    res = miner(emb, y)
+    alive = weakref.ref(emb)
+    del res, emb
+    gc.collect()
+    assert alive() is None
+    assert miner.num_triplets == want  # counted by the sweep over the (detached) inputs it kept
+
+
+def test_c_level_tensor_list_arguments_need_a_plain_tuple():
+    # documented caveat: the lazy tuple's own storage is empty, so torch's tensor-list parsers raise (never
+    # silently use an empty list); tuple(result) is the remedy
+    res = LazyIndices(3, lambda: (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2, 2])))
+    with pytest.raises((RuntimeError, ValueError, TypeError)):
+        torch.stack(res)
+    assert torch.equal(torch.stack(tuple(res)), torch.tensor([[0, 1], [1, 0], [2, 2]]))

@@ -214,6 +214,9 @@ def test_batch_hard_and_batch_all_stats(backend):
     sh = L.SemiHardTripletLoss(collect_stats=True)
     sh(x, y)
     assert sh.num_pos_pairs == int((y[:, None] == y[None, :]).sum() - len(y))
+    terms = L.SemiHardTripletLoss(reducer=R.DoNothingReducer())(x, y)["loss"]["losses"]
+    assert sh.num_positive_triplets == int((terms > 0).sum())
+    assert sh.fraction_positive_triplets == pytest.approx(sh.num_positive_triplets / len(terms))
 
 
 @pytest.mark.parametrize("cls", [L.BatchHardTripletLoss, L.SemiHardTripletLoss, L.BatchAllTripletLoss])

@@ -12,9 +12,7 @@ from tests.api_cases import backend_missing, pml_losses, pml_miners, same_indice
 
 BACKENDS = ["reference", "blocked"]
 # derandomized: the same examples every run (CI stays reproducible; failures are real, never flaky)
-SETTINGS = settings(
-    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -132,3 +130,49 @@ def test_batch_easy_hard_and_pair_margin_property(name, data, strategies):
         got_pm = M.PairMarginMiner()(x, y)
     assert same_indices(got, pml_miners.BatchEasyHardMiner(pos_strategy=ps, neg_strategy=ns)(x, y))
     assert same_indices(got_pm, pml_miners.PairMarginMiner()(x, y))
+
+
+@st.composite
+def pk_batches(draw):
+    """Batches where every anchor has a positive and a negative (P classes x K >= 2 samples)."""
+    p = draw(st.integers(2, 4))
+    k = draw(st.integers(2, 4))
+    d = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(p * k, d, generator=g, dtype=torch.float64)
+    y = torch.arange(p).repeat_interleave(k)[torch.randperm(p * k, generator=g)]
+    return x, y
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@SETTINGS
+@given(data=pk_batches(), margin=st.floats(0.05, 1.5), soft=st.booleans())
+def test_one_pass_losses_match_tf_addons_property(name, data, margin, soft):
+    from tests.test_api_onepass import tfa_triplet_hard_loss, tfa_triplet_semihard_loss
+
+    x, y = data
+    with _use(name):
+        a = _run(lambda e, f: L.BatchHardTripletLoss(margin=margin, soft=soft)(e, y), x, None)
+        b = _run(lambda e, f: L.SemiHardTripletLoss(margin=margin)(e, y), x, None)
+    _check(a, _run(lambda e, f: tfa_triplet_hard_loss(y, e, margin=margin, soft=soft), x, None))
+    _check(b, _run(lambda e, f: tfa_triplet_semihard_loss(y, e, margin=margin), x, None))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@SETTINGS
+@given(data=batches(with_ref=True), use_ref=st.booleans(), pm=st.floats(0.0, 1.0), nm=st.floats(0.2, 1.9))
+def test_pair_margin_miner_plus_contrastive_property(name, data, use_ref, pm, nm):
+    x, y, r, z = data
+    r, z = (r, z) if use_ref else (None, None)
+    with _use(name):
+
+        def ours(e, f):
+            return L.ContrastiveLoss(pos_margin=0.1)(e, y, M.PairMarginMiner(pm, nm)(e, y, f, z), f, z)
+
+        a = _run(ours, x, r)
+
+    def theirs(e, f):
+        return pml_losses.ContrastiveLoss(pos_margin=0.1)(e, y, pml_miners.PairMarginMiner(pm, nm)(e, y, f, z), f, z)
+
+    _check(a, _run(theirs, x, r))

@@ -18,6 +18,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the suites of bench/ (test_bench_*.py), not other scripts kept there
+BENCH_FILES = sorted(
+    f"bench/{f}" for f in os.listdir(os.path.join(ROOT, "bench")) if f.startswith("test_bench_") and f.endswith(".py")
+)
 
 
 def _env(**extra):
@@ -36,7 +40,8 @@ def _run(args, timeout=300, **env):
 def test_bench_suites_run_and_agree_with_the_reference_in_tiny_mode(tmp_path):
     records = tmp_path / "records.json"
     r = _run(
-        ["-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "--benchmark-disable", f"--bench-records={records}"],
+        ["-m", "pytest", *BENCH_FILES, "-q", "-p", "no:cacheprovider", "--benchmark-disable"]
+        + [f"--bench-records={records}"],
         FASTDML_BENCH_TINY="1",
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
@@ -121,3 +126,33 @@ def test_cpu_memory_meter_sees_a_known_allocation():
     assert r.returncode == 0, r.stderr[-2000:]
     growth = float(r.stdout.strip().splitlines()[-1])
     assert 0.95 * 200e6 <= growth <= 1.10 * 200e6
+
+
+def test_suites_run_without_pytest_benchmark_through_the_stand_in(tmp_path):
+    out = tmp_path / "shim.json"
+    r = _run(
+        [
+            "-m",
+            "pytest",
+            "bench/test_bench_contrastive.py",
+            "bench/test_bench_floor.py",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:benchmark",
+            "--bench-sizes=24",
+            "--bench-labels=random10",
+            "--bench-modes=fwdbwd",
+            "--bench-target-s=0.01",
+            f"--benchmark-json={out}",
+        ],
+        FASTDML_BENCH_TINY="1",
+        FASTDML_BENCH_SHIM="1",
+    )
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    impls = {b["extra_info"].get("impl") for b in data["benchmarks"] if "impl" in b["extra_info"]}
+    assert impls == {"fastdml", "reference", "pml"}
+    assert all(b["stats"]["rounds"] >= 1 and b["stats"]["median"] > 0 for b in data["benchmarks"])
+    assert any(b["extra_info"].get("kind") == "gemm_floor" for b in data["benchmarks"])

@@ -75,6 +75,13 @@ def _make_miner(spec):
     raise ValueError(spec)
 
 
+def _make_cbm():
+    from fastdml import losses
+    from fastdml.cross_batch_memory import CrossBatchMemory
+
+    return CrossBatchMemory(losses.TripletMarginLoss(margin=0.6), D, memory_size=24)
+
+
 def _data(sizes, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = sum(sizes)
@@ -136,6 +143,23 @@ def _rank_main(rank, world, port, scenarios, result_queue):
             torch.distributed.all_reduce(grad)
             grad /= world  # DDP's averaging
             results[sc] = (val.detach().clone(), grad.clone(), fallbacks)
+        # cross-batch memory behind the wrapper: 3 steps (the ring of 24 wraps), the queue filled from every rank
+        for size_name in SIZES:
+            sizes = SIZES[size_name]
+            lo = sum(sizes[:rank])
+            hi = lo + sizes[rank]
+            wrapper = DistributedLossWrapper(_make_cbm())
+            steps = []
+            for step in range(3):
+                e_full, y_full = _data(sizes, seed=10 + step)
+                e = e_full.clone().requires_grad_(True)
+                val = wrapper(e[lo:hi], y_full[lo:hi])
+                (val * UPSTREAM).backward()
+                grad = e.grad.clone()
+                torch.distributed.all_reduce(grad)
+                grad /= world
+                steps.append((val.detach().clone(), grad))
+            results[("cbm", size_name)] = steps
         # miner outputs, mapped to global indices (PML's pool order: this rank first, then the others)
         for size_name in SIZES:
             sizes = SIZES[size_name]
@@ -256,3 +280,22 @@ def test_wrapper_outside_distributed_warns_and_returns_the_loss():
         got = DistributedLossWrapper(loss)(e, y)
     torch.testing.assert_close(got, loss(e, y), **TOL[torch.float64])
     assert not math.isnan(float(got))
+
+
+@pytest.mark.parametrize("size_name", list(SIZES))
+def test_distributed_cross_batch_memory_equals_single_process(world_results, size_name):
+    """DistributedLossWrapper(CrossBatchMemory): every rank's memory receives the whole global batch, and the
+    loss and DDP-averaged gradient equal one process's CrossBatchMemory fed the concatenated batches."""
+    sizes = SIZES[size_name]
+    single = _make_cbm()
+    for step in range(3):
+        e, y = _data(sizes, seed=10 + step)
+        e = e.clone().requires_grad_(True)
+        with fastdml.use_backend("reference"):
+            want = single(e, y)
+        (want * UPSTREAM).backward()
+        assert float(want.detach()) > 0
+        for rank in range(WORLD):
+            val, grad = world_results[rank][("cbm", size_name)][step]
+            torch.testing.assert_close(val, want.detach(), **TOL[torch.float64])
+            torch.testing.assert_close(grad, e.grad, **TOL[torch.float64])

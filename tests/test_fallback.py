@@ -33,6 +33,8 @@ def test_fastdml_names_are_fastdml_classes():
     assert fastdml.miners.TripletMarginMiner.__module__ == "fastdml.miners"
     assert fastdml.distances.LpDistance.__module__ == "fastdml.distances"
     assert fastdml.reducers.AvgNonZeroReducer.__module__ == "fastdml.reducers"
+    # fastdml's own CrossBatchMemory (not PML's, which the fallback would give)
+    assert fastdml.losses.CrossBatchMemory.__module__ == "fastdml.cross_batch_memory"
 
 
 def test_unknown_name_raises_attribute_error_listing_fastdml_names():

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from fastdml import kernels as K
 
+from fastdml import kernels as K
 from tests.kernel_cases import DEVICE, INF, needs_kernels
 
 pytestmark = needs_kernels

@@ -28,6 +28,7 @@ from tests.api_cases import (
     pml_reducers,
     same_indices,
 )
+from tests.conftest import TOL
 
 backend = _cases.backend  # the fixture: every available backend
 
@@ -344,19 +345,20 @@ def test_miners_return_pml_indices(backend, case, dist):
         assert (ours.num_pos_pairs, ours.num_neg_pairs) == (theirs.num_pos_pairs, theirs.num_neg_pairs)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["all", "hard", "semihard", "easy"])
-@pytest.mark.parametrize("margin", [0.0, -1e-300, 1e-300, 2.0])
-def test_triplet_miner_exact_ties_match_pml(backend, kind, margin):
+@pytest.mark.parametrize("margin", [0.0, -1e-30, 1e-30, 2.0])
+def test_triplet_miner_exact_ties_match_pml(backend, kind, margin, dtype):
     # 1-D normalized embeddings are +-1: every distance is exactly 0 or 2, so t = d_an - d_ap is exactly
     # -2, 0 or 2 and a band edge at 0 (or a margin a hair away from it) decides by the strict/non-strict rule
-    x = torch.tensor([[1.5], [-0.3], [-2.2], [0.6], [0.9]], dtype=torch.float64)
+    x = torch.tensor([[1.5], [-0.3], [-2.2], [0.6], [0.9]], dtype=dtype)
     y = torch.tensor([1, 1, 1, 0, 0])
     got = M.TripletMarginMiner(margin=margin, type_of_triplets=kind)(x, y)
     want = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets=kind)(x, y)
     assert same_indices(got, want)
     loss = L.TripletMarginLoss(margin=0.1)
     res = M.TripletMarginMiner(margin=margin, type_of_triplets=kind)(x, y)
-    torch.testing.assert_close(loss(x, y, res), pml_losses.TripletMarginLoss(margin=0.1)(x, y, want))
+    torch.testing.assert_close(loss(x, y, res), pml_losses.TripletMarginLoss(margin=0.1)(x, y, want), **TOL[dtype])
 
 
 @pytest.mark.parametrize("mode", REF_MODES)
@@ -590,3 +592,29 @@ def test_do_nothing_reducer_with_embedding_regularizer_matches_pml(backend):
         {k: v for k, v in b.items() if k != "embedding_reg_loss"},
     )
     torch.testing.assert_close(a["embedding_reg_loss"]["losses"], b["embedding_reg_loss"]["losses"])
+
+
+def test_fastdml_distances_and_reducers_work_inside_pml_losses():
+    x, y = batch(n=14, d=3, classes=3, seed=29)
+    cases = [
+        (
+            pml_losses.ContrastiveLoss(distance=D.CosineSimilarity(), reducer=R.ThresholdReducer(low=0.1)),
+            pml_losses.ContrastiveLoss(
+                distance=pml_distances.CosineSimilarity(), reducer=pml_reducers.ThresholdReducer(low=0.1)
+            ),
+        ),
+        (
+            pml_losses.TripletMarginLoss(margin=0.3, distance=D.LpDistance(power=2), reducer=R.SumReducer()),
+            pml_losses.TripletMarginLoss(
+                margin=0.3, distance=pml_distances.LpDistance(power=2), reducer=pml_reducers.SumReducer()
+            ),
+        ),
+        (
+            pml_losses.ContrastiveLoss(reducer=R.MultipleReducers({"neg_loss": R.SumReducer()})),
+            pml_losses.ContrastiveLoss(reducer=pml_reducers.MultipleReducers({"neg_loss": pml_reducers.SumReducer()})),
+        ),
+    ]
+    for ours, theirs in cases:
+        got = loss_and_grads(lambda e, f=ours: f(e, y), x)
+        want = loss_and_grads(lambda e, f=theirs: f(e, y), x)
+        assert_close_to_pml(got, want, torch.float64)

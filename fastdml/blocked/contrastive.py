@@ -150,7 +150,7 @@ def _branch_grad(P, s, e, A, d, c0, c1, rows_rel, gx_k, gr_k, sign, flagged_zero
 
 def _bytes_per_entry(P: Problem, need_grad: bool) -> int:
     # d, the negative mask/weights, a comparison temporary, the term temporary (+ slack for rectangles)
-    return 5 * P.esize + 2
+    return 7 * P.esize + 2
 
 
 def contrastive_stats_fwd(x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo, neg_hi, low, high, need_grad):

@@ -50,7 +50,7 @@ def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op):
         found = torch.zeros(P.N, dtype=torch.bool, device=P.device)
         if P.N == 0 or P.M == 0:
             return value, index, found
-        rows = budget.rows_per_block(P.N, P.M, 2 * P.esize + 4)
+        rows = budget.rows_per_block(P.N, P.M, 4 * P.esize + 8)  # d, masks and comparison temporaries
         fill = -INF if mode == "max" else INF
         for s, e in budget.blocks(P.N, rows):
             d, _ = distances(P, s, e)

@@ -153,40 +153,46 @@ def _smooth_block(P, s, e, d, neg, layout, kmax, margin, band_lo, band_hi, low, 
     b, m = d.shape
     G = torch.zeros((1, b, m), dtype=P.acc, device=P.device) if need_grad else None
     gpos = torch.zeros((b, kmax), dtype=P.acc, device=P.device) if need_grad else None
-    per_anchor = kmax * m * (5 * P.esize + 4)
-    rows = max(1, (budget.budget_bytes() // 2) // max(1, per_anchor))
+    # chunks of (anchors x positive slots) whose (anchor, slot, M) temporaries fit half the budget
+    per_slot = m * (8 * P.esize + 4)
+    limit = budget.budget_bytes() // 2
+    slots = max(1, min(kmax, limit // max(1, per_slot)))
+    rows = max(1, limit // max(1, per_slot * kmax)) if slots == kmax else 1
     for cs in range(0, b, rows):
         ce = min(b, cs + rows)
-        A = a[cs:ce, :, None]
-        B = d[cs:ce, None, :]
-        mask = pvalid[cs:ce, :, None] & neg[cs:ce, None, :]
-        t = B - A
-        if band_lo != -INF:
-            mask &= t > band_lo
-        if band_hi != INF:
-            mask &= t <= band_hi
-        del t
-        v = (A - B).add_(margin)
-        term = F.softplus(v)
-        if low != -INF:
-            mask &= term > low
-        if high != INF:
-            mask &= term < high
-        sums[0] += torch.where(mask, term, 0.0).sum(dtype=torch.float64)
-        sums[1] += mask.sum()
-        del term
-        if need_grad:
-            w = torch.sigmoid_(v).mul_(mask)
-            gpos[cs:ce] = w.sum(2)
-            G[0, cs:ce] = w.sum(1).neg_()
+        for ks in range(0, kmax, slots):
+            ke = min(kmax, ks + slots)
+            A = a[cs:ce, ks:ke, None]
+            B = d[cs:ce, None, :]
+            mask = pvalid[cs:ce, ks:ke, None] & neg[cs:ce, None, :]
+            t = B - A
+            if band_lo != -INF:
+                mask &= t > band_lo
+            if band_hi != INF:
+                mask &= t <= band_hi
+            del t
+            v = (A - B).add_(margin)
+            term = F.softplus(v)
+            if low != -INF:
+                mask &= term > low
+            if high != INF:
+                mask &= term < high
+            sums[0] += torch.where(mask, term, 0.0).sum(dtype=torch.float64)
+            sums[1] += mask.sum()
+            del term
+            if need_grad:
+                w = torch.sigmoid_(v).mul_(mask)
+                gpos[cs:ce, ks:ke] = w.sum(2)
+                G[0, cs:ce].sub_(w.sum(1))
     if need_grad:
         G[0].scatter_add_(1, gidx, gpos.masked_fill_(~pvalid, 0.0))
     return G
 
 
 def _bytes_per_entry_triplet(P: Problem, need_grad: bool, n_bounds: int) -> int:
-    # d, neg mask, U/L/searchsorted (int64), cover, hist slack, and with the gradient G, inv (+ C) in acc
-    return P.esize + 2 + 8 * (3 + n_bounds) + (3 * P.esize if need_grad else 0)
+    # d, masks, U/L/searchsorted results (int64), cover, the scatter's int64 copy, G, C (sized from RSS
+    # measurements of the whole call, see tests/test_blocked_memory.py)
+    return 6 * P.esize + 4 + 8 * (5 + n_bounds)
 
 
 def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad):
@@ -285,7 +291,7 @@ def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad):
         if P.N == 0 or P.M == 0:
             return sums, gx, gr
         layout = PositiveLayout(P)
-        per_entry = P.esize * 2 + 2 + 8 * 3 + (3 * P.esize if need_grad else 0)
+        per_entry = 5 * P.esize + 8 + 8 * 4  # d, masks, bins (int64), the scatter values, G, C
         rows = budget.rows_per_block(P.N, P.M, per_entry)
         for s, e in budget.blocks(P.N, rows):
             kmax = layout.kmax(s, e)

@@ -18,6 +18,15 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show ``(default: ...)`` only for fixed defaults; per-loss defaults are spelled out in the help text."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .recipes import DEFAULTS, LOSSES, MININGS
 
@@ -28,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastdml-demo",
         description="Learn a low-dimensional embedding of MNIST with a fastdml metric-learning loss, evaluate "
         "it by nearest neighbours and plot it. Options left unset take the chosen loss's measured defaults.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = parser.add_argument_group("loss")
     g.add_argument("--loss", choices=LOSSES, default="contrastive",
@@ -49,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("model and optimisation")
     g.add_argument("--dim", type=int, default=2, help="embedding dimension")
     g.add_argument("--width", type=int, default=16, help="channels of the first conv block (then 2x, 4x)")
-    g.add_argument("--hidden", type=int, default=128, help="width of the hidden layer before the projection")
+    g.add_argument("--hidden", type=int, default=512, help="width of the hidden layer before the projection")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default per loss: " + per_loss("epochs") + ")")
     g.add_argument("--lr", type=float, default=None,
                    help="peak learning rate of AdamW's one-cycle schedule (default per loss: " + per_loss("lr") + ")")
@@ -58,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="P of the class-balanced P x K batches (default per loss: " + per_loss("p") + ")")
     g.add_argument("--samples-per-class", type=int, default=None,
                    help="K of the P x K batches (default per loss: " + per_loss("k") + ")")
+    g.add_argument("--shift", type=int, default=0,
+                   help="augmentation: translate each training image by up to +-SHIFT pixels (0: off; costs time)")
     g.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batch order")
     g = parser.add_argument_group("data and run")
     g.add_argument("--data-dir", default=None,
@@ -127,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         weight_decay=args.weight_decay, p=args.classes_per_batch or d["p"], k=args.samples_per_class or d["k"],
         width=args.width, hidden=args.hidden, dim=args.dim, seed=args.seed, device=device,
         sampler="random" if args.loss == "paired-contrastive" else "pk", progress=not args.no_progress,
+        shift=args.shift,
     )
     out = Path(args.out or os.path.join("runs", _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")))
     out.mkdir(parents=True, exist_ok=True)
@@ -168,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": f"{config.p}x{config.k}" if config.sampler == "pk" else f"random {config.p * config.k}",
         "lr": config.lr,
         "weight_decay": config.weight_decay,
+        "shift": config.shift,
         "seed": config.seed,
         "device": device,
         "threads": torch.get_num_threads(),

@@ -31,7 +31,7 @@ class EmbeddingNet(nn.Module):
     projection to ``dim``.
     """
 
-    def __init__(self, dim: int = 2, width: int = 16, hidden: int = 128) -> None:
+    def __init__(self, dim: int = 2, width: int = 16, hidden: int = 512) -> None:
         super().__init__()
         if dim < 1 or width < 1 or hidden < 1:
             raise ValueError(f"dim, width and hidden must be >= 1, got dim={dim}, width={width}, hidden={hidden}")

@@ -38,7 +38,7 @@ LOSSES = ("contrastive", "paired-contrastive", "triplet")
 MININGS = {
     "contrastive": ("none", "pair-margin", "batch-hard"),
     "paired-contrastive": ("none",),
-    "triplet": ("batch-hard", "semi-hard", "batch-all", "hard", "all"),
+    "triplet": ("batch-all", "batch-hard", "semi-hard", "hard"),
 }
 
 # Per-loss defaults, chosen from measured runs (see the README): margin, batch layout, schedule.
@@ -47,7 +47,7 @@ DEFAULTS = {
                         epochs=20, lr=3e-3),
     "paired-contrastive": dict(mining="none", margin=2.0, pos_margin=0.0, positive_weight=0.5, p=10, k=25,
                                epochs=20, lr=3e-3),
-    "triplet": dict(mining="batch-hard", margin=1.0, pos_margin=0.0, positive_weight=0.5, p=10, k=25,
+    "triplet": dict(mining="batch-all", margin=1.0, pos_margin=0.0, positive_weight=0.5, p=10, k=25,
                     epochs=20, lr=3e-3),
 }
 
@@ -90,8 +90,8 @@ def build_recipe(loss: str, mining: str | None = None, margin: float | None = No
       ``BatchHardMiner`` triplets;
     - ``paired-contrastive``: ``PairedContrastiveLoss(margin, positive_weight)`` on the pairs (i, i + B/2);
     - ``triplet``: ``TripletMarginLoss(margin)`` on ``BatchHardMiner`` triplets (``batch-hard``), on
-      ``TripletMarginMiner(margin, type)`` triplets (``semi-hard``: "semihard", ``hard``: "hard",
-      ``all``: "all"), or on every triplet of the batch (``batch-all``).
+      ``TripletMarginMiner(margin, type)`` triplets (``semi-hard``: "semihard", ``hard``: "hard"), or on every
+      triplet of the batch (``batch-all``: the mean over the triplets with a positive term, AvgNonZero).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -128,7 +128,7 @@ def build_recipe(loss: str, mining: str | None = None, margin: float | None = No
         fn = _with_miner(criterion, miner() if miner else None)
     else:
         criterion = losses.TripletMarginLoss(margin=margin, distance=dist())
-        types = {"semi-hard": "semihard", "hard": "hard", "all": "all"}
+        types = {"semi-hard": "semihard", "hard": "hard"}
         if mining == "batch-hard":
             miner = miners.BatchHardMiner(distance=dist())
         elif mining == "batch-all":

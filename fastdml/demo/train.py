@@ -34,13 +34,14 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate of the one-cycle schedule
     weight_decay: float = 1e-4
     width: int = 16
-    hidden: int = 128
+    hidden: int = 512
     dim: int = 2
     seed: int = 0
     device: str = "cpu"
     sampler: str = "pk"  # "pk" or "random"
     progress: bool = True
     max_steps: int | None = None  # stop early (tests, quick trials)
+    shift: int = 0  # augmentation: random translation of each image by up to +-shift pixels (0: off)
 
 
 @dataclass
@@ -58,6 +59,24 @@ def to_tensor(images: np.ndarray, device: str | torch.device = "cpu") -> torch.T
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device=device, dtype=torch.float32)
     x = ((x / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator,
+                 fill: float = -MNIST_MEAN / MNIST_STD) -> torch.Tensor:
+    """Translate each image (n, 1, h, w) by its own random offset in [-shift, shift]^2.
+
+    Uncovered pixels get ``fill`` (default: a black pixel after normalization).
+    """
+    if shift <= 0:
+        return images
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (shift, shift, shift, shift), value=fill)
+    offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator).to(images.device)
+    rows = offsets[:, 0:1] + torch.arange(h, device=images.device)  # (n, h)
+    cols = offsets[:, 1:2] + torch.arange(w, device=images.device)  # (n, w)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    out = padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+    return out.contiguous(memory_format=torch.channels_last)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -98,6 +117,7 @@ def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: Tr
                                                    pct_start=0.25)
     labels = labels.to(device)
     result = TrainResult(model=model)
+    augment = torch.Generator().manual_seed(config.seed + 1)
     start, cpu_start = time.perf_counter(), time.process_time()
     step = 0
     for epoch in range(1, config.epochs + 1):
@@ -109,7 +129,7 @@ def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: Tr
         running, seen = 0.0, 0
         for batch in batches:
             index = torch.from_numpy(batch).to(device)
-            embeddings = model(images[index])
+            embeddings = model(random_shift(images[index], config.shift, augment))
             loss = recipe(embeddings, labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -23,6 +23,13 @@ concatenated batch:
   rank-local normalisers).
 
 Uneven batches: the sizes are all-gathered first, every rank pads to the largest and the padding is dropped.
+
+``torch.compile``: under tracing the pool is gathered with functional collectives
+(``all_gather_tensor_autograd``, whose backward is a reduce-scatter; the stats' all-reduce likewise), which
+needs the same batch size on every rank (checked by a runtime assertion): the sizes of an uneven gather
+are data. With a traceable loss the wrapper compiles with ``fullgraph=True`` (tests/test_distributed_compile.py).
+fastdml's losses themselves have data-dependent Python branches (zero-count checks), so around them the wrapper
+compiles with graph breaks (``fullgraph=False``).
 """
 
 from __future__ import annotations
@@ -54,8 +61,10 @@ def _rank_world(group) -> tuple[int, int]:
     return dist.get_rank(group=group), dist.get_world_size(group=group)
 
 
-def _pool_order(rank: int, world: int) -> list[int]:
-    """PML's pool order: this rank first, then the others in rank order."""
+def _pool_order(rank: int, world: int, rank_order: bool = False) -> list[int]:
+    """PML's pool order: this rank first, then the others in rank order (``rank_order``: plain rank order)."""
+    if rank_order:
+        return list(range(world))
     return [rank] + [q for q in range(world) if q != rank]
 
 
@@ -91,10 +100,10 @@ class _AllGatherPool(torch.autograd.Function):
     """Pool (PML order) of every rank's rows; backward: the pool gradient summed over ranks, own rows kept."""
 
     @staticmethod
-    def forward(ctx, x, sizes, group):
+    def forward(ctx, x, sizes, group, rank_order):
         rank, world = _rank_world(group)
         parts = _gather_padded(x, sizes, group)
-        order = _pool_order(rank, world)
+        order = _pool_order(rank, world, rank_order)
         ctx.sizes, ctx.group, ctx.order, ctx.rank = sizes, group, order, rank
         parts[rank] = x.detach()  # bitwise the same; keeps the local values exact
         return torch.cat([parts[q] for q in order], 0)
@@ -111,33 +120,72 @@ class _AllGatherPool(torch.autograd.Function):
             start += sizes[q]
         # every rank's loss put gradient on every pool row: the owner's gradient is the sum over ranks
         dist.all_reduce(padded, op=dist.ReduceOp.SUM, group=ctx.group)
-        return padded[ctx.rank, : sizes[ctx.rank]].clone(), None, None
+        return padded[ctx.rank, : sizes[ctx.rank]].clone(), None, None, None
 
 
-def all_gather_pool(x: Tensor, group=None, grad: str = "all", sizes: Optional[list[int]] = None):
+def all_gather_pool(
+    x: Tensor, group=None, grad: str = "all", sizes: Optional[list[int]] = None, rank_order: bool = False
+):
     """The pool of every rank's ``x`` in PML's order (this rank first, then the others by rank).
 
     ``grad="all"``: differentiable, the backward sends each rank the sum over ranks of its rows' gradient;
     ``"own"``: this rank's rows differentiable, the others detached (no collective in the backward);
-    ``"none"``: detached. Returns ``(pool, sizes)`` with ``sizes`` every rank's row count in rank order.
+    ``"none"``: detached. ``rank_order=True``: the pool in plain rank order (the same on every rank) instead.
+    Returns ``(pool, sizes)`` with ``sizes`` every rank's row count in rank order.
     """
+    if torch.compiler.is_compiling():
+        return _all_gather_pool_traced(x, group, grad, rank_order)
     if sizes is None:
         sizes = gather_sizes(x.shape[0], x.device, group)
     rank, world = _rank_world(group)
     if grad == "all" and x.requires_grad and torch.is_grad_enabled():
-        return _AllGatherPool.apply(x, sizes, group), sizes
+        return _AllGatherPool.apply(x, sizes, group, rank_order), sizes
     parts = _gather_padded(x, sizes, group)
     parts[rank] = x if grad == "own" else x.detach()
-    return torch.cat([parts[q] for q in _pool_order(rank, world)], 0), sizes
+    return torch.cat([parts[q] for q in _pool_order(rank, world, rank_order)], 0), sizes
 
 
-def _gather_labels(labels: Optional[Tensor], sizes: list[int], group) -> Optional[Tensor]:
+def _all_gather_pool_traced(x: Tensor, group, grad: str, rank_order: bool):
+    """The pool under ``torch.compile``: functional collectives (traceable, and differentiable for ``"all"``:
+    the backward is a reduce-scatter, i.e. the sum over ranks of each rank's rows). Sizes must be equal on
+    every rank here (a data-dependent size cannot be traced); a runtime assertion checks it."""
+    from torch.distributed import _functional_collectives as funcol
+
+    dist = torch.distributed
+    grp = group if group is not None else dist.group.WORLD
+    rank, world = _rank_world(group)
+    n = x.shape[0]
+    mine = torch.full((1,), n, dtype=torch.int64, device=x.device)
+    torch._assert_async(
+        (funcol.all_gather_tensor(mine, 0, grp) == n).all(),
+        "DistributedLossWrapper under torch.compile needs the same batch size on every rank",
+    )
+    if grad == "all" and x.requires_grad:
+        full = funcol.all_gather_tensor_autograd(x, 0, grp)
+    else:
+        full = funcol.all_gather_tensor(x.detach(), 0, grp)
+    parts = [full[q * n : (q + 1) * n] for q in range(world)]
+    if grad == "own":
+        parts[rank] = x
+    return torch.cat([parts[q] for q in _pool_order(rank, world, rank_order)], 0), [n] * world
+
+
+def _gather_labels(labels: Optional[Tensor], sizes: list[int], group, rank_order: bool = False) -> Optional[Tensor]:
     if labels is None:
         return None
     rank, world = _rank_world(group)
+    if torch.compiler.is_compiling():
+        from torch.distributed import _functional_collectives as funcol
+
+        n = labels.shape[0]
+        grp = group if group is not None else torch.distributed.group.WORLD
+        full = funcol.all_gather_tensor(labels, 0, grp)
+        parts = [full[q * n : (q + 1) * n] for q in range(world)]
+        parts[rank] = labels
+        return torch.cat([parts[q] for q in _pool_order(rank, world, rank_order)], 0)
     parts = _gather_padded(labels, sizes, group)
     parts[rank] = labels
-    return torch.cat([parts[q] for q in _pool_order(rank, world)], 0)
+    return torch.cat([parts[q] for q in _pool_order(rank, world, rank_order)], 0)
 
 
 def _scale_grad(loss: Tensor, world: int) -> Tensor:
@@ -317,10 +365,13 @@ class DistributedLossWrapper(torch.nn.Module):
             raise ValueError("CrossBatchMemory is not compatible with ref_emb and ref_labels")
         if world <= 1:
             return self.loss(emb, labels, indices_tuple, enqueue_mask)
-        pool, sizes = all_gather_pool(emb, self.group, grad="own")
-        pool_labels = _gather_labels(labels, sizes, self.group)
+        # plain rank order here (not PML's "own rows first"): every rank then writes the same rows in the same
+        # order into its memory, so the memories stay identical and equal one process's (PML's order makes the
+        # ranks' rings hold different rows once they wrap)
+        pool, sizes = all_gather_pool(emb, self.group, grad="own", rank_order=True)
+        pool_labels = _gather_labels(labels, sizes, self.group, rank_order=True)
         if enqueue_mask is not None:
-            enqueue_mask = _gather_labels(_move(enqueue_mask, emb.device), sizes, self.group)
+            enqueue_mask = _gather_labels(_move(enqueue_mask, emb.device), sizes, self.group, rank_order=True)
         return _scale_grad(self.loss(pool, pool_labels, indices_tuple, enqueue_mask), world)
 
 

@@ -1,0 +1,170 @@
+"""The blocked CPU path's stats ops against the reference: values and gradients.
+
+Covers every kind, square and rectangular (with excl), label patterns, bands and reducer windows, odd
+sizes (N not a multiple of the block: tiny memory budgets force many blocks), D = 1, 2, 3, 130,
+float64 / float32 / float16 / bfloat16 inputs, and fp32 near-duplicates against float64.
+"""
+
+import pytest
+import torch
+
+from fastdml import blocked
+from fastdml.config import memory_budget
+
+from .blocked_cases import (
+    CONTRASTIVE_CONFIGS,
+    KINDS,
+    PATTERNS,
+    TRIPLET_CONFIGS,
+    check_stats,
+    make_inputs,
+    near_duplicates,
+)
+from .conftest import TOL
+
+DTYPES = (torch.float64, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("square", [True, False], ids=["square", "rect"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("config", list(CONTRASTIVE_CONFIGS))
+def test_contrastive_stats_and_gradient_match_reference(config, kind, square, dtype):
+    x, y, r, z, excl = make_inputs(37, 6, dtype, square, seed=1)
+    with memory_budget(0.004):  # blocks of a few rows: 37 is not a multiple of the block
+        check_stats("contrastive", x, y, r, z, excl, kind, CONTRASTIVE_CONFIGS[config])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("square", [True, False], ids=["square", "rect"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("config", list(TRIPLET_CONFIGS))
+def test_triplet_stats_and_gradient_match_reference(config, kind, square, dtype):
+    x, y, r, z, excl = make_inputs(29, 5, dtype, square, seed=2)
+    with memory_budget(0.004):
+        check_stats("triplet", x, y, r, z, excl, kind, TRIPLET_CONFIGS[config])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("square", [True, False], ids=["square", "rect"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_semihard_stats_and_gradient_match_reference(kind, square, dtype):
+    x, y, r, z, excl = make_inputs(33, 7, dtype, square, seed=3)
+    with memory_budget(0.004):
+        check_stats("semihard", x, y, r, z, excl, kind, (0.3,))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("square", [True, False], ids=["square", "rect"])
+@pytest.mark.parametrize("op", ["contrastive", "triplet", "semihard"])
+def test_label_patterns_match_reference(op, square, pattern):
+    x, y, r, z, excl = make_inputs(24, 4, torch.float64, square, pattern, seed=4)
+    args = {
+        "contrastive": CONTRASTIVE_CONFIGS["avgnonzero"],
+        "triplet": TRIPLET_CONFIGS["all_avgnonzero"],
+        "semihard": (0.2,),
+    }[op]
+    check_stats(op, x, y, r, z, excl, "l2", args)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 130])
+@pytest.mark.parametrize("op", ["contrastive", "triplet", "semihard"])
+def test_odd_dimensions_match_reference(op, d):
+    x, y, r, z, excl = make_inputs(23, d, torch.float64, False, seed=5, m=19)
+    args = {
+        "contrastive": CONTRASTIVE_CONFIGS["band_threshold"],
+        "triplet": (1.0, False, -1.0, 1.5, 0.0, float("inf")),
+        "semihard": (0.5,),
+    }[op]
+    with memory_budget(0.003):
+        check_stats(op, x, y, r, z, excl, "l2", args)
+        x2, y2, _, _, _ = make_inputs(23, d, torch.float64, True, seed=6)
+        check_stats(op, x2, y2, None, None, None, "sql2", args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["contrastive", "triplet", "semihard"])
+def test_half_inputs_accumulate_in_fp32(op, dtype):
+    x, y, r, z, excl = make_inputs(31, 8, dtype, False, seed=7)
+    args = {
+        "contrastive": CONTRASTIVE_CONFIGS["avgnonzero"],
+        "triplet": TRIPLET_CONFIGS["all_avgnonzero"],
+        "semihard": (0.2,),
+    }[op]
+    # the reference sees the same (half-rounded) values in float64: what is left is the fp32 accumulation
+    stats = check_stats(op, x, y, r, z, excl, "l2", args, tol=TOL[torch.float32])
+    _, gx, _ = blocked.triplet_stats_fwd(x, y, r, z, excl, "l2", 0.2, False, -1.0, 1.0, 0.0, 9.0, True)
+    assert gx.dtype == torch.float32 and stats.dtype == torch.float64
+
+
+@pytest.mark.parametrize("d", [2, 3, 16, 130])
+@pytest.mark.parametrize("kind", ["l2", "sql2"])
+@pytest.mark.parametrize("op", ["contrastive", "triplet"])
+def test_fp32_near_duplicates_match_float64(op, kind, d):
+    """Pairs 1e-3 apart: the expanded |x|^2 + |r|^2 - 2 x.r would be off by ~1e-4 in L2 (and 1/d in the
+    gradient); the recompute by direct differences keeps fp32 within rtol 1e-4 / atol 1e-5 of float64."""
+    x, y = near_duplicates(120, d, torch.float32)
+    args = {
+        "contrastive": (0.0, 1.0, float("-inf"), float("inf"), 0.0, float("inf")),
+        "triplet": (0.05, False, float("-inf"), float("inf"), 0.0, float("inf")),
+    }[op]
+    check_stats(op, x, y, None, None, None, kind, args)
+
+
+@pytest.mark.parametrize("op", ["contrastive", "triplet", "semihard"])
+def test_identical_points_give_finite_gradients(op):
+    """Zero distances (identical embeddings, in and across classes): finite stats and gradients, the L2
+    subgradient 0 at d = 0, matching the reference."""
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    x = torch.cat([base, base, base[:3]])
+    y = torch.randint(0, 3, (x.shape[0],), generator=g)
+    if op == "semihard":
+        # semihard's strict d_in > d_ip turns on exact ties: copies of one point in two classes tie exactly
+        # in the reference (direct differences) but the GEMM expansion may round the two copies' distances
+        # differently (BLAS sums depend on the column position). Copies share a label here.
+        y = torch.cat([y[:6], y[:6], y[:3]])
+    args = {
+        "contrastive": CONTRASTIVE_CONFIGS["avgnonzero"],
+        "triplet": TRIPLET_CONFIGS["all_avgnonzero"],
+        "semihard": (0.2,),
+    }[op]
+    for kind in KINDS:
+        stats = check_stats(op, x, y, None, None, None, kind, args)
+        assert torch.isfinite(stats).all()
+        _, gx, _ = {"contrastive": blocked.contrastive_stats_fwd, "triplet": blocked.triplet_stats_fwd,
+                    "semihard": blocked.semihard_stats_fwd}[op](x.float(), y, None, None, None, kind, *args, True)
+        assert torch.isfinite(gx).all()
+
+
+@pytest.mark.parametrize("op", ["contrastive", "triplet", "semihard"])
+def test_without_need_grad_parts_are_empty(op):
+    x, y, r, z, excl = make_inputs(12, 3, torch.float32, False, seed=9)
+    fn, args = {
+        "contrastive": (blocked.contrastive_stats_fwd, CONTRASTIVE_CONFIGS["avgnonzero"]),
+        "triplet": (blocked.triplet_stats_fwd, TRIPLET_CONFIGS["all_avgnonzero"]),
+        "semihard": (blocked.semihard_stats_fwd, (0.2,)),
+    }[op]
+    stats, gx, gr = fn(x, y, r, z, excl, "l2", *args, False)
+    assert gx.shape == (0, 12, 3) and gr.shape == (0, r.shape[0], 3)
+    stats_g, _, _ = fn(x, y, r, z, excl, "l2", *args, True)
+    assert torch.equal(stats, stats_g)
+    _, gx, gr = fn(x, y, None, None, None, "l2", *args, False)
+    assert gx.shape == (0, 12, 3) and gr.shape == (0, 0, 3)
+
+
+def test_contrastive_many_label_runs_use_the_mask_path():
+    """More label runs per block than rectangles allowed: the label-mask positive branch, same result."""
+    x, y, r, z, excl = make_inputs(80, 6, torch.float64, False, "pk", seed=10)
+    check_stats("contrastive", x, y, r, z, excl, "l2", CONTRASTIVE_CONFIGS["band_threshold"])
+    x, y, _, _, _ = make_inputs(80, 6, torch.float64, True, "distinct", seed=10)
+    check_stats("contrastive", x, y, None, None, None, "l2", CONTRASTIVE_CONFIGS["mean"])
+
+
+def test_empty_inputs_give_zero_stats():
+    x = torch.zeros(0, 4)
+    y = torch.zeros(0, dtype=torch.int64)
+    stats, gx, gr = blocked.contrastive_stats_fwd(x, y, None, None, None, "l2", 0.0, 1.0, -1e9, 1e9, 0.0, 1e9, True)
+    assert torch.equal(stats, torch.zeros(4, dtype=torch.float64)) and gx.shape == (2, 0, 4)
+    stats, gx, _ = blocked.triplet_stats_fwd(x, y, None, None, None, "l2", 0.1, False, -1.0, 1.0, 0.0, 9.0, True)
+    assert torch.equal(stats, torch.zeros(2, dtype=torch.float64)) and gx.shape == (1, 0, 4)
