@@ -14,7 +14,6 @@ after one warm-up, the slower of the two ranks.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
@@ -49,9 +48,19 @@ def _make(impl, loss_name):
         from pytorch_metric_learning import losses, miners
         from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
     if loss_name == "contrastive":
-        return losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0), None, DistributedLossWrapper, DistributedMinerWrapper
+        return (
+            losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0),
+            None,
+            DistributedLossWrapper,
+            DistributedMinerWrapper,
+        )
     if loss_name == "batch_hard":
-        return losses.TripletMarginLoss(margin=0.2), miners.BatchHardMiner(), DistributedLossWrapper, DistributedMinerWrapper
+        return (
+            losses.TripletMarginLoss(margin=0.2),
+            miners.BatchHardMiner(),
+            DistributedLossWrapper,
+            DistributedMinerWrapper,
+        )
     if loss_name == "batch_all":
         return losses.TripletMarginLoss(margin=0.2), None, DistributedLossWrapper, DistributedMinerWrapper
     raise ValueError(loss_name)
@@ -90,8 +99,13 @@ def _dist_rank(rank, world, port, cfg, queue):
             model.zero_grad(set_to_none=True)
             if it:
                 times.append(time.perf_counter() - t)
-        queue.put((rank, {"time_s": statistics.median(times), "peak_extra_mb": _peak_mb() - base,
-                          "loss": float(val.detach())}, None))
+        queue.put(
+            (
+                rank,
+                {"time_s": statistics.median(times), "peak_extra_mb": _peak_mb() - base, "loss": float(val.detach())},
+                None,
+            )
+        )
     except Exception as exc:  # reported by the parent
         import traceback
 
@@ -220,28 +234,52 @@ def main(argv=None):
         for loss_name in args.losses.split(","):
             for efficient in (False, True):
                 for impl in ("pml", "fastdml"):
-                    cfg = dict(impl=impl, loss=loss_name, efficient=efficient, per_rank=args.per_rank, dim=args.dim,
-                               classes=args.classes, iters=args.iters, threads=args.threads)
+                    cfg = dict(
+                        impl=impl,
+                        loss=loss_name,
+                        efficient=efficient,
+                        per_rank=args.per_rank,
+                        dim=args.dim,
+                        classes=args.classes,
+                        iters=args.iters,
+                        threads=args.threads,
+                    )
                     r = run_dist(cfg)
                     results.append({"part": "dist", **cfg, **r})
                     if "error" in r:
                         print(f"{loss_name:12s} {str(efficient):9s} {impl:8s} ERROR {r['error']}", flush=True)
                     else:
-                        print(f"{loss_name:12s} {str(efficient):9s} {impl:8s} {r['time_s']*1e3:8.1f}ms "
-                              f"{r['peak_extra_mb']:9.1f}MB {r['loss']:11.5f}", flush=True)
+                        print(
+                            f"{loss_name:12s} {str(efficient):9s} {impl:8s} {r['time_s'] * 1e3:8.1f}ms "
+                            f"{r['peak_extra_mb']:9.1f}MB {r['loss']:11.5f}",
+                            flush=True,
+                        )
     if args.part in ("cbm", "all"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        print(f"\nCrossBatchMemory(ContrastiveLoss) on {device}: batch {args.batch}, memory {args.memory}, D={args.dim}")
+        print(
+            f"\nCrossBatchMemory(ContrastiveLoss) on {device}: batch {args.batch}, memory {args.memory}, D={args.dim}"
+        )
         for impl in ("pml", "fastdml"):
-            cfg = dict(impl=impl, device=device, dim=args.dim, batch=args.batch, memory=args.memory,
-                       classes=args.classes, iters=args.iters, threads=max(1, args.threads))
+            cfg = dict(
+                impl=impl,
+                device=device,
+                dim=args.dim,
+                batch=args.batch,
+                memory=args.memory,
+                classes=args.classes,
+                iters=args.iters,
+                threads=max(1, args.threads),
+            )
             r = run_cbm(cfg)
             results.append({"part": "cbm", **cfg, **r})
             if "error" in r:
                 print(f"{impl:8s} ERROR {r['error']}", flush=True)
             else:
-                print(f"{impl:8s} {r['time_s']*1e3:8.1f}ms/step {r['peak_extra_mb']:9.1f}MB peak extra "
-                      f"loss {r['loss']:.5f}", flush=True)
+                print(
+                    f"{impl:8s} {r['time_s'] * 1e3:8.1f}ms/step {r['peak_extra_mb']:9.1f}MB peak extra "
+                    f"loss {r['loss']:.5f}",
+                    flush=True,
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -152,7 +152,7 @@ def write_outputs(out: str, rows: list, meta: dict) -> None:
         f"torch {meta.get('torch')}, triton {meta.get('triton')}; median of repeats after a warm-up; "
         "peak = torch.cuda.max_memory_allocated above the inputs.",
         "",
-        "| family | N | labels | impl | ms | peak MB | loss | vs fastdml | note |",
+        "| family | N | labels | impl | ms | peak MB | loss | ms / fastdml ms | note |",
         "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     fast = {(r["family"], r["n"], r["labels"]): r for r in rows if r["impl"] == "fastdml" and r.get("ms")}

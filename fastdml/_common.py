@@ -87,6 +87,18 @@ def resolve_inputs(embeddings, labels, ref_emb, ref_labels, labels_required: boo
     return Inputs(embeddings, labels, ref_emb, ref_labels, square, y, z, excl, diag)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype losses are computed in: float32 for float16/bfloat16 embeddings (the final value is rounded to
+    the embeddings' dtype once, at the end), else the embeddings' own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """L2 normalization, in float32 for half-precision rows (rounding the unit rows back to fp16/bf16 would
+    cost more than the ops' fp32 accumulation saves)."""
+    return F.normalize(x.to(acc_dtype(x.dtype)), p=2, dim=1)
+
+
 class Geometry:
     """Distances for one call: ``raw(i, j)`` (PML's convention, differentiable), lists, row extremes.
 
@@ -104,13 +116,13 @@ class Geometry:
             kind, normalize = self.spec
             self.kind = kind
             x = inp.embeddings
-            self.x = F.normalize(x, p=2, dim=1) if normalize else x
+            self.x = _normalize(x) if normalize else x
             if inp.square:
                 self.r = None
             elif inp.ref_emb is x:
                 self.r = self.x
             else:
-                self.r = F.normalize(inp.ref_emb, p=2, dim=1) if normalize else inp.ref_emb
+                self.r = _normalize(inp.ref_emb) if normalize else inp.ref_emb
 
     # -- the generic path's matrix --
     @property
@@ -133,7 +145,8 @@ class Geometry:
         """Distance (similarity, for inverted distances) of the pairs (embeddings[i], ref_emb[j])."""
         if self.spec is None:
             return self.mat[i, j]
-        d = ops.pair_values(self.x, self.r, i, j, self.kind).to(self.inp.embeddings.dtype)
+        # float32 for half-precision embeddings: the terms and their reduction stay fp32 until the end
+        d = ops.pair_values(self.x, self.r, i, j, self.kind).to(acc_dtype(self.inp.embeddings.dtype))
         return -d if self.kind == "dot" else d
 
     def dprime(self, i, j):
@@ -184,7 +197,7 @@ def window_value(stats_s, stats_c, window, embeddings):
     (still attached to the embeddings' graph through the op), and ``S / max(C, 1)`` is that 0.
     """
     val = stats_s / stats_c.clamp_min(1) if window[2] else stats_s
-    val = val.to(embeddings.dtype)
+    val = val.to(acc_dtype(embeddings.dtype))  # (the loss rounds to the embeddings' dtype at the very end)
     if embeddings.requires_grad and not val.requires_grad:
         val = val + zero_loss(embeddings)  # keep the result attached to the graph (PML's zero loss)
     return val

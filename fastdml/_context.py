@@ -146,4 +146,6 @@ def reduce_terms(losses, low: float, high: float, divide: bool, embeddings: Tens
         value = torch.where(c > 0, s / torch.clamp(c, min=1.0), torch.zeros_like(s))
     else:
         value = s
-    return value.to(embeddings.dtype) + zero
+    # half-precision embeddings: float32 until the loss rounds once at the end (as fastdml's losses do)
+    out_dtype = torch.float32 if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings.dtype
+    return value.to(out_dtype) + zero

@@ -129,9 +129,7 @@ class CrossBatchMemory(torch.nn.Module):
                 f"embeddings must be a 2-D floating tensor (N, D), got {getattr(embeddings, 'shape', embeddings)}"
             )
         if embeddings.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"embeddings have width {embeddings.shape[1]} but embedding_size is {self.embedding_size}"
-            )
+            raise ValueError(f"embeddings have width {embeddings.shape[1]} but embedding_size is {self.embedding_size}")
         if not torch.is_tensor(labels) or labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
             raise ValueError(
                 f"labels must be a 1-D tensor of length {embeddings.shape[0]}, got {getattr(labels, 'shape', labels)}"

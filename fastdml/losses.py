@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from . import _validation as V
 from . import ops, reference
-from ._common import INF, Geometry, resolve_inputs, window_value
+from ._common import INF, Geometry, _normalize, resolve_inputs, window_value
 from .distances import LpDistance
 from .lazy import LazyIndices
 from .reducers import (
@@ -60,7 +60,6 @@ __all__ = [
     "BatchHardTripletLoss",
     "BatchAllTripletLoss",
     "SemiHardTripletLoss",
-    "CrossBatchMemory",
 ]
 
 
@@ -205,7 +204,11 @@ class BaseMetricLossFunction(torch.nn.Module):
         if self.embedding_regularizer is not None:
             reg = self.embedding_regularizer(embeddings) * self.embedding_reg_weight
             loss_dict["embedding_reg_loss"] = _already_reduced(reg)
-        return self.reducer(loss_dict, embeddings, inp.labels)
+        out = self.reducer(loss_dict, embeddings, inp.labels)
+        if torch.is_tensor(out) and out.dtype != embeddings.dtype:
+            # half-precision embeddings: computed in float32, rounded once here (PML returns their dtype)
+            out = out.to(embeddings.dtype)
+        return out
 
     def compute_loss(self, inp, indices_tuple):
         raise NotImplementedError
@@ -474,10 +477,10 @@ class PairedContrastiveLoss(torch.nn.Module):
         spec = fused_spec(self.distance)
         if spec is not None:
             kind, normalize = spec
-            xn = F.normalize(x, p=2, dim=1) if normalize else x
-            yn = F.normalize(y, p=2, dim=1) if normalize else y
+            xn = _normalize(x) if normalize else x
+            yn = _normalize(y) if normalize else y
             idx = torch.arange(x.shape[0], device=x.device)
-            return ops.pair_values(xn, yn, idx, idx, kind).to(x.dtype)
+            return ops.pair_values(xn, yn, idx, idx, kind)  # (float32 for half precision)
         d = self.distance.pairwise_distance(self.distance.maybe_normalize(x), self.distance.maybe_normalize(y))
         power = getattr(self.distance, "power", 1)
         return d**power if power != 1 else d
@@ -505,7 +508,7 @@ class PairedContrastiveLoss(torch.nn.Module):
                 self.fraction_nonzero = float((terms > 0).float().mean()) if terms.numel() else 0.0
         if self.embedding_regularizer is not None:
             loss = loss + self.embedding_regularizer(torch.cat([x, y])) * self.embedding_reg_weight
-        return loss
+        return loss.to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ class DoNothingReducer(BaseReducer):
 
 class MultipleReducers(BaseReducer):
     """One reducer per sub-loss name (``default_reducer``, MeanReducer by default, for the others); the
-    reduced sub-losses are added (in the embeddings' dtype, as PML)."""
+    reduced sub-losses are added (in the embeddings' dtype as PML; float32 for half precision)."""
 
     def __init__(self, reducers, default_reducer=None, **kwargs):
         super().__init__(**kwargs)
@@ -172,7 +172,9 @@ class MultipleReducers(BaseReducer):
 
     def forward(self, loss_dict, embeddings, labels):
         self.reset_stats()
-        sub = torch.zeros(len(loss_dict), dtype=embeddings.dtype, device=embeddings.device)
+        # PML adds the sub-losses in the embeddings' dtype; half precision adds in float32 (one rounding at the end)
+        dtype = torch.float32 if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings.dtype
+        sub = torch.zeros(len(loss_dict), dtype=dtype, device=embeddings.device)
         for k, (name, info) in enumerate(loss_dict.items()):
             sub[k] = self.reducer_for(name)({name: info}, embeddings, labels)
         return self.sub_loss_reduction(sub, embeddings, labels)

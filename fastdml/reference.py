@@ -19,7 +19,7 @@ Conventions (shared with the blocked and Triton backends):
   as in PML's mean); a finite bound is a strict (or, where stated, non-strict) comparison, which a NaN
   fails (as PML's miners and threshold reducers drop NaN).
 * Sums and counts come back as float64; the sums keep the autograd graph (terms are computed in
-  x's dtype, then cast to float64 before summing).
+  x's dtype, float32 for float16/bfloat16 inputs, then cast to float64 before summing).
 """
 
 from __future__ import annotations
@@ -128,9 +128,17 @@ def _le(v: torch.Tensor, bound: float) -> torch.Tensor:
     return v <= bound
 
 
+def _acc(t):
+    """Half-precision inputs are computed in float32 (as the fused backends accumulate); others as they are.
+    The cast is differentiable, so the gradient comes back in the input's dtype."""
+    if t is not None and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
+
+
 def _setup(x, y, r, z, excl, kind):
     square = r is None
-    dmat = signed_distance_matrix(x, r, kind)
+    dmat = signed_distance_matrix(_acc(x), _acc(r), kind)
     pos, neg = masks(y, z, excl, square)
     return dmat, pos, neg
 
@@ -281,12 +289,13 @@ def row_extreme_from_matrix(dmat, pos, neg, side, mode, lo, hi, thr, thr_op):
 
 
 def pair_values(x, r, i, j, kind):
-    """d' of the given pairs ``(i[t], j[t])`` (``r=None``: ``r = x``), differentiable, exact near 0."""
+    """d' of the given pairs ``(i[t], j[t])`` (``r=None``: ``r = x``), differentiable, exact near 0; float32 for
+    half-precision inputs (as ``fastdml.ops.pair_values``)."""
     _check_kind(kind)
     if r is None:
         r = x
-    a = x[i]
-    b = r[j]
+    a = _acc(x)[i]
+    b = _acc(r)[j]
     if kind == "dot":
         return -(a * b).sum(-1)
     diff = a - b

@@ -155,7 +155,7 @@ def test_without_need_grad_parts_are_empty(op):
 
 def test_contrastive_many_label_runs_use_the_mask_path():
     """More label runs per block than rectangles allowed: the label-mask positive branch, same result."""
-    x, y, r, z, excl = make_inputs(80, 6, torch.float64, False, "pk", seed=10)
+    x, y, r, z, excl = make_inputs(150, 6, torch.float64, False, "pk", seed=10)  # 38 label runs
     check_stats("contrastive", x, y, r, z, excl, "l2", CONTRASTIVE_CONFIGS["band_threshold"])
     x, y, _, _, _ = make_inputs(80, 6, torch.float64, True, "distinct", seed=10)
     check_stats("contrastive", x, y, None, None, None, "l2", CONTRASTIVE_CONFIGS["mean"])

@@ -25,7 +25,10 @@ STEPS = (5, 7, 6, 8, 3)  # batch sizes: the third step wraps the ring, the fourt
 def _batches(dtype=torch.float64, seed=0, classes=3, scale=0.3):
     g = torch.Generator().manual_seed(seed)
     return [
-        ((scale * torch.randn(b, D, generator=g, dtype=torch.float64)).to(dtype), torch.randint(0, classes, (b,), generator=g))
+        (
+            (scale * torch.randn(b, D, generator=g, dtype=torch.float64)).to(dtype),
+            torch.randint(0, classes, (b,), generator=g),
+        )
         for b in STEPS
     ]
 
@@ -86,6 +89,30 @@ def test_memory_loss_equals_loss_on_the_explicit_queue(name, backend):
         torch.testing.assert_close(got.detach(), want.detach(), **TOL[torch.float64])
         torch.testing.assert_close(xa.grad, xb.grad, **TOL[torch.float64])
         assert float(want.detach()) > 0
+
+
+@pytest.mark.parametrize("name", ["contrastive_mean", "triplet"])
+def test_memory_on_triton_kernels_with_exclusion(name):
+    """The Triton kernels (interpreter on the CPU) with the per-query exclusion, fp32, against the reference on
+    the explicit queue."""
+    wrapper = CrossBatchMemory(LOSSES[name](), D, memory_size=MEMORY)
+    oracle = LOSSES[name]()
+    seen_e, seen_y = [], []
+    for x, y in _batches(dtype=torch.float32):
+        seen_e.append(x)
+        seen_y.append(y)
+        queue_e, queue_y = torch.cat(seen_e)[-MEMORY:], torch.cat(seen_y)[-MEMORY:]
+        self_index = torch.arange(len(queue_e) - len(x), len(queue_e))
+        xa = x.clone().requires_grad_(True)
+        with fastdml.use_backend("triton"):
+            got = wrapper(xa, y)
+        got.backward()
+        xb = x.double().requires_grad_(True)
+        with fastdml.use_backend("reference"):
+            want = oracle(xb, y, _explicit_pairs(y, queue_y, self_index), queue_e.double(), queue_y.clone())
+        want.backward()
+        torch.testing.assert_close(got.detach().double(), want.detach(), **TOL[torch.float32])
+        torch.testing.assert_close(xa.grad.double(), xb.grad, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

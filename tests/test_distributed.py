@@ -82,6 +82,14 @@ def _make_cbm():
     return CrossBatchMemory(losses.TripletMarginLoss(margin=0.6), D, memory_size=24)
 
 
+DDP_CASES = [("contrastive", False), ("contrastive", True), ("batch_hard", True), ("batch_all", True)]
+
+
+def _ddp_model():
+    torch.manual_seed(1)  # the same initial weights on every rank (DDP also broadcasts them)
+    return torch.nn.Linear(D, D).double()
+
+
 def _data(sizes, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = sum(sizes)
@@ -160,6 +168,26 @@ def _rank_main(rank, world, port, scenarios, result_queue):
                 grad /= world
                 steps.append((val.detach().clone(), grad))
             results[("cbm", size_name)] = steps
+        # a real DistributedDataParallel model: its averaged parameter gradients against one process
+        for loss_name, efficient in DDP_CASES:
+            sizes = SIZES["uneven"]
+            lo = sum(sizes[:rank])
+            hi = lo + sizes[rank]
+            x_full, y_full = _data(sizes, seed=5)
+            model = _ddp_model()
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            loss_spec, miner_spec = LOSSES[loss_name]
+            wrapper = DistributedLossWrapper(_make_loss(loss_spec), efficient=efficient)
+            miner = _make_miner(miner_spec)
+            mwrap = None if miner is None else DistributedMinerWrapper(miner, efficient=efficient)
+            emb = ddp(x_full[lo:hi])
+            idx = None if mwrap is None else mwrap(emb, y_full[lo:hi])
+            val = wrapper(emb, y_full[lo:hi], idx)
+            val.backward()
+            results[("ddp", loss_name, efficient)] = (
+                val.detach().clone(),
+                [p.grad.clone() for p in model.parameters()],
+            )
         # miner outputs, mapped to global indices (PML's pool order: this rank first, then the others)
         for size_name in SIZES:
             sizes = SIZES[size_name]
@@ -299,3 +327,25 @@ def test_distributed_cross_batch_memory_equals_single_process(world_results, siz
             val, grad = world_results[rank][("cbm", size_name)][step]
             torch.testing.assert_close(val, want.detach(), **TOL[torch.float64])
             torch.testing.assert_close(grad, e.grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("case", DDP_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_ddp_parameter_gradients_equal_single_process(world_results, case):
+    """A Linear model in DistributedDataParallel (gloo, uneven batches): the loss and the parameter gradients
+    after DDP's averaging equal one process on the concatenated batch."""
+    loss_name, efficient = case
+    x, y = _data(SIZES["uneven"], seed=5)
+    model = _ddp_model()
+    loss_spec, miner_spec = LOSSES[loss_name]
+    loss, miner = _make_loss(loss_spec), _make_miner(miner_spec)
+    with fastdml.use_backend("reference"):
+        emb = model(x)
+        idx = None if miner is None else miner(emb, y)
+        want = loss(emb, y, idx)
+    want.backward()
+    for rank in range(WORLD):
+        val, grads = world_results[rank][("ddp", loss_name, efficient)]
+        torch.testing.assert_close(val, want.detach(), **TOL[torch.float64])
+        for got, p in zip(grads, model.parameters()):
+            assert p.grad.abs().max() > 0
+            torch.testing.assert_close(got, p.grad, **TOL[torch.float64])

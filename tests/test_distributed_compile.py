@@ -4,7 +4,10 @@ What compiles (see the report in fastdml/utils/distributed.py's docstring):
 
 * ``fullgraph=True``: the wrapper's own code (functional collectives, the pool context) around a loss that is
   itself traceable (here a contrastive loss written directly on ``fastdml.ops``), equal batch sizes;
-* ``fullgraph=False``: the wrapper around fastdml's ContrastiveLoss with ``efficient=False``.
+* the wrapper around fastdml's ContrastiveLoss with ``efficient=False`` (``fullgraph=True``).
+
+Not yet: fastdml's losses with ``efficient=True`` (their rectangular path keeps PML's data-dependent "at most
+one pair" check, and fails under torch.compile in AOT's alias regeneration; see the report).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def _data():
     return 0.15 * torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
 
 
-CASES = [("ops_loss", True, False), ("ops_loss", True, True), ("fastdml_contrastive", False, False)]
+CASES = [("ops_loss", True, False), ("ops_loss", True, True), ("fastdml_contrastive", True, False)]
 
 
 def _rank_main(rank, world, port, queue):
@@ -73,7 +76,7 @@ def _rank_main(rank, world, port, queue):
 @pytest.mark.slow
 def test_compiled_wrapper_equals_eager():
     results = run_world(_rank_main, (), timeout=240)
-    for rank, out in results.items():
+    for _rank, out in results.items():
         for case in CASES:
             (v_eager, g_eager), (v_comp, g_comp) = out[case]
             torch.testing.assert_close(v_comp, v_eager, **TOL[torch.float64])

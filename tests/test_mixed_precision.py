@@ -107,6 +107,17 @@ def test_half_embeddings_give_fp32_accurate_loss_and_gradient(name, dtype, backe
     _assert_within_rounding(got_grad, want_grad, dtype)
 
 
+@pytest.mark.parametrize("name", ["contrastive_fused", "triplet_all_fused", "batch_hard_one_pass", "semihard_one_pass"])
+def test_fp16_embeddings_on_triton_kernels(name):
+    """The Triton kernels (interpreter on the CPU; fp16 only: the interpreter's bf16 math is broken)."""
+    x, y = _inputs(n=64, d=16)
+    xh = x.to(torch.float16)
+    got_val, got_grad = _run(name, xh, y, "triton")
+    want_val, want_grad = _run(name, xh.double(), y, "reference")
+    _assert_within_rounding(got_val, want_val, torch.float16)
+    _assert_within_rounding(got_grad, want_grad, torch.float16)
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_fp16_squared_distances_do_not_overflow(backend):
     """Rows of norm ~ 240 in fp16: |x_i - x_j|^2 ~ 1e5 > 65504 (fp16's largest), the distances themselves

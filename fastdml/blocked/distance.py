@@ -200,8 +200,8 @@ def distances(P: Problem, s: int, e: int):
     """d' of block rows s:e against all references: ``(d (b, M) in P.acc, flagged)``.
 
     ``flagged`` is ``(ii, jj)`` (block-relative rows, columns) of the near-duplicate entries
-    (``q <= NEAR_REL (|x_i|^2 + |r_j|^2)``; l2/sql2 only, else None), recomputed by direct differences. In the square case the
-    diagonal is exactly 0 (and not flagged: it is excluded from every loss).
+    (``q <= NEAR_REL (|x_i|^2 + |r_j|^2)``; l2/sql2 only, else None), recomputed by direct differences.
+    In the square case the diagonal is exactly 0 (and not flagged: it is excluded from every loss).
     """
     xb = P.x[s:e]
     if P.kind == "dot":

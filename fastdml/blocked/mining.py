@@ -54,18 +54,22 @@ def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op):
         fill = -INF if mode == "max" else INF
         for s, e in budget.blocks(P.N, rows):
             d, _ = distances(P, s, e)
-            pos, neg = P.masks(s, e)
-            cand = pos if side == "pos" else neg
-            del pos, neg
+            # every pair that is not a candidate gets the fill value (-inf for max, +inf for min), so the
+            # row's max/min is a candidate's iff one exists (finite inputs)
+            yb, zr = P.y[s:e, None], P.z[None, :]
+            d.masked_fill_(torch.ne(yb, zr) if side == "pos" else torch.eq(yb, zr), fill)
+            ex = P.excluded_cols(s, e)
+            if ex is not None:
+                d[ex] = fill
             if lo != -INF:
-                cand &= d >= lo
+                d.masked_fill_(d < lo, fill)
             if hi != INF:
-                cand &= d <= hi
+                d.masked_fill_(d > hi, fill)
             if thr is not None:
-                cand &= (d > thr[s:e, None]) if thr_op == "gt" else (d < thr[s:e, None])
-            d.masked_fill_(~cand, fill)
+                t = thr[s:e, None]
+                d.masked_fill_((d <= t) if thr_op == "gt" else (d >= t), fill)
             v, idx = d.max(1) if mode == "max" else d.min(1)
-            f = cand.any(1)
+            f = v != fill
             value[s:e] = v.masked_fill_(~f, 0.0)
             index[s:e] = idx.masked_fill_(~f, 0)
             found[s:e] = f

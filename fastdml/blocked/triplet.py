@@ -105,6 +105,16 @@ def _relu_bounds(margin, band_lo, band_hi, low, high):
         lowers.append(margin - high)  # v < high  <=>  b > a + margin - high
     if low != -INF and low >= 0.0:
         uppers.append((margin - low, True))  # v > low  <=>  b < a + margin - low
+    return _tightest(lowers, uppers)
+
+
+def _tightest(lowers, uppers):
+    """Keep only the binding bounds (each costs a searchsorted): the largest strict lower constant, and the
+    smallest upper constant (strict wins a tie: ``b < a + c`` implies ``b <= a + c``)."""
+    lowers = [max(lowers)] if lowers else []
+    if uppers:
+        c = min(u[0] for u in uppers)
+        uppers = [(c, any(u[1] for u in uppers if u[0] == c))]
     return lowers, uppers
 
 
@@ -213,11 +223,13 @@ def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, 
             return sums, gx, gr  # relu(v) >= 0: nothing is below high
         layout = PositiveLayout(P)
         if smooth:
-            rows = budget.rows_per_block(P.N, P.M, _bytes_per_entry_triplet(P, need_grad, 0), budget.budget_bytes() // 2)
+            per_entry = _bytes_per_entry_triplet(P, need_grad, 0)
+            rows = budget.rows_per_block(P.N, P.M, per_entry, budget.budget_bytes() // 2)
         else:
             lowers, uppers = _relu_bounds(margin, band_lo, band_hi, low, high)
-            # the active set adds v > 0 unless the window already implies it (low >= 0)
-            active_extra = None if (low != -INF and low >= 0.0) else margin
+            # the active set adds v > 0 (b < a + margin, strict) unless an upper bound already implies it
+            implied = bool(uppers) and (uppers[0][0] < margin or (uppers[0][0] == margin and uppers[0][1]))
+            active_extra = None if implied else margin
             n_b = len(lowers) + len(uppers) + (active_extra is not None)
             rows = budget.rows_per_block(P.N, P.M, _bytes_per_entry_triplet(P, need_grad, n_b))
         for s, e in budget.blocks(P.N, rows):

@@ -51,10 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="contrastive: neg_margin; paired-contrastive: margin; triplet: margin (default per loss: "
                    + per_loss("margin") + ")")
     g.add_argument("--pos-margin", type=float, default=None,
-                   help="contrastive only: pos_margin, positive pairs closer than this cost nothing (default 0)")
+                   help="contrastive only: pos_margin, positive pairs closer than this cost nothing (default "
+                   f"{DEFAULTS['contrastive']['pos_margin']})")
     g.add_argument("--positive-weight", type=float, default=None,
                    help="paired-contrastive only: weight of the positive term, 1 - it on the negative term "
-                   "(default 0.5)")
+                   f"(default {DEFAULTS['paired-contrastive']['positive_weight']})")
     g = parser.add_argument_group("model and optimisation")
     g.add_argument("--dim", type=int, default=2, help="embedding dimension")
     g.add_argument("--width", type=int, default=16, help="channels of the first conv block (then 2x, 4x)")
@@ -97,6 +98,12 @@ def _device(choice: str) -> str:
 
 def _mining_label(mining: str) -> str:
     return {"none": "all pairs", "batch-all": "all triplets"}.get(mining, f"{mining} mining")
+
+
+def _batch_label(config) -> str:
+    if config.sampler == "pk":
+        return f"{config.p} x {config.k} (classes x samples)"
+    return f"shuffled {config.p * config.k}-image"
 
 
 def _positive(parser, args, names) -> None:
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     y_test = torch.from_numpy(test_split.labels[:n_test]).to(device)
 
     print(f"fastdml-demo: loss {recipe.loss}, mining {recipe.mining}, margin {recipe.margin}, dim {config.dim}, "
-          f"{config.epochs} epochs of {n_train} images in {config.p} x {config.k} batches, device {device}, "
+          f"{config.epochs} epochs of {n_train} images in {_batch_label(config)} batches, device {device}, "
           f"{torch.get_num_threads()} threads -> {out}", flush=True)
     result = train(recipe, x_train, y_train, config, log=lambda line: print(line, flush=True))
 
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "dim": config.dim,
         "width": config.width,
         "hidden": config.hidden,
-        "batch": f"{config.p}x{config.k}" if config.sampler == "pk" else f"random {config.p * config.k}",
+        "batch": _batch_label(config),
         "lr": config.lr,
         "weight_decay": config.weight_decay,
         "shift": config.shift,

@@ -43,7 +43,7 @@ MININGS = {
 
 # Per-loss defaults, chosen from measured runs (see the README): margin, batch layout, schedule.
 DEFAULTS = {
-    "contrastive": dict(mining="none", margin=2.0, pos_margin=0.0, positive_weight=0.5, p=10, k=25,
+    "contrastive": dict(mining="none", margin=2.0, pos_margin=0.5, positive_weight=0.5, p=10, k=25,
                         epochs=20, lr=3e-3),
     "paired-contrastive": dict(mining="none", margin=2.0, pos_margin=0.0, positive_weight=0.5, p=10, k=25,
                                epochs=20, lr=3e-3),

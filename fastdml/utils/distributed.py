@@ -22,6 +22,11 @@ concatenated batch:
   rectangular ops (another distance), is computed as with ``efficient=False`` (exact, never PML's
   rank-local normalisers).
 
+A wrapped :class:`~fastdml.cross_batch_memory.CrossBatchMemory` (``efficient=False`` only, as PML) gets the pool
+in plain rank order instead, so that every rank writes the same rows in the same order into its memory: the
+memories stay identical (PML's per-rank order lets them diverge once the ring wraps) and equal to one process's
+fed the concatenated batches; its ``indices_tuple`` indexes that rank-ordered pool.
+
 Uneven batches: the sizes are all-gathered first, every rank pads to the largest and the padding is dropped.
 
 ``torch.compile``: under tracing the pool is gathered with functional collectives
@@ -236,14 +241,16 @@ class _RankSumReducers(MultipleReducers):
 
     def forward(self, loss_dict, embeddings, labels):
         values = []
+        # half-precision embeddings: float32 until the loss rounds once at the end (as fastdml's losses do)
+        dtype = torch.float32 if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings.dtype
         for name, info in loss_dict.items():
             losses, kind = info["losses"], info["reduction_type"]
             if kind == "already_reduced" and torch.is_tensor(losses):
-                values.append(losses.reshape(()).to(embeddings.dtype))
+                values.append(losses.reshape(()).to(dtype))
                 continue
             # per-element terms, or PML's int 0 for "no terms on this rank": every rank takes part
             low, high, divide = reducer_window(self.reducer_for(name))
-            values.append(_context.reduce_terms(losses, low, high, divide, embeddings))
+            values.append(_context.reduce_terms(losses, low, high, divide, embeddings).to(dtype))
         return torch.stack(values).sum()
 
 
@@ -297,7 +304,8 @@ class DistributedLossWrapper(torch.nn.Module):
         cross_batch = _is_cross_batch(self.loss)
         if not is_distributed():
             warnings.warn(
-                "DistributedLossWrapper is being used in a non-distributed setting. Returning the loss as is."
+                "DistributedLossWrapper is being used in a non-distributed setting. Returning the loss as is.",
+                stacklevel=2,
             )
             if cross_batch:
                 return self.loss(embeddings, labels, indices_tuple, enqueue_mask)
@@ -309,7 +317,9 @@ class DistributedLossWrapper(torch.nn.Module):
         rank, world = _rank_world(self.group)
         labels = _move(labels, embeddings.device)
         if cross_batch:
-            return self._forward_cross_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask, world)
+            return self._forward_cross_batch(
+                embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask, world
+            )
         if enqueue_mask is not None:
             raise ValueError("enqueue_mask is only accepted when the wrapped loss is a CrossBatchMemory")
         if world <= 1:
@@ -355,7 +365,8 @@ class DistributedLossWrapper(torch.nn.Module):
             # recomputes on the whole pool (the collectives above matched; the result is discarded)
             warnings.warn(
                 f"DistributedLossWrapper(efficient=True): {type(self.loss).__name__} with this configuration "
-                "has no fused rectangular path; computing the loss on the whole pool instead"
+                "has no fused rectangular path; computing the loss on the whole pool instead",
+                stacklevel=2,
             )
             return None
         return loss
