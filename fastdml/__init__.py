@@ -45,6 +45,7 @@ _SUBMODULES = (
     "losses",
     "miners",
     "functional",
+    "lazy",
     "reference",
     "metrics",
     "ops",

@@ -14,7 +14,8 @@ Instead of listing pairs, the wrapper enters :func:`pool_context` and calls the 
   the context's ``(N, M)`` gets the context's per-query exclusion ``excl``;
 * :func:`reduce_stats` (in :mod:`fastdml.ops`, on the float64 ``[S..., C...]`` of the stats ops) and
   :func:`reduce_terms` (the reducer the distributed wrapper installs for the per-element path: batch-hard,
-  explicit index tuples) all-reduce the sums and counts over the process group. With ``s`` this rank's sums
+  explicit index tuples), and :func:`reduce_sum_count` (in the losses that sum their own terms in PyTorch:
+  batch-hard) all-reduce the sums and counts over the process group. With ``s`` this rank's sums
   and ``s_all`` their all-reduced total::
 
       s_global = s + (s_all - s).detach()
@@ -37,7 +38,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["PoolContext", "pool_context", "current", "resolve_excl", "reduce_stats", "reduce_terms", "active"]
+__all__ = [
+    "PoolContext",
+    "pool_context",
+    "current",
+    "resolve_excl",
+    "reduce_stats",
+    "reduce_terms",
+    "reduce_sum_count",
+    "active",
+]
 
 
 @dataclass
@@ -54,6 +64,7 @@ class PoolContext:
     reduce: bool = False
     group: object = None
     applied: int = 0  # how many rectangular ops took the exclusion (tests, sanity checks)
+    reduced: int = 0  # how many sums/counts were added over the ranks (a loss that added none bypassed the hooks)
 
 
 _STACK: list[PoolContext] = []
@@ -111,9 +122,20 @@ def reduce_stats(stats: Tensor) -> Tensor:
     if not _STACK or not _STACK[-1].reduce:
         return stats
     ctx = _STACK[-1]
+    ctx.reduced += 1
     local = stats.detach()
     total = _all_reduce_sum(local, ctx.group)
     return stats + (total - local)
+
+
+def reduce_sum_count(s: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """A loss's own sum and count of counted terms (float64 0-dim tensors, e.g. batch-hard's per-anchor terms
+    summed in PyTorch), added over the context's ranks (value global, gradient local); unchanged outside a
+    reducing context. Every rank must call it: it is a collective."""
+    if not _STACK or not _STACK[-1].reduce:
+        return s, c
+    both = reduce_stats(torch.stack([s.to(torch.float64), c.to(torch.float64)]))
+    return both[0], both[1]
 
 
 def reduce_terms(losses, low: float, high: float, divide: bool, embeddings: Tensor) -> Tensor:
@@ -137,6 +159,7 @@ def reduce_terms(losses, low: float, high: float, divide: bool, embeddings: Tens
     terms = torch.where(keep, losses, torch.zeros_like(losses))
     local = torch.stack([terms.to(torch.float64).sum(), keep.sum().to(torch.float64)])
     if ctx.reduce:
+        ctx.reduced += 1
         total = _all_reduce_sum(local.detach(), ctx.group)
         local = local + (total - local.detach())
     s, c = local[0], local[1]

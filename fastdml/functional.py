@@ -26,7 +26,15 @@ from . import losses as _losses
 from . import miners as _miners
 from ._common import Geometry, resolve_inputs
 from .distances import CosineSimilarity, DotProductSimilarity, LpDistance
-from .reducers import AvgNonZeroReducer, DoNothingReducer, MeanReducer, SumReducer
+from .reducers import (
+    AvgNonZeroReducer,
+    DoNothingReducer,
+    MeanReducer,
+    MultipleReducers,
+    SumReducer,
+    is_do_nothing,
+    is_multiple,
+)
 
 __all__ = [
     "contrastive_loss",
@@ -71,6 +79,24 @@ def make_reducer(reduction):
     return table[reduction]()
 
 
+def _with_reducer(mod, reduction):
+    """Install the reduction on a freshly built loss without PML's deep copy (``copy.deepcopy`` cannot be traced
+    by torch.compile): fresh reducer objects per sub-loss for a name, the given object (shared) otherwise."""
+    names = mod._sub_loss_names()
+    if isinstance(reduction, str) and reduction == "none":
+        mod.reducer = DoNothingReducer()  # the whole loss dict, unreduced
+        return mod
+    if isinstance(reduction, str):
+        reds = {n: make_reducer(reduction) for n in names}
+    elif is_multiple(reduction) or is_do_nothing(reduction):
+        mod.reducer = reduction
+        return mod
+    else:
+        reds = {n: reduction for n in names}
+    mod.reducer = reds[names[0]] if len(names) == 1 else MultipleReducers(reds)
+    return mod
+
+
 def _unwrap(out, names):
     """With reduction "none", the per-element terms from the loss dict."""
     if not isinstance(out, dict):
@@ -98,11 +124,11 @@ def contrastive_loss(
     """PML's contrastive loss: ``reduce(relu(d_ap - pos_margin)) + reduce(relu(neg_margin - d_an))`` over all
     positive / negative pairs (or the given ones); similarities flip the hinges. See
     :class:`fastdml.losses.ContrastiveLoss`."""
-    mod = _losses.ContrastiveLoss(
-        pos_margin=pos_margin,
-        neg_margin=neg_margin,
-        distance=make_distance(distance, normalize),
-        reducer=make_reducer(reduction),
+    mod = _with_reducer(
+        _losses.ContrastiveLoss(
+            pos_margin=pos_margin, neg_margin=neg_margin, distance=make_distance(distance, normalize)
+        ),
+        reduction,
     )
     return _unwrap(mod(embeddings, labels, indices_tuple, ref_emb, ref_labels), ["pos_loss", "neg_loss"])
 
@@ -130,8 +156,8 @@ def triplet_margin_loss(
         smooth_loss=smooth_loss,
         triplets_per_anchor=triplets_per_anchor,
         distance=make_distance(distance, normalize),
-        reducer=make_reducer(reduction),
     )
+    mod = _with_reducer(mod, reduction)
     return _unwrap(mod(embeddings, labels, indices_tuple, ref_emb, ref_labels), ["loss"])
 
 
@@ -161,8 +187,9 @@ def batch_hard_triplet_loss(
     """Batch-hard triplet loss (TF-Addons ``triplet_hard_loss``): mean over anchors of
     ``relu(max_p d_ap - min_n d_an + margin)`` (``softplus(max_p d_ap - min_n d_an)`` if ``soft``). See
     :class:`fastdml.losses.BatchHardTripletLoss`."""
-    mod = _losses.BatchHardTripletLoss(
-        margin=margin, soft=soft, distance=make_distance(distance, normalize), reducer=make_reducer(reduction)
+    mod = _with_reducer(
+        _losses.BatchHardTripletLoss(margin=margin, soft=soft, distance=make_distance(distance, normalize)),
+        reduction,
     )
     return _unwrap(mod(embeddings, labels, None, ref_emb, ref_labels), ["loss"])
 
@@ -180,8 +207,8 @@ def batch_all_triplet_loss(
 ):
     """Batch-all triplet loss: ``relu(d_ap - d_an + margin)`` over all valid triplets, averaged over the
     positive terms (``"nonzero"``) or all (``"mean"``). See :class:`fastdml.losses.BatchAllTripletLoss`."""
-    mod = _losses.BatchAllTripletLoss(
-        margin=margin, distance=make_distance(distance, normalize), reducer=make_reducer(reduction)
+    mod = _with_reducer(
+        _losses.BatchAllTripletLoss(margin=margin, distance=make_distance(distance, normalize)), reduction
     )
     return _unwrap(mod(embeddings, labels, None, ref_emb, ref_labels), ["loss"])
 
@@ -199,8 +226,8 @@ def semihard_triplet_loss(
 ):
     """FaceNet semi-hard triplet loss (TF-Addons ``triplet_semihard_loss``): mean over positive pairs of
     ``relu(d_ap - d_an* + margin)``. See :class:`fastdml.losses.SemiHardTripletLoss`."""
-    mod = _losses.SemiHardTripletLoss(
-        margin=margin, distance=make_distance(distance, normalize), reducer=make_reducer(reduction)
+    mod = _with_reducer(
+        _losses.SemiHardTripletLoss(margin=margin, distance=make_distance(distance, normalize)), reduction
     )
     return _unwrap(mod(embeddings, labels, None, ref_emb, ref_labels), ["loss"])
 

@@ -165,3 +165,53 @@ class LazyIndices(tuple):
     @property
     def device(self) -> torch.device:
         return self.materialize()[0].device
+
+
+class TracedIndices:
+    """What a fastdml miner returns while ``torch.compile`` traces it (a tuple subclass cannot be built in a
+    traced region): the same selection record for fastdml's losses, and the sequence protocol (``len``,
+    indexing, iteration: listed on first read, which breaks the graph) for anyone else. Outside compiled
+    code the miners return :class:`LazyIndices`."""
+
+    def __init__(self, arity, builder, fuse=None, counter=None):
+        self._arity = arity
+        self._builder = builder
+        self._value = None
+        self.fuse = fuse
+        self._counter = counter
+
+    def materialize(self) -> tuple:
+        if self._value is None:
+            self._value = tuple(self._builder())
+        return self._value
+
+    @property
+    def is_materialized(self) -> bool:
+        return self._value is not None
+
+    def count_handle(self):
+        counter, arity, me = self._counter, self._arity, self
+
+        def counts():
+            if me._value is None and counter is not None:
+                return counter()
+            v = me.materialize()
+            return (len(v[0]),) if arity == 3 else (len(v[0]), len(v[2]))
+
+        return counts
+
+    def __len__(self):
+        return self._arity
+
+    def __getitem__(self, key):
+        return self.materialize()[key]
+
+    def __iter__(self):
+        return iter(self.materialize())
+
+
+def make_lazy(arity, builder=None, value=None, fuse=None, counter=None):
+    """A :class:`LazyIndices`, or a :class:`TracedIndices` while torch.compile traces (same record)."""
+    if value is None and torch.compiler.is_compiling():
+        return TracedIndices(arity, builder, fuse=fuse, counter=counter)
+    return LazyIndices(arity, builder, value=value, fuse=fuse, counter=counter)

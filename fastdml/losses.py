@@ -11,6 +11,8 @@ How a call is computed (fastest first):
    ``CosineSimilarity``, ``DotProductSimilarity``: :func:`fastdml.distances.fused_spec`) and a windowed reducer
    (Mean, Sum, AvgNonZero, Threshold: :func:`fastdml.reducers.reducer_window`). One ``fastdml.ops`` sweep
    returns the sum and count of the counted terms; the loss is ``S / C`` (``S`` for Sum), zero when ``C = 0``.
+   BatchHardMiner / BatchEasyHardMiner results are N chosen pairs, evaluated with ``ops.pair_values`` and
+   masked (as is :class:`BatchHardTripletLoss`), with no data-dependent shape.
 2. **Given indices**: the distances of the listed pairs only, by ``ops.pair_values`` (O(T D), exact), then
    PML's formula per element and the reducer object itself (any reducer).
 3. **Generic**: a distance without fused spec (``p != 2``, other powers, subclasses): the distance object's
@@ -38,11 +40,11 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from . import _context, ops, reference
 from . import _validation as V
-from . import ops, reference
 from ._common import INF, Geometry, _normalize, resolve_inputs, window_value
 from .distances import LpDistance
-from .lazy import LazyIndices
+from .lazy import LazyIndices, TracedIndices
 from .reducers import (
     AvgNonZeroReducer,
     MeanReducer,
@@ -89,7 +91,7 @@ def _convert_to_pairs(idx):
 
 
 def _materialize_indices(indices_tuple, inp):
-    if isinstance(indices_tuple, LazyIndices):
+    if isinstance(indices_tuple, (LazyIndices, TracedIndices)):
         indices_tuple = indices_tuple.materialize()
     return V.check_indices_tuple(indices_tuple, inp.n, inp.m, inp.embeddings.device)
 
@@ -109,6 +111,32 @@ def _lazy_fuse(indices_tuple, inp, geo, op):
     if f["spec"] != geo.spec:
         return None
     return f
+
+
+def _row_pairs(indices_tuple, inp):
+    """The (valid, p, n) arrays of a BatchHardMiner / BatchEasyHardMiner lazy result on a batch of this shape
+    (the pairs are indices: any embeddings of the same shape may be evaluated on them, as PML does), else None."""
+    if not isinstance(indices_tuple, (LazyIndices, TracedIndices)):
+        return None
+    f = indices_tuple.fuse
+    if not f or f.get("op") != "row_pairs" or f["n"] != inp.n or f["m"] != inp.m:
+        return None
+    return f
+
+
+def _masked_sum64(t, mask):
+    """Sum of the masked entries in float64 (where(), not a product: a NaN outside the mask cannot leak in)."""
+    return torch.where(mask, t, torch.zeros_like(t)).to(torch.float64).sum()
+
+
+def _in_window(t, low, high):
+    """``low < t < high``, an infinite bound imposing nothing (as the ops' windows)."""
+    ok = torch.ones_like(t, dtype=torch.bool)
+    if low != -INF:
+        ok = ok & (t > low)
+    if high != INF:
+        ok = ok & (t < high)
+    return ok
 
 
 def _r_for(geo, square):
@@ -248,7 +276,31 @@ class ContrastiveLoss(BaseMetricLossFunction):
         f = _lazy_fuse(indices_tuple, inp, geo, "pair_band") if fusable else None
         if f is not None:
             return self._fused(geo, f["square"], f["y"], f["z"], f["excl"], f["band"][0], f["band"][1], wp, wn)
+        rp = _row_pairs(indices_tuple, inp) if (wp is not None and wn is not None) else None
+        if rp is not None:
+            return self._row_pairs_fused(geo, rp, wp, wn)
         return self._given(geo, _convert_to_pairs(_materialize_indices(indices_tuple, inp)))
+
+    def _row_pairs_fused(self, geo, rp, wp, wn):
+        """One positive (a, p_a) and one negative (a, n_a) pair per valid anchor, evaluated over all anchors with
+        the invalid ones masked (no listing, no data-dependent shape)."""
+        emb = geo.inp.embeddings
+        a = torch.arange(rp["n"], device=emb.device)
+        valid = rp["valid"]
+        tp = F.relu(self.distance.margin(geo.raw(a, rp["p"]), self.pos_margin))
+        tn = F.relu(self.distance.margin(self.neg_margin, geo.raw(a, rp["neg"])))
+        cp = valid & _in_window(tp, wp[0], wp[1])
+        cn = valid & _in_window(tn, wn[0], wn[1])
+        # (sums and counts added over the ranks inside a distributed wrapper's context)
+        sp, cp_ = _context.reduce_sum_count(_masked_sum64(tp, cp), cp.sum().to(torch.float64))
+        sn, cn_ = _context.reduce_sum_count(_masked_sum64(tn, cn), cn.sum().to(torch.float64))
+        vp = window_value(sp, cp_, wp, emb)
+        vn = window_value(sn, cn_, wn, emb)
+        # PML: zero when every index list has at most one pair, i.e. at most one valid anchor
+        several = valid.sum() > 1
+        vp = torch.where(several, vp, torch.zeros_like(vp))
+        vn = torch.where(several, vn, torch.zeros_like(vn))
+        return {"pos_loss": _already_reduced(vp), "neg_loss": _already_reduced(vn)}
 
     def _dprime_margins(self, geo):
         # PML: relu(pos_margin - s), relu(s - neg_margin) for similarities; with s = -d' these are
@@ -396,6 +448,14 @@ class TripletMarginLoss(BaseMetricLossFunction):
         f = _lazy_fuse(indices_tuple, inp, geo, "triplet_band") if fusable else None
         if f is not None:
             return self._fused(geo, f["square"], f["y"], f["z"], f["excl"], f["band"][0], f["band"][1], win)
+        rp = _row_pairs(indices_tuple, inp) if (win is not None and not self.swap) else None
+        if rp is not None:
+            # one triplet (a, p_a, n_a) per valid anchor, evaluated over all anchors with the others masked
+            a = torch.arange(rp["n"], device=inp.embeddings.device)
+            term = self._terms(geo, a, rp["p"], rp["neg"])
+            counted = rp["valid"] & _in_window(term, win[0], win[1])
+            s_, c_ = _context.reduce_sum_count(_masked_sum64(term, counted), counted.sum().to(torch.float64))
+            return {"loss": _already_reduced(window_value(s_, c_, win, inp.embeddings))}
         return self._given(geo, _convert_to_triplets(_materialize_indices(indices_tuple, inp)))
 
     def _fused(self, geo, square, y, z, excl, band_lo, band_hi, win):
@@ -556,6 +616,16 @@ class BatchHardTripletLoss(BaseMetricLossFunction):
         geo = Geometry(self.distance, inp)
         _, ip, fp = geo.row_extreme("pos", "max")
         _, ineg, fn = geo.row_extreme("neg", "min")
+        win = self.window("loss")
+        if win is not None and not self.collect_stats:
+            # fused: every anchor is evaluated and the unusable ones masked, so no shape depends on the data
+            # (no host sync, torch.compile traces it whole); the reducer's window gives S / C
+            a = torch.arange(inp.n, device=inp.embeddings.device)
+            v = geo.dprime(a, ip) - geo.dprime(a, ineg)
+            term = F.softplus(v) if self.soft else F.relu(v + self.margin)
+            counted = fp & fn & _in_window(term, win[0], win[1])
+            s_, c_ = _context.reduce_sum_count(_masked_sum64(term, counted), counted.sum().to(torch.float64))
+            return {"loss": _already_reduced(window_value(s_, c_, win, inp.embeddings))}
         a = torch.nonzero(fp & fn).flatten()
         if a.numel() == 0:
             return self.zero_losses()

@@ -9,7 +9,10 @@ embeddings tensor, the listing miners are evaluated fused instead (nothing liste
 * ``PairMarginMiner`` + ``ContrastiveLoss``: one ``ops.contrastive_stats`` sweep with the miner's thresholds.
 
 ``BatchHardMiner`` / ``BatchEasyHardMiner`` choose one pair per anchor with ``ops.row_extreme`` (no N x M
-matrix, O(N) output), and the losses evaluate those N pairs with ``ops.pair_values``. ``MultiSimilarityMiner``
+matrix) and keep ``(valid, p, n)`` over all anchors; the losses evaluate those N pairs with
+``ops.pair_values``, the anchors without a pair masked, so no shape depends on the data (``torch.compile``
+traces miner + loss whole; inside a traced region the result is a :class:`fastdml.lazy.TracedIndices`).
+With an ``"all"`` strategy or ``collect_stats`` they list eagerly. ``MultiSimilarityMiner``
 sorts the rows of a materialized matrix (PML's algorithm). A distance without a fused spec uses its own matrix.
 
 The counts PML records on every call (``num_triplets``, ``num_pos_pairs``, ``num_neg_pairs``) are computed on
@@ -26,7 +29,7 @@ from . import _validation as V
 from . import ops, reference
 from ._common import INF, Geometry, resolve_inputs
 from .distances import CosineSimilarity, LpDistance
-from .lazy import LazyIndices
+from .lazy import LazyIndices, make_lazy
 
 __all__ = [
     "BaseMiner",
@@ -292,6 +295,17 @@ class BatchEasyHardMiner(BaseMiner):
             if ns != self.ALL:
                 neg = self._pick(geo, "neg", ns)
         sign = -1.0 if geo.inverted else 1.0
+        if pos is not None and neg is not None and not self.collect_stats:
+            # one pair of each kind per anchor: kept as (valid, p, n) arrays over all anchors, listed on first
+            # read; fastdml's losses evaluate the N pairs masked, with no data-dependent shape
+            valid, pidx, nidx = pos[2] & neg[2], pos[1], neg[1]
+
+            def builder():
+                k = torch.nonzero(valid).flatten()
+                return a[k], pidx[k], a[k], nidx[k]
+
+            fuse = {"op": "row_pairs", "n": inp.n, "m": inp.m, "valid": valid, "p": pidx, "neg": nidx}
+            return builder, fuse, valid
         if pos is not None and neg is not None:
             keep = torch.nonzero(pos[2] & neg[2]).flatten()
             out = (a[keep], pos[1][keep], a[keep], neg[1][keep])
@@ -315,7 +329,11 @@ class BatchEasyHardMiner(BaseMiner):
 
     def mine(self, inp):
         geo = Geometry(self.distance, inp)
-        return LazyIndices(4, value=self._select(geo, inp))
+        out = self._select(geo, inp)
+        if callable(out[0]):
+            builder, fuse, valid = out
+            return make_lazy(4, builder, fuse=fuse, counter=lambda: (int(valid.sum()),) * 2)
+        return LazyIndices(4, value=out)
 
     def _set_stats(self, geo, pv, nv):
         def func(min_if_inverted):
@@ -344,7 +362,16 @@ class BatchHardMiner(BatchEasyHardMiner):
 
     def mine(self, inp):
         geo = Geometry(self.distance, inp)
-        a, p, _, n = self._select(geo, inp)
+        out = self._select(geo, inp)
+        if callable(out[0]):
+            builder4, fuse, valid = out
+
+            def builder():
+                a, p, _, n = builder4()
+                return a, p, n
+
+            return make_lazy(3, builder, fuse=fuse, counter=lambda: (int(valid.sum()),))
+        a, p, _, n = out
         return LazyIndices(3, value=(a, p, n))
 
 

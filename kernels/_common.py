@@ -220,7 +220,7 @@ def dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D,
         if tl.max(near.to(tl.int32)) > 0:
             qd = direct_q(x_ptr, r_ptr, rows, rmask, cols, cmask, D, BM, BN, SUBK)
             q = tl.where(near, qd, q)
-        q = tl.maximum(q, 0.0)
+        q = tl.maximum(q, 0.0, propagate_nan=tl.PropagateNan.ALL)  # clamp rounding, keep NaN
         if KIND == 0:
             dp = tl.sqrt(q)
         else:

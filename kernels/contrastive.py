@@ -76,10 +76,14 @@ def contrastive_kernel(
             exc = tl.load(excl_ptr + cols, mask=cmask, other=-1)
             valid = valid & (exc[None, :] != rows[:, None])
         same = yl[:, None] == zl[None, :]
-        tp = tl.maximum(dp - pos_margin, 0.0)
-        tn = tl.maximum(neg_margin - dp, 0.0)
-        cntp = valid & same & (dp > pos_lo) & (tp > low) & (tp < high)
-        cntn = valid & (~same) & (dp < neg_hi) & (tn > low) & (tn < high)
+        # relu keeps NaN (as F.relu); an infinite bound imposes no condition, so a NaN term passes it and
+        # propagates (PML's mean), while a finite bound is a strict comparison that NaN fails (PML's filters)
+        tp = tl.maximum(dp - pos_margin, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        tn = tl.maximum(neg_margin - dp, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        no_low = low < -3.0e38
+        no_high = high > 3.0e38
+        cntp = valid & same & ((dp > pos_lo) | (pos_lo < -3.0e38)) & ((tp > low) | no_low) & ((tp < high) | no_high)
+        cntn = valid & (~same) & ((dp < neg_hi) | (neg_hi > 3.0e38)) & ((tn > low) | no_low) & ((tn < high) | no_high)
         if STATS:
             sp += tl.sum(tl.where(cntp, tp, 0.0), axis=1).to(tl.float64)
             cp += tl.sum(cntp.to(tl.int32), axis=1).to(tl.int64)

@@ -72,12 +72,13 @@ def triplet_anchor_kernel(
             dan = tl.load(buf_row + cols, mask=nm, other=0.0)
             t = dan[None, :] - dap[:, None]
             v = dap[:, None] - dan[None, :] + margin
-            sel = pm[:, None] & nm[None, :] & (t > band_lo) & (t <= band_hi)
+            sel = pm[:, None] & nm[None, :] & ((t > band_lo) | (band_lo < -3.0e38)) & ((t <= band_hi) | (band_hi > 3.0e38))
             if SMOOTH:
-                term = tl.maximum(v, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v)))
+                term = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL) + tl.log(1.0 + tl.exp(-tl.abs(v)))
             else:
-                term = tl.maximum(v, 0.0)
-            cnt = sel & (term > low) & (term < high)
+                term = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            # an infinite bound imposes no condition (NaN passes and propagates); a finite one is strict
+            cnt = sel & ((term > low) | (low < -3.0e38)) & ((term < high) | (high > 3.0e38))
             s += tl.sum(tl.sum(tl.where(cnt, term, 0.0), axis=1), axis=0).to(tl.float64)
             c += tl.sum(tl.sum(cnt.to(tl.int32), axis=1), axis=0).to(tl.int64)
             if NEED_GRAD:
@@ -145,7 +146,7 @@ def semihard_anchor_kernel(
         nstar = tl.where(ab_i >= 0, ab_i, mx_i)
         dstar = tl.where(ab_i >= 0, ab_v, mx_v)
         v = dap - dstar + margin
-        s += tl.sum(tl.where(has, tl.maximum(v, 0.0), 0.0), axis=0).to(tl.float64)
+        s += tl.sum(tl.where(has, tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0), axis=0).to(tl.float64)
         c += tl.sum(has.to(tl.int32), axis=0).to(tl.int64)
         if NEED_GRAD:
             wpos = tl.where(has & (v > 0), 1.0, 0.0)
@@ -195,7 +196,7 @@ def triplet_list_kernel(
             nm = cm & (zl != ya) & (cols != ex)
             dan = tl.load(buf_row + cols, mask=nm, other=0.0)
             t = dan[None, :] - dap[:, None]
-            sel = pm[:, None] & nm[None, :] & (t > band_lo) & (t <= band_hi)
+            sel = pm[:, None] & nm[None, :] & ((t > band_lo) | (band_lo < -3.0e38)) & ((t <= band_hi) | (band_hi > 3.0e38))
             per_p += tl.sum(sel.to(tl.int32), axis=1).to(tl.int64)
         if WRITE:
             run = base + tl.cumsum(per_p, axis=0) - per_p
@@ -206,7 +207,7 @@ def triplet_list_kernel(
                 nm = cm & (zl != ya) & (cols != ex)
                 dan = tl.load(buf_row + cols, mask=nm, other=0.0)
                 t = dan[None, :] - dap[:, None]
-                sel = (pm[:, None] & nm[None, :] & (t > band_lo) & (t <= band_hi)).to(tl.int32)
+                sel = (pm[:, None] & nm[None, :] & ((t > band_lo) | (band_lo < -3.0e38)) & ((t <= band_hi) | (band_hi > 3.0e38))).to(tl.int32)
                 pos = run[:, None] + (tl.cumsum(sel, axis=1) - sel).to(tl.int64)
                 wm = sel != 0
                 tl.store(a_ptr + pos, a + tl.zeros((BP, BT), tl.int64), mask=wm)

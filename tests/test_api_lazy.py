@@ -78,6 +78,10 @@ def test_lazy_counts_without_listing(backend):
         (lambda: M.TripletMarginMiner(margin=0.3, type_of_triplets="semihard"), lambda: L.TripletMarginLoss(0.1)),
         (lambda: M.TripletMarginMiner(margin=0.3, type_of_triplets="easy"), lambda: L.TripletMarginLoss(0.5)),
         (lambda: M.PairMarginMiner(), lambda: L.ContrastiveLoss()),
+        (lambda: M.BatchHardMiner(), lambda: L.TripletMarginLoss(0.3)),
+        (lambda: M.BatchHardMiner(), lambda: L.ContrastiveLoss(0.1)),
+        (lambda: M.BatchEasyHardMiner(), lambda: L.TripletMarginLoss(0.3)),
+        (lambda: M.BatchEasyHardMiner(pos_strategy="semihard", neg_strategy="easy"), lambda: L.ContrastiveLoss()),
     ],
 )
 def test_fastdml_loss_fuses_lazy_result_without_listing(backend, make_miner, make_loss):

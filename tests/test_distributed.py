@@ -100,6 +100,10 @@ def _data(sizes, seed=0):
     return e, y
 
 
+# a rank with no rows at all (the collectives still run; its loss value is the global one)
+EMPTY_RANK = {"empty_rank": (10, 0)}
+
+
 def _scenarios():
     out = []
     for size_name in SIZES:
@@ -107,6 +111,9 @@ def _scenarios():
             for efficient in (False, True):
                 for backend in BACKENDS:
                     out.append((size_name, loss_name, efficient, backend))
+    for loss_name in ("contrastive_mean_reducer", "batch_all", "batch_hard"):
+        for efficient in (False, True):
+            out.append(("empty_rank", loss_name, efficient, "auto"))
     return out
 
 
@@ -131,7 +138,7 @@ def _rank_main(rank, world, port, scenarios, result_queue):
         results = {}
         for sc in scenarios:
             size_name, loss_name, efficient, backend = sc
-            sizes = SIZES[size_name]
+            sizes = {**SIZES, **EMPTY_RANK}[size_name]
             e_full, y_full = _data(sizes)
             lo = sum(sizes[:rank])
             hi = lo + sizes[rank]
@@ -168,6 +175,31 @@ def _rank_main(rank, world, port, scenarios, result_queue):
                 grad /= world
                 steps.append((val.detach().clone(), grad))
             results[("cbm", size_name)] = steps
+        # ref_emb (a second view per row, same labels) and bool labels
+        for size_name in SIZES:
+            sizes = SIZES[size_name]
+            lo = sum(sizes[:rank])
+            hi = lo + sizes[rank]
+            e_full, y_full = _data(sizes)
+            r_full, _ = _data(sizes, seed=7)
+            for efficient in (False, True):
+                wrapper = DistributedLossWrapper(_make_loss("contrastive_mean"), efficient=efficient)
+                e = e_full.clone().requires_grad_(True)
+                r = r_full.clone().requires_grad_(True)
+                val = wrapper(e[lo:hi], y_full[lo:hi], None, r[lo:hi], y_full[lo:hi].clone())
+                (val * UPSTREAM).backward()
+                grads = torch.cat([e.grad, r.grad], 1)
+                torch.distributed.all_reduce(grads)
+                grads /= world
+                results[("ref_emb", size_name, efficient)] = (val.detach().clone(), grads)
+            wrapper = DistributedLossWrapper(_make_loss("contrastive_mean"), efficient=True)
+            e = e_full.clone().requires_grad_(True)
+            val = wrapper(e[lo:hi], (y_full[lo:hi] % 2) == 0)
+            (val * UPSTREAM).backward()
+            grad = e.grad.clone()
+            torch.distributed.all_reduce(grad)
+            grad /= world
+            results[("bool_labels", size_name)] = (val.detach().clone(), grad)
         # a real DistributedDataParallel model: its averaged parameter gradients against one process
         for loss_name, efficient in DDP_CASES:
             sizes = SIZES["uneven"]
@@ -258,7 +290,7 @@ def world_results():
 @pytest.mark.parametrize("sc", _scenarios(), ids=lambda sc: "-".join(map(str, sc)))
 def test_distributed_loss_and_ddp_gradient_equal_single_process(world_results, sc):
     size_name, loss_name, efficient, backend = sc
-    e, y = _data(SIZES[size_name])
+    e, y = _data({**SIZES, **EMPTY_RANK}[size_name])
     want_val, want_grad = _single(loss_name, e, y)
     tol = TOL[torch.float64]
     assert want_grad.abs().max() > 0  # the scenario exercises a non-trivial gradient
@@ -349,3 +381,37 @@ def test_ddp_parameter_gradients_equal_single_process(world_results, case):
         for got, p in zip(grads, model.parameters()):
             assert p.grad.abs().max() > 0
             torch.testing.assert_close(got, p.grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+@pytest.mark.parametrize("size_name", list(SIZES))
+def test_distributed_ref_emb_follows_pml_semantics(world_results, size_name, efficient):
+    """With ref_emb: efficient=False is the loss of all embeddings against all references (nothing excluded);
+    efficient=True also skips each anchor's own reference row, as PML's get_indices_tuple does (the single-process
+    equivalent is ``ref_labels is labels``)."""
+    sizes = SIZES[size_name]
+    e, y = _data(sizes)
+    r, _ = _data(sizes, seed=7)
+    e = e.clone().requires_grad_(True)
+    r = r.clone().requires_grad_(True)
+    with fastdml.use_backend("reference"):
+        want = _make_loss("contrastive_mean")(e, y, None, r, y if efficient else y.clone())
+    (want * UPSTREAM).backward()
+    want_grad = torch.cat([e.grad, r.grad], 1)
+    for rank in range(WORLD):
+        val, grads = world_results[rank][("ref_emb", size_name, efficient)]
+        torch.testing.assert_close(val, want.detach(), **TOL[torch.float64])
+        torch.testing.assert_close(grads, want_grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("size_name", list(SIZES))
+def test_distributed_bool_labels(world_results, size_name):
+    e, y = _data(SIZES[size_name])
+    e = e.clone().requires_grad_(True)
+    with fastdml.use_backend("reference"):
+        want = _make_loss("contrastive_mean")(e, (y % 2) == 0)
+    (want * UPSTREAM).backward()
+    for rank in range(WORLD):
+        val, grad = world_results[rank][("bool_labels", size_name)]
+        torch.testing.assert_close(val, want.detach(), **TOL[torch.float64])
+        torch.testing.assert_close(grad, e.grad, **TOL[torch.float64])

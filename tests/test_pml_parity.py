@@ -218,6 +218,19 @@ def test_contrastive_single_pair_quirk_matches_pml(backend):
         lambda e, f: pml_losses.ContrastiveLoss(pos_margin=0.0, neg_margin=5.0)(e, y2, None, f, z2), x2, r2
     )
     assert_close_to_pml(ours, theirs, torch.float64)
+    # and on the batch-hard miner's single pair (one anchor): fused row pairs, zero as PML
+    ours = loss_and_grads(
+        lambda e, f: L.ContrastiveLoss(neg_margin=5.0)(e, y2, M.BatchHardMiner()(e, y2, f, z2), f, z2), x2, r2
+    )
+    theirs = _pml_ref(
+        lambda e, f: pml_losses.ContrastiveLoss(neg_margin=5.0)(
+            e, y2, pml_miners.BatchHardMiner()(e, y2, f, z2), f, z2
+        ),
+        x2,
+        r2,
+    )
+    assert_close_to_pml(ours, theirs, torch.float64)
+    assert float(ours[0]) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -37,21 +37,47 @@ INF = math.inf
 MAX_RECTS = 32
 
 
-def intervals(pos_margin, neg_margin, pos_lo, neg_hi, low, high):
+def _largest(guess: float, pred, dtype) -> float:
+    """The largest float of ``dtype`` near ``guess`` where ``pred`` (true below a boundary) holds."""
+    from .triplet import _boundary
+
+    return float(_boundary(torch.tensor(guess, dtype=dtype), pred))
+
+
+def _after(t: float, dtype) -> float:
+    """The next float of ``dtype`` above t (so ``d <= t`` reads ``d < _after(t)``)."""
+    return float(torch.nextafter(torch.tensor(t, dtype=dtype), torch.tensor(INF, dtype=dtype)))
+
+
+def intervals(pos_margin, neg_margin, pos_lo, neg_hi, low, high, dtype=torch.float64):
     """Open d'-intervals ``(lo, hi)`` of the counted and the active (counted, t > 0) pairs:
     ``(pos_counted, pos_active, neg_counted, neg_active)``, or None when nothing can be counted.
 
     Positives ``t = relu(d' - pm)``: ``t > low`` (low >= 0) is ``d' > pm + low``, ``t < high`` is
     ``d' < pm + high``; active adds ``d' > pm``. Negatives ``t = relu(nm - d')``: ``t > low`` is
-    ``d' < nm - low``, ``t < high`` is ``d' > nm - high``; active adds ``d' < nm``.
+    ``d' < nm - low``, ``t < high`` is ``d' > nm - high``; active adds ``d' < nm``. The window's edges
+    are the exact float boundaries of the reference's ``d' - pm`` / ``nm - d'`` in ``dtype`` (so ties and
+    tiny constants decide as there).
     """
     if high <= 0.0:
         return None  # terms are >= 0
+    pm, nm = pos_margin, neg_margin
     low_binds = low != -INF and low >= 0.0
-    pc = (max(pos_lo, pos_margin + low) if low_binds else pos_lo, pos_margin + high if high != INF else INF)
-    pa = (max(pc[0], pos_margin), pc[1])
-    nc = (neg_margin - high if high != INF else -INF, min(neg_hi, neg_margin - low) if low_binds else neg_hi)
-    na = (nc[0], min(nc[1], neg_margin))
+    c = lambda v: torch.tensor(v, dtype=dtype)  # noqa: E731
+    if low_binds:
+        # positives: d - pm > low  <=>  d > T, T = largest d with d - pm <= low
+        p_lo = _largest(pm + low, lambda d: (d - c(pm)) <= c(low), dtype)
+        # negatives: nm - d > low  <=>  d <= T, T = largest d with nm - d > low
+        n_hi = _after(_largest(nm - low, lambda d: (c(nm) - d) > c(low), dtype), dtype)
+    if high != INF:
+        # positives: d - pm < high  <=>  d <= T (T = largest d with d - pm < high)
+        p_hi = _after(_largest(pm + high, lambda d: (d - c(pm)) < c(high), dtype), dtype)
+        # negatives: nm - d < high  <=>  d > T (T = largest d with nm - d >= high)
+        n_lo = _largest(nm - high, lambda d: (c(nm) - d) >= c(high), dtype)
+    pc = (max(pos_lo, p_lo) if low_binds else pos_lo, p_hi if high != INF else INF)
+    pa = (max(pc[0], pm), pc[1])
+    nc = (n_lo if high != INF else -INF, min(neg_hi, n_hi) if low_binds else neg_hi)
+    na = (nc[0], min(nc[1], nm))
     return pc, pa, nc, na
 
 
@@ -165,7 +191,7 @@ def contrastive_stats_fwd(x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo
         pm, nm = float(pos_margin), float(neg_margin)
         gx, gr = new_parts(P0, 2, need_grad)
         sums = torch.zeros(4, dtype=torch.float64, device=P0.device)
-        iv = intervals(pm, nm, float(pos_lo), float(neg_hi), float(low), float(high))
+        iv = intervals(pm, nm, float(pos_lo), float(neg_hi), float(low), float(high), P0.acc)
         if P0.N == 0 or P0.M == 0 or iv is None:
             return sums, gx, gr
         P, rperm, cperm = P0.sorted_by_label()

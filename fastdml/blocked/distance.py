@@ -117,6 +117,8 @@ class Problem:
             self.rn = self.xn if self.square else (self.r * self.r).sum(1)
             self.rn_max = float(self.rn.max()) if self.M > 0 else 0.0
         self._rt = None
+        self._aug = None
+        self._canon = None
 
     # ------------------------------------------------------------------------------------------------
     def sorted_by_label(self):
@@ -144,6 +146,8 @@ class Problem:
             Ps.xn = self.xn[rperm]
             Ps.rn = Ps.xn if self.square else self.rn[cperm]
         Ps._rt = None
+        Ps._aug = None
+        Ps._canon = None
         return Ps, rperm, cperm
 
     def rt(self) -> torch.Tensor:
@@ -196,23 +200,64 @@ def _recompute_pairs(P: Problem, xb: torch.Tensor, q: torch.Tensor, ii: torch.Te
         q[a, b] = (diff * diff).sum(1)
 
 
-def distances(P: Problem, s: int, e: int):
+def _augmented(P: Problem):
+    """``([x, |x|^2, 1], [-2 r, 1, |r|^2])`` so that one GEMM gives q = |x|^2 + |r|^2 - 2 x.r (cached)."""
+    if P._aug is None:
+        one_x = torch.ones((P.N, 1), dtype=P.acc, device=P.device)
+        one_r = torch.ones((P.M, 1), dtype=P.acc, device=P.device)
+        xa = torch.cat([P.x, P.xn[:, None], one_x], 1)
+        ra = torch.cat([P.r * -2.0, one_r, P.rn[:, None]], 1)
+        P._aug = (xa, ra)
+    return P._aug
+
+
+def canonical_columns(P: Problem):
+    """For references with exact duplicate rows: ``canon[j]`` = the lowest index of r_j's copies (else None).
+
+    The GEMM may round the distances to two identical references differently (BLAS sums depend on the
+    column's position), and ties between copies decide semihard's n*, row_extreme's index and band edges
+    (``d'_an - d'_ap = 0``). Copying each duplicate's column from its first copy makes copies tie exactly,
+    as they do in the reference. Detection: one row hash (a per-row sum: identical rows give identical
+    sums); only when two hashes collide is the exact ``torch.unique`` run.
+    """
+    if P._canon is None:
+        P._canon = False
+        if P.M > 1:
+            g = torch.Generator(device="cpu").manual_seed(12345)
+            v = torch.randn(P.D, generator=g, dtype=torch.float64).to(device=P.device, dtype=P.acc)
+            h = (P.r * v).sum(1)
+            sh = torch.sort(h).values
+            if bool((sh[1:] == sh[:-1]).any()):
+                _, inverse = torch.unique(P.r, dim=0, return_inverse=True)
+                first = torch.full((int(inverse.max()) + 1,), P.M, dtype=torch.int64, device=P.device)
+                first.scatter_reduce_(0, inverse, torch.arange(P.M, device=P.device), reduce="amin")
+                canon = first[inverse]
+                if bool((canon != torch.arange(P.M, device=P.device)).any()):
+                    P._canon = canon
+    return None if P._canon is False else P._canon
+
+
+def distances(P: Problem, s: int, e: int, root: bool = True):
     """d' of block rows s:e against all references: ``(d (b, M) in P.acc, flagged)``.
 
     ``flagged`` is ``(ii, jj)`` (block-relative rows, columns) of the near-duplicate entries
     (``q <= NEAR_REL (|x_i|^2 + |r_j|^2)``; l2/sql2 only, else None), recomputed by direct differences.
     In the square case the diagonal is exactly 0 (and not flagged: it is excluded from every loss).
+    ``root=False`` returns q instead of sqrt(q) for "l2" (for order-only uses: sqrt is monotone).
     """
     xb = P.x[s:e]
     if P.kind == "dot":
-        return torch.mm(xb, P.r.t()).neg_(), None
+        d = torch.mm(xb, P.r.t()).neg_()
+        canon = canonical_columns(P)
+        return (d if canon is None else d.index_select(1, canon)), None
     flagged = None
     if P.direct:
         q = _direct_q(xb, P.rt())
     else:
-        # q = |r|^2 - 2 x.r (one addmm) + |x|^2
-        q = torch.addmm(P.rn[None, :], xb, P.r.t(), alpha=-2.0)
-        q.add_(P.xn[s:e, None])
+        # q = |x|^2 + |r|^2 - 2 x.r in one GEMM over augmented rows. Every entry left un-flagged below has
+        # q > NEAR (|x_i|^2 + |r_j|^2) >= 0, and flagged ones are recomputed exactly: no clamp needed.
+        xa, ra = _augmented(P)
+        q = torch.mm(xa[s:e], ra.t())
     # near-duplicates: a cheap row-wise pre-check (min_j q_ij <= NEAR (|x_i|^2 + max |r|^2): one read-only
     # reduction, the square diagonal masked), then the exact per-entry rule on the few candidate rows.
     # The GEMM path recomputes them; both paths give them to the gradient's direct-difference branch.
@@ -234,12 +279,11 @@ def distances(P: Problem, s: int, e: int):
             if not P.direct:
                 _recompute_pairs(P, xb, q, ii, jj)
             flagged = (ii, jj)
-    if not P.direct:
-        q.clamp_min_(0.0)
-        if P.square:
-            q.diagonal(s).zero_()
-    if P.kind == "l2":
+    if P.kind == "l2" and root:
         q.sqrt_()
+    canon = canonical_columns(P)
+    if canon is not None:
+        q = q.index_select(1, canon)
     return q, flagged
 
 

@@ -18,7 +18,7 @@ import torch
 
 from . import budget
 from .distance import Problem, distances
-from .triplet import PositiveLayout, rank_bounds
+from .triplet import PositiveLayout, rank_bounds, thresholds
 
 INF = math.inf
 
@@ -52,8 +52,10 @@ def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op):
             return value, index, found
         rows = budget.rows_per_block(P.N, P.M, 4 * P.esize + 8)  # d, masks and comparison temporaries
         fill = -INF if mode == "max" else INF
+        # without thresholds only the order matters: for l2 pick on q and take sqrt of the N winners
+        order_only = P.kind == "l2" and lo == -INF and hi == INF and thr is None
         for s, e in budget.blocks(P.N, rows):
-            d, _ = distances(P, s, e)
+            d, _ = distances(P, s, e, root=not order_only)
             # every pair that is not a candidate gets the fill value (-inf for max, +inf for min), so the
             # row's max/min is a candidate's iff one exists (finite inputs)
             yb, zr = P.y[s:e, None], P.z[None, :]
@@ -70,6 +72,8 @@ def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op):
                 d.masked_fill_((d <= t) if thr_op == "gt" else (d >= t), fill)
             v, idx = d.max(1) if mode == "max" else d.min(1)
             f = v != fill
+            if order_only:
+                v = v.sqrt_()
             value[s:e] = v.masked_fill_(~f, 0.0)
             index[s:e] = idx.masked_fill_(~f, 0)
             found[s:e] = f
@@ -150,8 +154,8 @@ class _TripletBlock:
         self.gidx, self.pvalid, a = layout.gather(P, s, e, d, self.kmax)
         sa, sperm = torch.sort(a, dim=1)
         kv = self.pvalid.sum(1)
-        lowers = [band_lo] if band_lo != -INF else []
-        uppers = [(band_hi, False)] if band_hi != INF else []
+        lowers = [thresholds(sa, ("t_gt", band_lo), 0.0)] if band_lo != -INF else []
+        uppers = [thresholds(sa, ("t_le", band_hi), 0.0)] if band_hi != INF else []
         U, L = rank_bounds(sa, kv, d, lowers, uppers)
         del d, sa
         # negatives with an empty range get U = L = 0 (so they select nothing)

@@ -3,24 +3,25 @@
 Per anchor i, with positives' d' ``a_p`` (p in P(i)) and negatives' d' ``b_n`` (n in Q(i)):
 
 ``triplet_stats_fwd`` (hinge): a triplet (p, n) is selected iff ``band_lo < b_n - a_p <= band_hi``,
-``v = a_p - b_n + margin``, counted iff ``low < relu(v) < high``. Every such condition reads
-"b_n compared with a_p + const", so sorting the anchor's positives once (``sa``, ascending; only K per
-anchor) turns each into a rank range: for a threshold sequence ``T = sa + c`` (still sorted),
+``v = a_p - b_n + margin``, counted iff ``low < relu(v) < high``. Every such condition is monotone in b_n,
+so it reads ``b_n <= T(a_p)`` (upper) or ``b_n > T(a_p)`` (lower) with a float boundary T computed exactly
+as the reference evaluates ``t = b - a`` / ``v = (a - b) + margin`` (:func:`thresholds`: a guess ``a + c``
+nudged by ulps, so exact ties and tiny constants decide as there). T is non-decreasing in a_p, so sorting
+the anchor's positives once (``sa``; only K per anchor) turns each bound into a rank range:
 
-    b_n >  a_p + c   <=>  rank(p) <  #{T <  b_n}   (searchsorted left)
-    b_n <= a_p + c   <=>  rank(p) >= #{T <  b_n}   (searchsorted left)
-    b_n <  a_p + c   <=>  rank(p) >= #{T <= b_n}   (searchsorted right)
+    b_n >  T(a_p)   <=>  rank(p) <  #{T <  b_n}   (searchsorted)
+    b_n <= T(a_p)   <=>  rank(p) >= #{T <  b_n}
 
 and the positives forming a counted triplet with negative n are the ranks ``[U_n, L_n)`` (U the max of the
 upper bounds, L the min of the lower ones). The active triplets (counted and v > 0) add the bound
-``b_n < a_p + margin``: ranks ``[Ua_n, La_n)``. Then, per anchor,
+``v > 0``: ranks ``[Ua_n, La_n)``. Then, per anchor,
 
     C     = sum_n (L_n - U_n)^+
     cnt_k = #{n : Ua_n <= k < La_n}         (difference array over ranks + cumsum)
     S     = sum_k cnt_k (sa_k + margin) - sum_n (La_n - Ua_n)^+ b_n
     dS/dd'_ip = cnt_rank(p),  dS/dd'_in = -(La_n - Ua_n)^+
 
-(one searchsorted of the anchor's M values per distinct finite bound, no sort of the negatives), then the
+(one searchsorted of the anchor's M values per binding bound, no sort of the negatives), then the
 common GEMM-shaped gradient pass. With ``smooth`` (softplus) the sum is not prefix-summable: the
 (anchor, positive, negative) block is materialized in chunks within the budget (a slower, documented path).
 
@@ -72,50 +73,96 @@ class PositiveLayout:
         return gidx, valid, a
 
 
+def _boundary(guess: torch.Tensor, pred, steps: int = 4) -> torch.Tensor:
+    """The largest float T near ``guess`` with ``pred(T)`` true, for a predicate true below a boundary and
+    false above it (elementwise). ``guess`` is within a few ulps of it; each step moves one ulp."""
+    up = torch.full_like(guess, INF)
+    down = torch.full_like(guess, -INF)
+    T = guess
+    for _ in range(steps):
+        ok = pred(T)
+        nxt = torch.nextafter(T, up)
+        T = torch.where(ok & pred(nxt), nxt, torch.where(ok, T, torch.nextafter(T, down)))
+    return T
+
+
+def thresholds(sa: torch.Tensor, spec, margin: float) -> torch.Tensor:
+    """Per sorted positive a (b, K), the float boundary T of a bound on the negative's b, written exactly
+    as the reference evaluates it (``t = b - a``, ``v = (a - b) + margin``), so ties (t exactly 0, tiny
+    constants) decide as there. Upper bounds select ``b <= T``, lower bounds ``b > T``:
+
+    ``("t_le", c)`` upper ``t <= c``; ``("t_gt", c)`` lower ``t > c``; ``("v_gt", c)`` upper ``v > c``;
+    ``("v_lt", c)`` lower ``v < c``. T is non-decreasing in a, so it stays sorted; padding stays +inf.
+    """
+    kind, c = spec
+    finite = torch.isfinite(sa)
+    a = sa.masked_fill(~finite, 0.0)
+    if kind in ("t_le", "t_gt"):  # T = largest b with b - a <= c
+        T = _boundary(a + c, lambda b: (b - a) <= c)
+    elif kind == "v_gt":  # T = largest b with (a - b) + m > c
+        T = _boundary(a + (margin - c), lambda b: ((a - b) + margin) > c)
+    elif kind == "v_lt":  # v < c  <=>  b > T, T = largest b with (a - b) + m >= c
+        T = _boundary(a + (margin - c), lambda b: ((a - b) + margin) >= c)
+    else:
+        raise ValueError(kind)
+    return T.masked_fill_(~finite, INF)
+
+
+def _offset(spec, margin: float) -> float:
+    """The constant c' of a bound read as ``b (<= or >) a + c'`` (for choosing the binding bound)."""
+    kind, c = spec
+    return c if kind in ("t_le", "t_gt") else margin - c
+
+
+def binding(specs, margin: float, upper: bool, scale: float):
+    """Drop bounds implied by another with a safe gap (``1e-5 (1 + scale)``, far above rounding): each kept
+    bound costs one searchsorted. ``scale`` bounds |a| and |b| of the block."""
+    if len(specs) < 2:
+        return list(specs)
+    gap = 1e-5 * (1.0 + scale)
+    offs = [_offset(sp, margin) for sp in specs]
+    best = min(offs) if upper else max(offs)
+    keep = [sp for sp, o in zip(specs, offs) if abs(o - best) <= gap]
+    return keep
+
+
 def rank_bounds(sa: torch.Tensor, kv: torch.Tensor, d: torch.Tensor, lowers, uppers):
     """Rank range ``[U, L)`` (each (b, M) int64) of the sorted positives ``sa`` (b, K) (+inf padded, ``kv``
     valid) that satisfy every bound for the value ``b = d[i, n]``.
 
-    ``lowers``: constants c of strict lower bounds ``b > a + c``; ``uppers``: ``(c, strict)`` of upper bounds
-    ``b < a + c`` (strict) or ``b <= a + c``. Without lower bounds L = kv, without upper bounds U = 0.
+    ``lowers``/``uppers``: threshold tensors T (b, K) (see :func:`thresholds`): a lower bound selects
+    ``b > T`` (ranks below #{T < b}), an upper one ``b <= T`` (ranks from #{T < b}). Without lower bounds
+    L = kv, without upper bounds U = 0.
     """
     L = None
-    for c in lowers:
-        t = torch.searchsorted(sa + c, d, side="left")
+    for T in lowers:
+        t = torch.searchsorted(T, d, side="left")
         L = t if L is None else torch.minimum(L, t, out=L)
     if L is None:
         L = kv[:, None].expand(d.shape)
     U = None
-    for c, strict in uppers:
-        t = torch.searchsorted(sa + c, d, side="right" if strict else "left")
+    for T in uppers:
+        t = torch.searchsorted(T, d, side="left")
         U = t if U is None else torch.maximum(U, t, out=U)
     if U is None:
         U = torch.zeros(d.shape, dtype=torch.int64, device=d.device)
     return U, L
 
 
-def _relu_bounds(margin, band_lo, band_hi, low, high):
-    """(lowers, uppers) of the counted interval and the extra upper bound of the active one (v > 0)."""
+def _relu_bounds(band_lo, band_hi, low, high):
+    """Bound specs ``(lowers, uppers, active)`` of the counted interval, and the extra upper bound of the
+    active one (``v > 0``; None when the window already implies it)."""
     lowers, uppers = [], []
     if band_lo != -INF:
-        lowers.append(band_lo)  # b - a > band_lo
+        lowers.append(("t_gt", band_lo))
     if band_hi != INF:
-        uppers.append((band_hi, False))  # b - a <= band_hi
+        uppers.append(("t_le", band_hi))
     if high != INF:
-        lowers.append(margin - high)  # v < high  <=>  b > a + margin - high
-    if low != -INF and low >= 0.0:
-        uppers.append((margin - low, True))  # v > low  <=>  b < a + margin - low
-    return _tightest(lowers, uppers)
-
-
-def _tightest(lowers, uppers):
-    """Keep only the binding bounds (each costs a searchsorted): the largest strict lower constant, and the
-    smallest upper constant (strict wins a tie: ``b < a + c`` implies ``b <= a + c``)."""
-    lowers = [max(lowers)] if lowers else []
-    if uppers:
-        c = min(u[0] for u in uppers)
-        uppers = [(c, any(u[1] for u in uppers if u[0] == c))]
-    return lowers, uppers
+        lowers.append(("v_lt", high))
+    low_binds = low != -INF and low >= 0.0
+    if low_binds:
+        uppers.append(("v_gt", low))  # v > low >= 0 implies v > 0
+    return lowers, uppers, (None if low_binds else ("v_gt", 0.0))
 
 
 def _sum_rows(x: torch.Tensor) -> torch.Tensor:
@@ -128,11 +175,16 @@ def _relu_block(P, s, e, d, neg, layout, kmax, margin, bounds, active_extra, nee
     sa, sperm = torch.sort(a, dim=1)
     kv = pvalid.sum(1)
     lowers, uppers = bounds
+    fin = torch.isfinite(sa)
+    scale = float(torch.where(fin, sa.abs(), 0.0).max()) + float(d.abs().max())
+    lowers = [thresholds(sa, sp, margin) for sp in binding(lowers, margin, False, scale)]
+    uppers = [thresholds(sa, sp, margin) for sp in binding(uppers, margin, True, scale)]
     U, L = rank_bounds(sa, kv, d, lowers, uppers)
+    del lowers, uppers
     cover = (L - U).clamp_min_(0).masked_fill_(~neg, 0)
     sums[1] += _sum_rows(cover)
     if active_extra is not None:
-        Ua = torch.maximum(U, torch.searchsorted(sa + active_extra, d, side="right"))
+        Ua = torch.maximum(U, torch.searchsorted(thresholds(sa, active_extra, margin), d, side="left"))
         cover = (L - Ua).clamp_min_(0).masked_fill_(~neg, 0)
         U = Ua
     # per-rank active counts: +1 at U, -1 at L for every negative with a non-empty range, cumsum over ranks
@@ -226,10 +278,7 @@ def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, 
             per_entry = _bytes_per_entry_triplet(P, need_grad, 0)
             rows = budget.rows_per_block(P.N, P.M, per_entry, budget.budget_bytes() // 2)
         else:
-            lowers, uppers = _relu_bounds(margin, band_lo, band_hi, low, high)
-            # the active set adds v > 0 (b < a + margin, strict) unless an upper bound already implies it
-            implied = bool(uppers) and (uppers[0][0] < margin or (uppers[0][0] == margin and uppers[0][1]))
-            active_extra = None if implied else margin
+            lowers, uppers, active_extra = _relu_bounds(band_lo, band_hi, low, high)
             n_b = len(lowers) + len(uppers) + (active_extra is not None)
             rows = budget.rows_per_block(P.N, P.M, _bytes_per_entry_triplet(P, need_grad, n_b))
         for s, e in budget.blocks(P.N, rows):

@@ -17,6 +17,12 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
+# Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads slowed
+# training 5-10x in measured runs. libgomp reads this once, when torch is first loaded, so it is set here,
+# before any import of torch (an explicit OMP_WAIT_POLICY in the environment wins).
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show ``(default: ...)`` only for fixed defaults; per-loss defaults are spelled out in the help text."""
@@ -65,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak learning rate of AdamW's one-cycle schedule (default per loss: " + per_loss("lr") + ")")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     g.add_argument("--classes-per-batch", type=int, default=None,
-                   help="P of the class-balanced P x K batches (default per loss: " + per_loss("p") + ")")
+                   help="P of the class-balanced P x K batches; paired-contrastive draws shuffled batches of "
+                   "P * K images instead (default per loss: " + per_loss("p") + ")")
     g.add_argument("--samples-per-class", type=int, default=None,
                    help="K of the P x K batches (default per loss: " + per_loss("k") + ")")
     g.add_argument("--shift", type=int, default=0,
@@ -119,9 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     _positive(parser, args, ("dim", "width", "hidden", "epochs", "classes_per_batch", "samples_per_class",
                              "train_subset", "test_subset", "threads"))
 
-    # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads
-    # slowed training by 5-10x in measured runs. Only effective before torch (libgomp) is loaded.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from .data import MnistDataError, load_mnist
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_images": n_test,
         "final_loss": result.epoch_losses[-1] if result.epoch_losses else None,
         "torch": torch.__version__,
-        "machine": f"{platform.machine()} {platform.processor() or ''} x{os.cpu_count()}".strip(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         # other jobs on a shared CPU stretch train_seconds (not train_cpu_seconds): record how busy it was
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "command": "fastdml-demo " + " ".join(argv if argv is not None else sys.argv[1:]),

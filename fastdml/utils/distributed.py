@@ -32,9 +32,10 @@ Uneven batches: the sizes are all-gathered first, every rank pads to the largest
 ``torch.compile``: under tracing the pool is gathered with functional collectives
 (``all_gather_tensor_autograd``, whose backward is a reduce-scatter; the stats' all-reduce likewise), which
 needs the same batch size on every rank (checked by a runtime assertion): the sizes of an uneven gather
-are data. With a traceable loss the wrapper compiles with ``fullgraph=True`` (tests/test_distributed_compile.py).
-fastdml's losses themselves have data-dependent Python branches (zero-count checks), so around them the wrapper
-compiles with graph breaks (``fullgraph=False``).
+are data. With a traceable loss the wrapper compiles with ``fullgraph=True`` (tests/test_distributed_compile.py:
+fastdml's ContrastiveLoss with ``efficient=False``, and a loss written on the ops with either mode). fastdml's
+losses with ``efficient=True`` do not compile yet: their rectangular path keeps PML's data-dependent "at most one
+pair" check (and this wrapper swaps the loss's reducer for the call, a module attribute write).
 """
 
 from __future__ import annotations
@@ -359,6 +360,16 @@ class DistributedLossWrapper(torch.nn.Module):
                 loss = self.loss(emb, labels, indices_tuple, refs, ref_lab)
         finally:
             self.loss.reducer = original
+        if ctx.reduced == 0:
+            # no sum or count went through the hooks (a loss path that sums its terms itself): the value is this
+            # rank's alone; every rank took the same path, so every rank recomputes on the whole pool
+            warnings.warn(
+                f"DistributedLossWrapper(efficient=True): {type(self.loss).__name__} summed its terms outside the "
+                "fused ops and reducers (no fused rectangular path with rank sums); computing the loss on the "
+                "whole pool instead",
+                stacklevel=2,
+            )
+            return None
         if excl is not None and ctx.applied == 0:
             # the loss did not run on the rectangular ops (e.g. a distance without a fused path), so it
             # compared anchors with their own rows: every rank took the same code path, so every rank
