@@ -10,9 +10,15 @@ working memory beyond inputs and outputs under ``fastdml.config.memory_budget_by
 Every function runs under ``torch.no_grad()``; the autograd wiring is in :mod:`fastdml.ops`.
 """
 
-from .contrastive import contrastive_stats_fwd
+from . import contrastive as _contrastive
+from . import triplet as _triplet
 from .mining import pair_list, row_extreme, triplet_list
-from .triplet import semihard_stats_fwd, triplet_stats_fwd
+from .nonfinite import reference_stats_if_nonfinite
+
+# the last positional argument of every stats fwd is need_grad (not an argument of the reference op)
+contrastive_stats_fwd = reference_stats_if_nonfinite("contrastive_stats")(_contrastive.contrastive_stats_fwd)
+triplet_stats_fwd = reference_stats_if_nonfinite("triplet_stats")(_triplet.triplet_stats_fwd)
+semihard_stats_fwd = reference_stats_if_nonfinite("semihard_stats")(_triplet.semihard_stats_fwd)
 
 __all__ = [
     "contrastive_stats_fwd",

@@ -194,6 +194,22 @@ def _gather_labels(labels: Optional[Tensor], sizes: list[int], group, rank_order
     return torch.cat([parts[q] for q in _pool_order(rank, world, rank_order)], 0)
 
 
+class _AttachToPool(torch.autograd.Function):
+    """``loss`` unchanged, with a zero gradient for ``pool``: the gathered pool is then in every rank's graph, so
+    every rank runs the gather's backward collective, also a rank whose loss did not use the pool (an empty
+    batch, no triplets: PML's zero loss attaches to the local embeddings only), which would otherwise hang the
+    others. (A zero tensor, not ``pool * 0``: no NaN from an infinite entry.)"""
+
+    @staticmethod
+    def forward(ctx, loss, pool):
+        ctx.pool_shape, ctx.pool_dtype, ctx.pool_device = pool.shape, pool.dtype, pool.device
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.zeros(ctx.pool_shape, dtype=ctx.pool_dtype, device=ctx.pool_device)
+
+
 def _scale_grad(loss: Tensor, world: int) -> Tensor:
     """Value ``loss``, gradient ``world * dloss`` (exactly: ``loss - loss.detach()`` is 0)."""
     if not torch.is_tensor(loss) or not loss.requires_grad:
@@ -360,6 +376,8 @@ class DistributedLossWrapper(torch.nn.Module):
                 loss = self.loss(emb, labels, indices_tuple, refs, ref_lab)
         finally:
             self.loss.reducer = original
+        if torch.is_tensor(loss) and refs.requires_grad and torch.is_grad_enabled():
+            loss = _AttachToPool.apply(loss, refs)
         if ctx.reduced == 0:
             # no sum or count went through the hooks (a loss path that sums its terms itself): the value is this
             # rank's alone; every rank took the same path, so every rank recomputes on the whole pool
