@@ -510,6 +510,7 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", default=None)
     ap.add_argument("--target-s", type=float, default=None, help="about how long each case is timed (s)")
     ap.add_argument("--no-memory", action="store_true", help="do not measure peak memory")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument(
         "--budget-s", type=float, default=None, help="stop starting cases after this many seconds (GPU script)"
     )
@@ -567,7 +568,11 @@ def main(argv=None) -> int:
             json.dump({"command": command, "device": device}, f)
         cmd = pytest_command(args, device, json_path, records_path)
         print("+", shlex.join(cmd), flush=True)
-        rc = subprocess.call(cmd, cwd=ROOT)
+        env = dict(os.environ)
+        if args.threads:
+            # the suites and the memory worker both read these (torch sizes its pools from OMP_NUM_THREADS)
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+        rc = subprocess.call(cmd, cwd=ROOT, env=env)
         if not os.path.exists(json_path):
             print("no benchmark JSON was written", file=sys.stderr)
             return rc or 1
