@@ -260,6 +260,21 @@ def _(x, y, r, z, excl, kind, margin, need_grad):
 _semihard_stats_op.register_autograd(_make_stats_backward((0,), 8), setup_context=_stats_setup_context)
 
 
+def _stats(name: str, x, y, r, z, excl, kind: str, params: tuple) -> Tensor:
+    """The shared path of the stats ops: the reference (plain autograd) or the custom op ``fastdml::<name>``.
+
+    [issue 7 hook] Inside a pool context (distributed wrapper, cross-batch memory) a rectangular op skips each
+    query's own reference row and the stats are added over the ranks: see :mod:`fastdml._context`.
+    """
+    _check_kind(kind)
+    excl = _context.resolve_excl(x, r, excl)
+    if _use_reference(x):
+        stats = getattr(_reference(), name)(x, y, r, z, excl, kind, *params)
+    else:
+        stats, _, _ = getattr(torch.ops.fastdml, name)(x, y, r, z, excl, kind, *params, _needs_grad(x, r))
+    return _context.reduce_stats(stats)
+
+
 def contrastive_stats(
     x: Tensor,
     y: Tensor,
@@ -281,19 +296,8 @@ def contrastive_stats(
     A term is counted iff ``low < term < high`` (the reducer's window). ``S`` sums the counted terms, ``C``
     counts them. Differentiable in ``x`` and ``r`` through ``S+`` and ``S-``.
     """
-    _check_kind(kind)
-    # [issue 7 hook] inside a pool context (distributed wrapper, cross-batch memory) a rectangular op
-    # skips each query's own reference row, and the stats are added over the ranks: see fastdml/_context.py
-    excl = _context.resolve_excl(x, r, excl)
-    if _use_reference(x):
-        return _context.reduce_stats(_reference().contrastive_stats(
-            x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo, neg_hi, low, high
-        ))
-    stats, _, _ = torch.ops.fastdml.contrastive_stats(
-        x, y, r, z, excl, kind, float(pos_margin), float(neg_margin), float(pos_lo), float(neg_hi),
-        float(low), float(high), _needs_grad(x, r),
-    )
-    return _context.reduce_stats(stats)
+    params = (float(pos_margin), float(neg_margin), float(pos_lo), float(neg_hi), float(low), float(high))
+    return _stats("contrastive_stats", x, y, r, z, excl, kind, params)
 
 
 def triplet_stats(
@@ -316,19 +320,8 @@ def triplet_stats(
     iff ``band_lo < t <= band_hi``; ``v = d'_ip - d'_in + margin``; term ``relu(v)`` (``softplus(v)`` if
     ``smooth``), counted iff ``low < term < high``. Differentiable through ``S``.
     """
-    _check_kind(kind)
-    # [issue 7 hook] inside a pool context (distributed wrapper, cross-batch memory) a rectangular op
-    # skips each query's own reference row, and the stats are added over the ranks: see fastdml/_context.py
-    excl = _context.resolve_excl(x, r, excl)
-    if _use_reference(x):
-        return _context.reduce_stats(_reference().triplet_stats(
-            x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high
-        ))
-    stats, _, _ = torch.ops.fastdml.triplet_stats(
-        x, y, r, z, excl, kind, float(margin), bool(smooth), float(band_lo), float(band_hi),
-        float(low), float(high), _needs_grad(x, r),
-    )
-    return _context.reduce_stats(stats)
+    params = (float(margin), bool(smooth), float(band_lo), float(band_hi), float(low), float(high))
+    return _stats("triplet_stats", x, y, r, z, excl, kind, params)
 
 
 def semihard_stats(
@@ -346,14 +339,7 @@ def semihard_stats(
     ``d'_in > d'_ip``, else the farthest negative; ``S = sum relu(d'_ip - d'_in* + margin)``, ``C`` the number
     of such pairs. Differentiable through ``S``.
     """
-    _check_kind(kind)
-    # [issue 7 hook] inside a pool context (distributed wrapper, cross-batch memory) a rectangular op
-    # skips each query's own reference row, and the stats are added over the ranks: see fastdml/_context.py
-    excl = _context.resolve_excl(x, r, excl)
-    if _use_reference(x):
-        return _context.reduce_stats(_reference().semihard_stats(x, y, r, z, excl, kind, margin))
-    stats, _, _ = torch.ops.fastdml.semihard_stats(x, y, r, z, excl, kind, float(margin), _needs_grad(x, r))
-    return _context.reduce_stats(stats)
+    return _stats("semihard_stats", x, y, r, z, excl, kind, (float(margin),))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,9 +474,14 @@ def _pair_values_backward_op(
             else:
                 coef = 2.0 * g
             gxi, grj = coef * diff, -coef * diff
-        # index_put_ with accumulate is deterministic under torch.use_deterministic_algorithms(True)
-        gx.index_put_((ii,), gxi, accumulate=True)
-        gr.index_put_((jj,), grj, accumulate=True)
+        if gx.device.type == "cpu":
+            # index_add_ runs sequentially on the CPU: deterministic, and faster than index_put_
+            gx.index_add_(0, ii, gxi)
+            gr.index_add_(0, jj, grj)
+        else:
+            # on CUDA index_put_ with accumulate is deterministic under torch.use_deterministic_algorithms(True)
+            gx.index_put_((ii,), gxi, accumulate=True)
+            gr.index_put_((jj,), grj, accumulate=True)
     if r is None:
         return gx.to(x.dtype), x.new_empty((0, x.shape[1]))
     return gx.to(x.dtype), gr.to(r.dtype)

@@ -72,7 +72,8 @@ def triplet_anchor_kernel(
             dan = tl.load(buf_row + cols, mask=nm, other=0.0)
             t = dan[None, :] - dap[:, None]
             v = dap[:, None] - dan[None, :] + margin
-            sel = pm[:, None] & nm[None, :] & ((t > band_lo) | (band_lo < -3.0e38)) & ((t <= band_hi) | (band_hi > 3.0e38))
+            sel = pm[:, None] & nm[None, :] & ((t > band_lo) | (band_lo < -3.0e38))
+            sel = sel & ((t <= band_hi) | (band_hi > 3.0e38))
             if SMOOTH:
                 term = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL) + tl.log(1.0 + tl.exp(-tl.abs(v)))
             else:
@@ -196,7 +197,8 @@ def triplet_list_kernel(
             nm = cm & (zl != ya) & (cols != ex)
             dan = tl.load(buf_row + cols, mask=nm, other=0.0)
             t = dan[None, :] - dap[:, None]
-            sel = pm[:, None] & nm[None, :] & ((t > band_lo) | (band_lo < -3.0e38)) & ((t <= band_hi) | (band_hi > 3.0e38))
+            sel = pm[:, None] & nm[None, :] & ((t > band_lo) | (band_lo < -3.0e38))
+            sel = sel & ((t <= band_hi) | (band_hi > 3.0e38))
             per_p += tl.sum(sel.to(tl.int32), axis=1).to(tl.int64)
         if WRITE:
             run = base + tl.cumsum(per_p, axis=0) - per_p
@@ -207,7 +209,8 @@ def triplet_list_kernel(
                 nm = cm & (zl != ya) & (cols != ex)
                 dan = tl.load(buf_row + cols, mask=nm, other=0.0)
                 t = dan[None, :] - dap[:, None]
-                sel = (pm[:, None] & nm[None, :] & ((t > band_lo) | (band_lo < -3.0e38)) & ((t <= band_hi) | (band_hi > 3.0e38))).to(tl.int32)
+                sel = pm[:, None] & nm[None, :] & ((t > band_lo) | (band_lo < -3.0e38))
+                sel = (sel & ((t <= band_hi) | (band_hi > 3.0e38))).to(tl.int32)
                 pos = run[:, None] + (tl.cumsum(sel, axis=1) - sel).to(tl.int64)
                 wm = sel != 0
                 tl.store(a_ptr + pos, a + tl.zeros((BP, BT), tl.int64), mask=wm)
