@@ -98,6 +98,15 @@ def cuda_peak(step) -> dict:
 # ------------------------------------------------------------------------------------------------------
 # CPU: the worker process
 # ------------------------------------------------------------------------------------------------------
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _measure_in_worker(case: _cases.Case) -> dict:
     # warm-up at a small size: imports, thread pools and other lazy state are created here, not in the call
     warm = case.replace(n=min(case.n, 64))
@@ -108,6 +117,9 @@ def _measure_in_worker(case: _cases.Case) -> dict:
     x, y = _cases.make_inputs(case)
     step = _cases.make_step(case, x, y)
     gc.collect()
+    # hand every free heap page back to the kernel: a call must not be served, unseen, from pages that an
+    # earlier call left resident (small blocks live in malloc's arenas, below the mmap threshold)
+    _malloc_trim()
     reset_hwm()
     base = rss_bytes()
     t0 = time.perf_counter()

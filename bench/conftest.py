@@ -139,10 +139,10 @@ class BenchSession:
 
     def timing_below(self, case):
         """``(n0, seconds)`` of the same case at the largest N below ``case.n`` whose call took long enough
-        (>= 0.3 s) for fixed costs not to dominate the extrapolation, or None."""
+        (>= 0.1 s) for fixed costs not to dominate the extrapolation, or None."""
         best = None
         for c, sec in self._timings.items():
-            if sec < 0.3 or c.n >= case.n or c.replace(n=case.n) != case:
+            if sec < 0.1 or c.n >= case.n or c.replace(n=case.n) != case:
                 continue
             if best is None or c.n > best[0]:
                 best = (c.n, sec)

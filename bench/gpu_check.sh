@@ -28,9 +28,11 @@ else
     export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-T_KERNEL_TESTS=${T_KERNEL_TESTS:-240}
-T_ALL_TESTS=${T_ALL_TESTS:-45}
-T_TIMING=${T_TIMING:-210}
+# limits (seconds) that add up to about 8 minutes on an H200
+T_KERNEL_TESTS=${T_KERNEL_TESTS:-150}
+T_ALL_TESTS=${T_ALL_TESTS:-60}
+T_TIMING=${T_TIMING:-120}
+T_BENCH=${T_BENCH:-150}
 
 {
     date -u
@@ -64,5 +66,11 @@ step pytest_all "$T_ALL_TESTS" $PY -m pytest -q --maxfail=25 -m "cuda or not cud
     --junitxml="$OUT/pytest_all.xml" --ignore-glob='tests/test_kernels_*' --ignore=tests/test_demo.py tests
 
 step timing "$T_TIMING" $PY bench/gpu_timing.py --out "$OUT" --budget-s $((T_TIMING - 40)) --case-s 45
+
+# the pytest-benchmark suites on CUDA and their report (publish later here with
+# `python -m bench.report --no-run --json OUTDIR/bench/bench.json`)
+export FASTDML_BENCH_TIME_LIMIT_S=10
+step bench_suites "$T_BENCH" $PY -m bench.report --device cuda --out "$OUT/bench" --no-publish \
+    --sizes 1024,4096,16384 --labels random10 --modes fwdbwd --target-s 0.2 --budget-s $((T_BENCH - 40))
 
 echo "outputs in $OUT:" && ls -l "$OUT"

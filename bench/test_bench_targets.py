@@ -101,7 +101,7 @@ def test_target(name, bench_session):
         rounds = 1
     else:
         per_round = t_fd[0] + t_pm[0]
-        rounds = max(2, min(opts.max_rounds, int(3 * opts.target_s / max(per_round, 1e-6)) + 1))
+        rounds = max(3, min(opts.max_rounds, int(3 * opts.target_s / max(per_round, 1e-6)) + 1))
         t_fd, t_pm = [], []
         for r in range(rounds):
             order = ((t_fd, step_fd), (t_pm, step_pm)) if r % 2 == 0 else ((t_pm, step_pm), (t_fd, step_fd))
