@@ -17,29 +17,12 @@ from fastdml import blocked
 from fastdml import reference as ref
 
 from .conftest import TOL
+from .label_patterns import PATTERNS, labels  # noqa: F401  (re-exported to the blocked tests)
 
 INF = math.inf
 KINDS = ("l2", "sql2", "dot")
-PATTERNS = ("one", "distinct", "imbalanced", "pk")
 
 
-def labels(pattern: str, n: int, g: torch.Generator) -> torch.Tensor:
-    """int64 labels: one class, all distinct, imbalanced (one big class + small ones), or PK-sampled."""
-    if pattern == "one":
-        return torch.zeros(n, dtype=torch.int64)
-    if pattern == "distinct":
-        return torch.randperm(n, generator=g)
-    if pattern == "imbalanced":
-        y = torch.randint(1, 5, (n,), generator=g)
-        y[torch.rand(n, generator=g) < 0.6] = 0
-        return y
-    if pattern == "pk":
-        k = 4
-        y = torch.arange(n) // k
-        return y[torch.randperm(n, generator=g)]
-    if pattern == "random":
-        return torch.randint(0, 4, (n,), generator=g)
-    raise ValueError(pattern)
 
 
 def make_inputs(n, d, dtype, square=True, pattern="random", m=None, seed=0, scale=1.0):

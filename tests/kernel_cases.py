@@ -16,6 +16,8 @@ import torch
 
 from fastdml import reference as ref
 
+from .label_patterns import labels as _labels
+
 INF = math.inf
 
 
@@ -40,21 +42,8 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
 
 
 def labels(pattern: str, n: int, g: torch.Generator) -> torch.Tensor:
-    """Label patterns: one class, all distinct, imbalanced (one big class), PK (P classes x K samples)."""
-    if pattern == "one":
-        return torch.zeros(n, dtype=torch.int64)
-    if pattern == "distinct":
-        return torch.randperm(n, generator=g)
-    if pattern == "imbalanced":
-        y = torch.randint(1, 6, (n,), generator=g)
-        y[torch.rand(n, generator=g) < 0.6] = 0
-        return y
-    if pattern == "pk":
-        k = 4
-        return torch.randperm(n, generator=g) // k
-    if pattern == "few":
-        return torch.randint(0, 4, (n,), generator=g)
-    raise ValueError(pattern)
+    """The shared label patterns, with 5 small classes in the imbalanced one."""
+    return _labels(pattern, n, g, imbalanced_classes=5)
 
 
 def make_inputs(n, m, d, pattern, case, dtype, seed=0, ref_pattern=None):
