@@ -9,20 +9,16 @@ kernel's own arithmetic only.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from fastdml.kernels._common import interpreting
 
 from fastdml import reference as ref
 
 from .label_patterns import labels as _labels
 
 INF = math.inf
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def kernel_device() -> str | None:
