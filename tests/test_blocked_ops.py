@@ -12,6 +12,8 @@ from fastdml import blocked
 from fastdml import reference as ref
 from fastdml.config import memory_budget
 
+INF = float("inf")
+
 from .blocked_cases import (
     CONTRASTIVE_CONFIGS,
     KINDS,
@@ -174,3 +176,44 @@ def test_empty_inputs_give_zero_stats():
     assert torch.equal(stats, torch.zeros(4, dtype=torch.float64)) and gx.shape == (2, 0, 4)
     stats, gx, _ = blocked.triplet_stats_fwd(x, y, None, None, None, "l2", 0.1, False, -1.0, 1.0, 0.0, 9.0, True)
     assert torch.equal(stats, torch.zeros(2, dtype=torch.float64)) and gx.shape == (1, 0, 4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("config", ["avgnonzero", "mean", "band_threshold"])
+def test_contrastive_square_tiles_with_and_without_active_negatives_match_reference(kind, config):
+    """The square case sweeps tiles on and above the diagonal; clusters far apart make some tiles have no
+    active negative (that branch is skipped there) while others have many: same stats and gradients."""
+    g = torch.Generator().manual_seed(21)
+    n, d = 173, 5
+    centers = torch.randn(4, d, generator=g, dtype=torch.float64) * 40.0
+    which = torch.randint(0, 4, (n,), generator=g)
+    x = centers[which] + 0.4 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = which * 2 + torch.randint(0, 2, (n,), generator=g)  # two labels per cluster: close negatives
+    with memory_budget(0.2):  # tiles of about 70 rows: 173 is not a multiple
+        check_stats("contrastive", x.float(), y, None, None, None, kind, CONTRASTIVE_CONFIGS[config])
+        check_stats("contrastive", x, y, None, None, None, kind, CONTRASTIVE_CONFIGS[config])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_contrastive_pairs_exactly_at_the_margins_decide_as_the_reference(dtype):
+    """Integer-lattice points have exact distances 1, 2, sqrt(2), ...: pairs exactly at pos/neg margins
+    (and at the band edges) are decided as in the reference, where l2 masks are taken on q = d^2."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 3, (60, 3), generator=g).to(dtype)
+    y = torch.randint(0, 3, (60,), generator=g)
+    for args in [(1.0, 2.0, -INF, INF, 0.0, INF), (0.0, 2.0, 1.0, 2.0, -INF, INF), (1.0, 3.0, 1.0, 2.0, 0.0, 1.0)]:
+        with memory_budget(0.05):
+            check_stats("contrastive", x, y, None, None, None, "l2", args)
+
+
+def test_contrastive_without_reference_gradient_skips_the_column_side():
+    """need_grad_r=False: no gradient parts for r (shape (0, M, D)), the same stats and dS/dx."""
+    x, y, r, z, excl = make_inputs(40, 7, torch.float64, False, "random", seed=3)
+    args = CONTRASTIVE_CONFIGS["avgnonzero"]
+    with memory_budget(0.01):
+        s1, gx1, gr1 = blocked.contrastive_stats_fwd(x, y, r, z, excl, "l2", *args, True)
+        s2, gx2, gr2 = blocked.contrastive_stats_fwd(x, y, r, z, excl, "l2", *args, True, False)
+    assert gr1.shape == (2,) + tuple(r.shape) and gr2.shape == (0,) + tuple(r.shape)
+    # (the blocks differ: without the r parts more rows fit the budget, so sums are added in another order)
+    torch.testing.assert_close(s2, s1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx2, gx1, rtol=1e-12, atol=1e-12)

@@ -19,22 +19,32 @@ branch runs on those rectangles only (for C classes about 1/C of the pairs, smal
 branch on the whole block with the rectangles zeroed. With many label runs in a block (over
 ``MAX_RECTS``) the positive branch uses a label-equality mask over the block instead.
 
+Square case (x against itself): d' and every weight are symmetric, so only the tiles on and above the
+diagonal are computed (:func:`_square_tiles`): an off-diagonal tile stands for both orders of its pairs
+(its sums and counts count twice; its gradient goes to both its rows and its columns), a diagonal tile holds
+both orders itself. That halves the distance GEMM and the elementwise passes. Tiles are at most
+``TILE x TILE`` (about 1 MB per temporary in fp32: they stay in cache and keep the peak low).
+
 Gradient in the forward: the pair weights go through the common GEMM-shaped pass (see :mod:`.distance`);
 in the square case the weights are symmetric, so the column side equals the row side (added twice).
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 
 import torch
 
 from . import budget
-from .distance import Problem, distances, new_parts
+from .distance import Problem, canonical_columns, distances, new_parts
 
 INF = math.inf
 # above this many label runs in a block, positives use a label mask over the block instead of rectangles
 MAX_RECTS = 32
+# largest side of a square-case tile: 512 x 512 fp32 temporaries are 1 MB (cache-resident)
+TILE = 512
 
 
 def _largest(guess: float, pred, dtype) -> float:
@@ -49,6 +59,7 @@ def _after(t: float, dtype) -> float:
     return float(torch.nextafter(torch.tensor(t, dtype=dtype), torch.tensor(INF, dtype=dtype)))
 
 
+@functools.lru_cache(maxsize=256)
 def intervals(pos_margin, neg_margin, pos_lo, neg_hi, low, high, dtype=torch.float64):
     """Open d'-intervals ``(lo, hi)`` of the counted and the active (counted, t > 0) pairs:
     ``(pos_counted, pos_active, neg_counted, neg_active)``, or None when nothing can be counted.
@@ -81,8 +92,35 @@ def intervals(pos_margin, neg_margin, pos_lo, neg_hi, low, high, dtype=torch.flo
     return pc, pa, nc, na
 
 
-def _interval_mask(d: torch.Tensor, iv, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Float mask ``lo < d < hi`` (1.0 / 0.0), comparisons written straight into a float tensor."""
+def _q_bound(t: float, strict_below: bool, dtype) -> float:
+    """For l2 (d = sqrt(q), correctly rounded and monotone): the q-boundary of a d-boundary ``t >= 0``.
+    ``strict_below``: the smallest q with sqrt(q) >= t (so ``d < t`` iff ``q < it``); else the largest q with
+    sqrt(q) <= t (so ``d > t`` iff ``q > it``)."""
+    if t * t >= torch.finfo(dtype).max:
+        return INF
+    if strict_below:
+        return _after(_largest(t * t, lambda v: torch.sqrt(v) < t, dtype), dtype)
+    return _largest(t * t, lambda v: torch.sqrt(v) <= t, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def q_intervals(iv, dtype):
+    """The open d-intervals of :func:`intervals` as open intervals of q = d^2 (l2 kind): same masks."""
+
+    def conv(lo_hi):
+        lo, hi = lo_hi
+        if not lo < hi or hi <= 0.0:
+            return (0.0, 0.0)  # empty (d >= 0)
+        qlo = -INF if lo < 0.0 else _q_bound(lo, False, dtype)
+        qhi = INF if hi == INF else _q_bound(hi, True, dtype)
+        return (qlo, qhi)
+
+    return tuple(conv(v) for v in iv)
+
+
+def _interval_mask(d: torch.Tensor, iv, out: torch.Tensor | None = None, tmp: torch.Tensor | None = None):
+    """Float mask ``lo < d < hi`` (1.0 / 0.0), comparisons written straight into a float tensor (``out``,
+    and ``tmp`` for the second comparison when both bounds are finite; fresh tensors when not given)."""
     lo, hi = iv
     if out is None:
         out = torch.empty_like(d)
@@ -91,7 +129,7 @@ def _interval_mask(d: torch.Tensor, iv, out: torch.Tensor | None = None) -> torc
     if hi != INF:
         torch.lt(d, hi, out=out)
         if lo != -INF:
-            out.mul_(torch.gt(d, lo, out=torch.empty_like(d)))
+            out.mul_(torch.gt(d, lo, out=torch.empty_like(d) if tmp is None else tmp))
     elif lo != -INF:
         torch.gt(d, lo, out=out)
     else:
@@ -141,7 +179,7 @@ def _grad_weights_side(P, C, xrows, rcols, gx_rows, gr_cols, sign, symmetric):
     row = torch.mm(C, rcols)
     row.neg_().addcmul_(C.sum(1, keepdim=True), xrows)
     gx_rows.add_(row, alpha=sign * (2.0 if symmetric else 1.0))
-    if not symmetric:
+    if not symmetric and gr_cols is not None:
         col = torch.mm(C.t(), xrows)
         col.neg_().addcmul_(C.sum(0).unsqueeze(1), rcols)
         gr_cols.add_(col, alpha=sign)
@@ -150,18 +188,23 @@ def _grad_weights_side(P, C, xrows, rcols, gx_rows, gr_cols, sign, symmetric):
 def _grad_dot_side(A, xrows, rcols, gx_rows, gr_cols, sign, symmetric):
     """d' = -x.r: pair weights ``sign * A``: ``gx_rows -= sign A R``, ``gr_cols -= sign A^T X``."""
     gx_rows.add_(torch.mm(A, rcols), alpha=-sign * (2.0 if symmetric else 1.0))
-    if not symmetric:
+    if not symmetric and gr_cols is not None:
         gr_cols.add_(torch.mm(A.t(), xrows), alpha=-sign)
+
+
+def _part(g, k):
+    """Part k of the column-side parts, or None when there are none (square case, or no gradient for r)."""
+    return g[k] if g.shape[0] else None
 
 
 def _branch_grad(P, s, e, A, d, c0, c1, rows_rel, gx_k, gr_k, sign, flagged_zero, symmetric):
     """Gradient of one branch on the sub-block rows ``rows_rel`` (block-relative slice) x cols c0:c1 with
-    active mask A (modified in place). ``sign`` +1 for S+, -1 for S-."""
+    active mask A (modified in place). ``sign`` +1 for S+, -1 for S-; ``gr_k`` None: no column side."""
     r0, r1 = rows_rel
     xrows = P.x[s + r0 : s + r1]
     rcols = P.r[c0:c1]
     gx_rows = gx_k[s + r0 : s + r1]
-    gr_cols = None if P.square else gr_k[c0:c1]
+    gr_cols = None if gr_k is None else gr_k[c0:c1]
     if P.kind == "dot":
         _grad_dot_side(A, xrows, rcols, gx_rows, gr_cols, sign, symmetric)
         return
@@ -179,31 +222,37 @@ def _bytes_per_entry(P: Problem, need_grad: bool) -> int:
     return 7 * P.esize + 2
 
 
-def contrastive_stats_fwd(x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo, neg_hi, low, high, need_grad):
+def contrastive_stats_fwd(
+    x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo, neg_hi, low, high, need_grad, need_grad_r=True
+):
     """``(stats, gx_parts, gr_parts)`` of the all-pairs contrastive loss (see the module docstring).
 
     ``stats`` float64 ``[S+, C+, S-, C-]``; ``gx_parts`` (2, N, D) = ``[dS+/dx, dS-/dx]`` and ``gr_parts``
     (2, M, D) likewise for r (rectangular case; (0, 0, D) in the square case, where gx holds row and
-    column contributions); both empty (0, ., D) without ``need_grad``.
+    column contributions); both empty (0, ., D) without ``need_grad``; ``gr_parts`` empty (0, M, D) without
+    ``need_grad_r`` (references that need no gradient: no column-side work at all).
     """
     with torch.no_grad():
         P0 = Problem(x, y, r, z, excl, kind, "contrastive_stats_fwd")
         pm, nm = float(pos_margin), float(neg_margin)
-        gx, gr = new_parts(P0, 2, need_grad)
+        gx, gr = new_parts(P0, 2, need_grad, need_grad_r)
         sums = torch.zeros(4, dtype=torch.float64, device=P0.device)
         iv = intervals(pm, nm, float(pos_lo), float(neg_hi), float(low), float(high), P0.acc)
         if P0.N == 0 or P0.M == 0 or iv is None:
             return sums, gx, gr
         P, rperm, cperm = P0.sorted_by_label()
-        gxs, grs = new_parts(P, 2, need_grad)
+        gxs, grs = new_parts(P, 2, need_grad, need_grad_r)
         runs = _label_runs(P)
         fixed = (gx.numel() + gr.numel()) * P.esize  # the sorted copies of the parts
-        rows = budget.rows_per_block(P.N, P.M, _bytes_per_entry(P, need_grad), fixed)
-        for s, e in budget.blocks(P.N, rows):
-            _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gxs, grs)
+        if P.square and canonical_columns(P) is None:
+            _square_tiles(P, pm, nm, iv, runs, need_grad, sums, gxs, fixed)
+        else:
+            rows = budget.rows_per_block(P.N, P.M, _bytes_per_entry(P, need_grad), fixed)
+            for s, e in budget.blocks(P.N, rows):
+                _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gxs, grs)
         if need_grad:
             gx.index_copy_(1, rperm, gxs)
-            if not P.square:
+            if grs.shape[0]:
                 gr.index_copy_(1, cperm, grs)
         return sums, gx, gr
 
@@ -242,7 +291,7 @@ def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
             sums[0] += torch.linalg.vecdot(Aa, sub - pm, dim=1).sum(dtype=torch.float64)
             sums[1] += Ac.sum(1).sum(dtype=torch.float64)
             if need_grad:
-                _branch_grad(P, s, e, Aa, sub, c0, c1, (r0, r1), gx[0], None if P.square else gr[0], 1.0,
+                _branch_grad(P, s, e, Aa, sub, c0, c1, (r0, r1), gx[0], _part(gr, 0), 1.0,
                              lambda C, r0=r0, c0=c0: zero_flagged_in(C, r0, c0), symmetric)
     else:
         same = torch.eq(P.y[s:e, None], P.z[None, :], out=torch.empty_like(d))
@@ -254,7 +303,7 @@ def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
         sums[1] += Ac.sum(1).sum(dtype=torch.float64)
         del Ac
         if need_grad:
-            _branch_grad(P, s, e, Aa, d, 0, m, (0, b), gx[0], None if P.square else gr[0], 1.0,
+            _branch_grad(P, s, e, Aa, d, 0, m, (0, b), gx[0], _part(gr, 0), 1.0,
                          lambda C: zero_flagged_in(C, 0, 0), symmetric)
         del Aa
 
@@ -278,7 +327,7 @@ def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
     sums[3] += Nc.sum(1).sum(dtype=torch.float64)
     del Nc, masks
     if need_grad:
-        _branch_grad(P, s, e, An, d, 0, m, (0, b), gx[1], None if P.square else gr[1], -1.0,
+        _branch_grad(P, s, e, An, d, 0, m, (0, b), gx[1], _part(gr, 1), -1.0,
                      lambda C: zero_flagged_in(C, 0, 0), symmetric)
         del An
         if fl is not None:
@@ -315,7 +364,7 @@ def _flagged_direct(P, s, fi, fj, d, pm, nm, pa, na, gx, gr, symmetric):
         coef = (w.to(df.dtype) * inv * sign).unsqueeze(1)
         contrib = coef * diff
         gx[k].index_add_(0, s + fi, contrib, alpha=2.0 if symmetric else 1.0)
-        if not symmetric:
+        if not symmetric and gr.shape[0]:
             gr[k].index_add_(0, fj, contrib, alpha=-1.0)
 
 
@@ -327,3 +376,214 @@ def _in_interval(v, iv):
     if hi != INF:
         out &= v < hi
     return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# square case: the tiles on and above the diagonal
+# ------------------------------------------------------------------------------------------------------
+def _tile_side(P: Problem, fixed: int) -> int:
+    """Side of the square tiles: at most TILE, and ``side^2 * bytes_per_entry + fixed`` within the budget."""
+    avail = budget.budget_bytes() - int(fixed)
+    per = _bytes_per_entry(P, True)
+    side = int(math.isqrt(max(1, avail // per))) if avail > 0 else 1
+    side = max(1, min(side, TILE, P.N))
+    if budget.peak_log is not None:
+        budget.peak_log.append(side * side * per + int(fixed))
+    return side
+
+
+class _Sums:
+    """Per-row partial sums of the four stats, kept as tensors and added once at the end (a float64 scalar
+    update per rectangle would cost more Python-side ops than the rectangle's arithmetic)."""
+
+    def __init__(self):
+        self.parts = ([], [], [], [])  # (weight, per-row sums) per stat
+
+    def add(self, k: int, weight: float, rows: torch.Tensor) -> None:
+        self.parts[k].append((weight, rows))
+
+    def total(self, out: torch.Tensor) -> None:
+        for k, items in enumerate(self.parts):
+            for weight in sorted({w for w, _ in items}):
+                vs = [v for w, v in items if w == weight]
+                out[k] += weight * torch.cat(vs).sum(dtype=torch.float64)
+
+
+class _Work:
+    """Per-call workspace of the square sweep: flat buffers handed out as contiguous (h, w) views, so the
+    tiles reuse the same memory (fresh allocations of this size cost a page fault per 4 kB page)."""
+
+    def __init__(self, n_buffers: int, entries: int, dtype, device):
+        self.bufs = [torch.empty(entries, dtype=dtype, device=device) for _ in range(n_buffers)]
+
+    def views(self, h: int, w: int):
+        return [b[: h * w].view(h, w) for b in self.bufs]
+
+
+def _square_tiles(P, pm, nm, iv, runs, need_grad, sums, gx, fixed):
+    """Sweep the tiles (I, J), J >= I, of the sorted square problem (see the module docstring)."""
+    side = _tile_side(P, fixed)
+    tiles = list(budget.blocks(P.N, side))
+    acc = _Sums()
+    work = _Work(5, side * side, P.acc, P.device)
+    qiv = q_intervals(iv, P.acc) if P.kind == "l2" else iv
+    for a, (si, ei) in enumerate(tiles):
+        for sj, ej in tiles[a:]:
+            _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work)
+    acc.total(sums)
+
+
+def _tile_rects(runs, si, ei, sj, ej):
+    """Positive rectangles of tile rows si:ei x cols sj:ej (tile-relative): the label runs meeting both."""
+    rstart, rend, _, _ = runs
+    out = []
+    # square case: a run's rows and columns are the same range; runs are sorted, start at the first run
+    # that ends after si (sj >= si)
+    for k in range(bisect.bisect_right(rend, si), len(rstart)):
+        r0, r1 = rstart[k], rend[k]
+        if r0 >= ei or r0 >= ej:
+            break
+        a0, a1 = max(r0, si), min(r1, ei)
+        b0, b1 = max(r0, sj), min(r1, ej)
+        if a0 < a1 and b0 < b1:
+            out.append((a0 - si, a1 - si, b0 - sj, b1 - sj))
+    return out
+
+
+def _tile_grad(P, xi, xj, gi, gj, A, d, sign, zero_invalid):
+    """Gradient of one branch on a (sub-)tile with rows xi, columns xj and active mask A (consumed).
+
+    Every pair weight stands for both orders of its pair: the row side ``2 (rowsum(C) x_i - C x_J)`` goes to
+    ``gi``, and on an off-diagonal tile (``gj`` given) the column side ``2 (colsum(C) x_j - C^T x_I)`` to
+    ``gj`` (on a diagonal tile the transposed entries are in the tile themselves).
+    """
+    if P.kind == "dot":
+        gi.addmm_(A, xj, alpha=-2.0 * sign)
+        if gj is not None:
+            gj.addmm_(A.t(), xi, alpha=-2.0 * sign)
+        return
+    if P.kind == "sql2":
+        C, scale = A, 4.0 * sign
+    else:
+        C, scale = A.div_(d), 2.0 * sign
+    zero_invalid(C)  # 0/0 on the diagonal and at flagged near-duplicates (taken by direct differences)
+    gi.addmm_(C, xj, alpha=-scale)
+    gi.addcmul_(C.sum(1, keepdim=True), xi, value=scale)
+    if gj is not None:
+        gj.addmm_(C.t(), xi, alpha=-scale)
+        gj.addcmul_(C.sum(0).unsqueeze(1), xj, value=scale)
+
+
+def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
+    """One tile: ``iv`` the d'-intervals, ``qiv`` the same intervals on q = d'^2 for l2 (else ``iv``).
+
+    For l2 the masks are taken on q and sqrt (a slow instruction) runs on the positive rectangles and, only
+    when some negative is active, on the tile; a tile without an active negative skips that branch's
+    arithmetic and GEMMs altogether (its terms and weights are all 0).
+    """
+    pc, pa, nc, na = iv
+    qpc, qpa, qnc, qna = qiv
+    diagonal = si == sj
+    wt = 1.0 if diagonal else 2.0  # an off-diagonal entry stands for the pairs (i, j) and (j, i)
+    h, w = ei - si, ej - sj
+    bq, ba, bb, bc, bd = work.views(h, w)
+    l2 = P.kind == "l2"
+    q, flagged = distances(P, si, ei, root=False, cols=(sj, ej), out=bq)
+    d = None if l2 else q  # d' of the tile, computed on demand for l2
+    rects = _tile_rects(runs, si, ei, sj, ej)
+    use_rects = len(rects) <= MAX_RECTS
+    fl = flagged if (need_grad and l2) else None
+    xi, xj = P.x[si:ei], P.x[sj:ej]
+
+    def zero_invalid(C, r0=0, c0=0):
+        # C covers tile rows r0.., cols c0..: zero the global diagonal and the flagged pairs inside it
+        if diagonal:
+            C.diagonal(r0 - c0).zero_()
+        if fl is not None:
+            hh, ww = C.shape
+            fi, fj = fl
+            inside = (fi >= r0) & (fi < r0 + hh) & (fj >= c0) & (fj < c0 + ww)
+            if bool(inside.any()):
+                C[fi[inside] - r0, fj[inside] - c0] = 0.0
+
+    def zero_diag(masks, r0=0, c0=0):
+        if diagonal:
+            for t in masks:
+                t.diagonal(r0 - c0).zero_()
+
+    # ---------------- positives
+    if use_rects:
+        # the label runs' rectangles are small (about 1/C of the tile): plain temporaries
+        for r0, r1, c0, c1 in rects:
+            subq = q[r0:r1, c0:c1]
+            Aa = _interval_mask(subq, qpa)
+            Ac = Aa if qpc == qpa else _interval_mask(subq, qpc)
+            zero_diag([Aa] if Ac is Aa else [Aa, Ac], r0, c0)
+            sub = subq.sqrt() if l2 else subq
+            acc.add(0, wt, torch.linalg.vecdot(Aa, sub - pm if pm else sub, dim=1))
+            acc.add(1, wt, Ac.sum(1))
+            if need_grad:
+                gj = None if diagonal else gx[0, sj + c0 : sj + c1]
+                _tile_grad(P, xi[r0:r1], xj[c0:c1], gx[0, si + r0 : si + r1], gj, Aa, sub, 1.0,
+                           lambda C, r0=r0, c0=c0: zero_invalid(C, r0, c0))
+    else:
+        if d is None:
+            d = torch.sqrt(q, out=bd)
+        same = torch.eq(P.y[si:ei, None], P.y[None, sj:ej], out=bb)
+        zero_diag([same])
+        Aa = _interval_mask(d, pa, out=ba, tmp=bc).mul_(same)
+        acc.add(0, wt, torch.sub(d, pm, out=bc).mul_(Aa).sum(1))
+        Ac = Aa if pc == pa else _interval_mask(d, pc, out=bc, tmp=None).mul_(same)
+        acc.add(1, wt, Ac.sum(1))
+        del Ac
+        if need_grad:
+            _tile_grad(P, xi, xj, gx[0, si:ei], None if diagonal else gx[0, sj:ej], Aa, d, 1.0, zero_invalid)
+        del Aa
+
+    # ---------------- negatives (the whole tile, positives and the diagonal zeroed)
+    An = _interval_mask(q, qna, out=ba, tmp=bc)
+    Nc = An if qnc == qna else _interval_mask(q, qnc, out=bc, tmp=None)
+    masks = [An] if Nc is An else [An, Nc]
+    if use_rects:
+        for r0, r1, c0, c1 in rects:
+            for t in masks:
+                t[r0:r1, c0:c1] = 0.0
+    else:
+        notsame = same.neg_().add_(1.0)
+        for t in masks:
+            t.mul_(notsame)
+        del same, notsame
+    zero_diag(masks)
+    counts = Nc.sum(1)
+    acc.add(3, wt, counts)
+    # the active set is a subset of the counted one unless the reducer's window is the narrower; a tile with
+    # no active negative contributes nothing more (one host read per tile)
+    any_active = bool(counts.any()) if Nc is An else bool(An.any())
+    del Nc, masks
+    if any_active:
+        if d is None:
+            d = torch.sqrt(q, out=bd)
+        # S- = sum An (nm - d), taken as -sum An (d - nm) in a reused buffer
+        acc.add(2, -wt, torch.sub(d, nm, out=bb).mul_(An).sum(1))
+        if need_grad:
+            _tile_grad(P, xi, xj, gx[1, si:ei], None if diagonal else gx[1, sj:ej], An, d, -1.0, zero_invalid)
+    del An
+    if fl is not None:
+        _tile_flagged_direct(P, si, sj, fl, q, pa, na, gx, diagonal)
+
+
+def _tile_flagged_direct(P, si, sj, fl, q, pa, na, gx, diagonal):
+    """L2 gradient of a tile's flagged near-duplicate pairs by direct differences: ``2 w/d (x_i - x_j)`` on
+    row i and, off the diagonal tile, its negative on row j (0 at d = 0). ``q`` the tile's squared L2."""
+    fi, fj = fl
+    df = q[fi, fj].sqrt()
+    same = P.y[si + fi] == P.y[sj + fj]
+    wp = same & _in_interval(df, pa)
+    wn = (~same) & _in_interval(df, na)
+    inv = torch.where(df > 0, 1.0 / torch.where(df > 0, df, torch.ones_like(df)), torch.zeros_like(df))
+    diff = P.x[si + fi] - P.x[sj + fj]
+    for k, (w, sign) in enumerate(((wp, 1.0), (wn, -1.0))):
+        contrib = (w.to(df.dtype) * inv * sign).unsqueeze(1) * diff
+        gx[k].index_add_(0, si + fi, contrib, alpha=2.0)
+        if not diagonal:
+            gx[k].index_add_(0, sj + fj, contrib, alpha=-2.0)

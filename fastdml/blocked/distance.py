@@ -191,22 +191,27 @@ def _direct_q(xb: torch.Tensor, rt: torch.Tensor) -> torch.Tensor:
     return q
 
 
-def _recompute_pairs(P: Problem, xb: torch.Tensor, q: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor) -> None:
-    """q[ii, jj] = |x_ii - r_jj|^2 by direct differences, in chunks of at most a quarter of the budget."""
+def _recompute_pairs(P: Problem, xb: torch.Tensor, q: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, c0: int = 0):
+    """q[ii, jj] = |x_ii - r_(c0 + jj)|^2 by direct differences, in chunks of at most a quarter of the budget."""
     chunk = max(1, budget.budget_bytes() // (4 * (P.D + 4) * P.esize * 3))
     for c in range(0, ii.numel(), chunk):
         a, b = ii[c : c + chunk], jj[c : c + chunk]
-        diff = xb[a] - P.r[b]
+        diff = xb[a] - P.r[b + c0]
         q[a, b] = (diff * diff).sum(1)
 
 
 def _augmented(P: Problem):
     """``([x, |x|^2, 1], [-2 r, 1, |r|^2])`` so that one GEMM gives q = |x|^2 + |r|^2 - 2 x.r (cached)."""
     if P._aug is None:
-        one_x = torch.ones((P.N, 1), dtype=P.acc, device=P.device)
-        one_r = torch.ones((P.M, 1), dtype=P.acc, device=P.device)
-        xa = torch.cat([P.x, P.xn[:, None], one_x], 1)
-        ra = torch.cat([P.r * -2.0, one_r, P.rn[:, None]], 1)
+        # written in place (no (M, D) temporary before the copy: an O(M D) pass less per call, [issue 7])
+        xa = torch.empty((P.N, P.D + 2), dtype=P.acc, device=P.device)
+        xa[:, : P.D] = P.x
+        xa[:, P.D] = P.xn
+        xa[:, P.D + 1] = 1.0
+        ra = torch.empty((P.M, P.D + 2), dtype=P.acc, device=P.device)
+        torch.mul(P.r, -2.0, out=ra[:, : P.D])
+        ra[:, P.D] = 1.0
+        ra[:, P.D + 1] = P.rn
         P._aug = (xa, ra)
     return P._aug
 
@@ -218,7 +223,8 @@ def canonical_columns(P: Problem):
     column's position), and ties between copies decide semihard's n*, row_extreme's index and band edges
     (``d'_an - d'_ap = 0``). Copying each duplicate's column from its first copy makes copies tie exactly,
     as they do in the reference. Detection: one row hash (a per-row sum: identical rows give identical
-    sums); only when two hashes collide is the exact ``torch.unique`` run.
+    sums); the exact ``torch.unique`` runs only on the rows whose hash collides with another's ([issue 7]:
+    ``torch.unique(dim=0)`` over a whole 65,536-row memory queue took longer than the loss itself).
     """
     if P._canon is None:
         P._canon = False
@@ -226,62 +232,77 @@ def canonical_columns(P: Problem):
             g = torch.Generator(device="cpu").manual_seed(12345)
             v = torch.randn(P.D, generator=g, dtype=torch.float64).to(device=P.device, dtype=P.acc)
             h = (P.r * v).sum(1)
-            sh = torch.sort(h).values
-            if bool((sh[1:] == sh[:-1]).any()):
-                _, inverse = torch.unique(P.r, dim=0, return_inverse=True)
+            sh, order = torch.sort(h)
+            tie = sh[1:] == sh[:-1]
+            if bool(tie.any()):
+                # candidates: every row sharing its hash with another (exact copies always do), ascending
+                cand_mask = torch.zeros(P.M, dtype=torch.bool, device=P.device)
+                cand_mask[1:] |= tie
+                cand_mask[:-1] |= tie
+                cand = torch.sort(order[cand_mask]).values
+                _, inverse = torch.unique(P.r[cand], dim=0, return_inverse=True)
                 first = torch.full((int(inverse.max()) + 1,), P.M, dtype=torch.int64, device=P.device)
-                first.scatter_reduce_(0, inverse, torch.arange(P.M, device=P.device), reduce="amin")
-                canon = first[inverse]
-                if bool((canon != torch.arange(P.M, device=P.device)).any()):
+                first.scatter_reduce_(0, inverse, cand, reduce="amin")
+                canon = torch.arange(P.M, device=P.device)
+                canon[cand] = first[inverse]
+                if bool((canon[cand] != cand).any()):
                     P._canon = canon
     return None if P._canon is False else P._canon
 
 
-def distances(P: Problem, s: int, e: int, root: bool = True):
-    """d' of block rows s:e against all references: ``(d (b, M) in P.acc, flagged)``.
+def distances(P: Problem, s: int, e: int, root: bool = True, cols=None, out=None):
+    """d' of block rows s:e against the references (all, or the column range ``cols = (c0, c1)``):
+    ``(d (b, w) in P.acc, flagged)``.
 
-    ``flagged`` is ``(ii, jj)`` (block-relative rows, columns) of the near-duplicate entries
+    ``flagged`` is ``(ii, jj)`` (block-relative rows and columns) of the near-duplicate entries
     (``q <= NEAR_REL (|x_i|^2 + |r_j|^2)``; l2/sql2 only, else None), recomputed by direct differences.
     In the square case the diagonal is exactly 0 (and not flagged: it is excluded from every loss).
     ``root=False`` returns q instead of sqrt(q) for "l2" (for order-only uses: sqrt is monotone).
+    A column range is not allowed when the references hold exact duplicates (:func:`canonical_columns`
+    copies a duplicate's column from its first copy, which may lie outside the range). ``out``: an optional
+    contiguous (b, w) buffer the GEMM writes into (reused across blocks: fresh memory costs page faults).
     """
     xb = P.x[s:e]
+    c0, c1 = (0, P.M) if cols is None else cols
+    canon = canonical_columns(P)
+    if canon is not None and (c0, c1) != (0, P.M):
+        raise RuntimeError("distances: a column range needs references without exact duplicates")
     if P.kind == "dot":
-        d = torch.mm(xb, P.r.t()).neg_()
-        canon = canonical_columns(P)
+        d = torch.mm(xb, P.r[c0:c1].t(), out=out).neg_()
         return (d if canon is None else d.index_select(1, canon)), None
     flagged = None
     if P.direct:
-        q = _direct_q(xb, P.rt())
+        q = _direct_q(xb, P.rt()[:, c0:c1])
     else:
         # q = |x|^2 + |r|^2 - 2 x.r in one GEMM over augmented rows. Every entry left un-flagged below has
         # q > NEAR (|x_i|^2 + |r_j|^2) >= 0, and flagged ones are recomputed exactly: no clamp needed.
         xa, ra = _augmented(P)
-        q = torch.mm(xa[s:e], ra.t())
+        q = torch.mm(xa[s:e], ra[c0:c1].t(), out=out)
     # near-duplicates: a cheap row-wise pre-check (min_j q_ij <= NEAR (|x_i|^2 + max |r|^2): one read-only
     # reduction, the square diagonal masked), then the exact per-entry rule on the few candidate rows.
     # The GEMM path recomputes them; both paths give them to the gradient's direct-difference branch.
     thr = NEAR_REL * (P.xn[s:e] + P.rn_max)
     if P.square:
-        diag = q.diagonal(s)
+        diag = q.diagonal(s - c0)  # global diagonal i == j inside this block (empty when it misses)
         diag.fill_(math.inf)
     rows = torch.nonzero(q.amin(1) <= thr).flatten() if q.shape[1] else q.new_zeros(0, dtype=torch.long)
     if P.square:
         diag.zero_()
     if rows.numel():
         qr = q[rows]
-        cand = qr <= NEAR_REL * (P.xn[s + rows][:, None] + P.rn[None, :])
+        cand = qr <= NEAR_REL * (P.xn[s + rows][:, None] + P.rn[None, c0:c1])
         if P.square:
-            cand[torch.arange(rows.numel(), device=q.device), rows + s] = False
+            on_diag = (rows + s - c0 >= 0) & (rows + s - c0 < c1 - c0)
+            rd = rows[on_diag]
+            cand[torch.nonzero(on_diag).flatten(), rd + s - c0] = False
         ri, jj = torch.nonzero(cand, as_tuple=True)
         if ri.numel():
             ii = rows[ri]
             if not P.direct:
-                _recompute_pairs(P, xb, q, ii, jj)
+                _recompute_pairs(P, xb, q, ii, jj, c0)
             flagged = (ii, jj)
     if P.kind == "l2" and root:
         q.sqrt_()
-    canon = canonical_columns(P)
     if canon is not None:
         q = q.index_select(1, canon)
     return q, flagged
@@ -290,14 +311,15 @@ def distances(P: Problem, s: int, e: int, root: bool = True):
 # ----------------------------------------------------------------------------------------------------
 # gradient pass
 # ----------------------------------------------------------------------------------------------------
-def new_parts(P: Problem, k: int, need_grad: bool):
-    """Zeroed gradient parts ``gx (k, N, D)``, ``gr (k, M, D)`` (empty when not needed / square case)."""
+def new_parts(P: Problem, k: int, need_grad: bool, need_grad_r: bool = True):
+    """Zeroed gradient parts ``gx (k, N, D)``, ``gr (k, M, D)`` (empty when not needed / square case;
+    ``gr`` is (0, M, D) when the references need no gradient, ``need_grad_r=False``)."""
     kk = k if need_grad else 0
     gx = torch.zeros((kk, P.N, P.D), dtype=P.acc, device=P.device)
     if P.square:
         gr = torch.zeros((0, 0, P.D), dtype=P.acc, device=P.device)
     else:
-        gr = torch.zeros((kk, P.M, P.D), dtype=P.acc, device=P.device)
+        gr = torch.zeros((kk if need_grad_r else 0, P.M, P.D), dtype=P.acc, device=P.device)
     return gx, gr
 
 
@@ -307,16 +329,19 @@ def accumulate_grad(P: Problem, s: int, e: int, d, flagged, G: torch.Tensor, gx,
     ``G`` (k, b, M): pair weights ``dS_k/dd'_ij`` of the block (0 on pairs outside the loss; it is consumed:
     modified in place). ``d`` (b, M): the block's d' (for L2). ``symmetric``: square case with
     ``G_ij = G_ji`` over the whole matrix, so the column side equals the row side (added twice).
-    In the square case the column side lands on gx.
+    In the square case the column side lands on gx. In the rectangular case an empty ``gr`` (0, M, D)
+    (``new_parts(..., need_grad_r=False)``: references without gradient) skips the column side entirely.
     """
     k, b, m = G.shape
     xb = P.x[s:e]
     gcol = gx if P.square else gr
     row_scale = 2.0 if symmetric else 1.0
+    # the column side: in the square case (unless symmetric) it lands on gx; rectangular only when r needs it
+    want_col = not symmetric and (P.square or gr.shape[0] > 0)
     if P.kind == "dot":
         # d' = -x.r: dS/dx_i = -sum_j G_ij r_j, dS/dr_j = -sum_i G_ij x_i
         gx[:, s:e].sub_(torch.matmul(G, P.r), alpha=row_scale)
-        if not symmetric:
+        if want_col:
             gcol.sub_(torch.matmul(G.transpose(1, 2), xb))
         return
     wf = None
@@ -342,7 +367,7 @@ def accumulate_grad(P: Problem, s: int, e: int, d, flagged, G: torch.Tensor, gx,
     row = torch.matmul(C, P.r)  # (k, b, D)
     row.neg_().addcmul_(rowsum, xb.unsqueeze(0))
     gx[:, s:e].add_(row, alpha=scale * row_scale)
-    if not symmetric:
+    if want_col:
         colsum = C.sum(1).unsqueeze(2)  # (k, M, 1)
         col = torch.matmul(C.transpose(1, 2), xb)  # (k, M, D)
         col.neg_().addcmul_(colsum, P.r.unsqueeze(0))
@@ -353,5 +378,5 @@ def accumulate_grad(P: Problem, s: int, e: int, d, flagged, G: torch.Tensor, gx,
         for kk in range(k):
             contrib = wf[kk].unsqueeze(1) * diff
             gx[kk].index_add_(0, ii + s, contrib, alpha=row_scale)
-            if not symmetric:
+            if want_col:
                 gcol[kk].index_add_(0, jj, contrib, alpha=-1.0)
