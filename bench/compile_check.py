@@ -29,40 +29,60 @@ TARGET = GPUTarget("cuda", 90, 32)
 _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
        torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.bool: "i1"}
 seen: dict = {}
+scratch_kernels: list = []
 
 
 def _compile(fn, args, kwargs):
-    sig, const = {}, {}
+    """Compile ``fn`` for TARGET as the GPU runtime would for these arguments.
+
+    Like the launcher's specialization: tensor pointers are 16-byte aligned (``tt.divisibility``), an int
+    argument that the kernel specializes (not in ``do_not_specialize``) becomes a constant when it is 1 and
+    carries ``tt.divisibility`` when it is a multiple of 16 (e.g. D = 64), otherwise it is i32 / i64.
+    """
+    sig, const, attrs = {}, {}, {}
     names = fn.arg_names
     opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     vals = dict(zip(names, args))
     vals.update(kwargs)
     for i, name in enumerate(names):
         v = vals[name]
-        if fn.params[i].is_constexpr:
+        param = fn.params[i]
+        if param.is_constexpr:
             sig[name] = "constexpr"
             const[name] = v
         elif isinstance(v, torch.Tensor):
             sig[name] = "*" + _DT[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, bool):
             sig[name] = "i1"
         elif isinstance(v, int):
+            if not param.do_not_specialize and v == 1:
+                sig[name] = "constexpr"
+                const[name] = 1
+                continue
             sig[name] = "i64" if abs(v) >= 2**31 else "i32"
+            if not param.do_not_specialize and v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             sig[name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: cannot type argument {name}={v!r}")
     key = (fn.__name__, tuple(sorted((k, str(v)) for k, v in sig.items())),
-           tuple(sorted((k, str(v)) for k, v in const.items())))
+           tuple(sorted((k, str(v)) for k, v in const.items())), tuple(sorted(attrs)),
+           tuple(sorted(opts.items())))
     if key in seen:
         return
     t = time.time()
-    k = triton.compile(ASTSource(fn, sig, const), target=TARGET, options=opts)
+    k = triton.compile(ASTSource(fn, sig, const, attrs), target=TARGET, options=opts)
     md = k.metadata
     seen[key] = (time.time() - t, getattr(md, "shared", None), getattr(md, "num_warps", None))
+    shown = {k: v for k, v in const.items() if k in ("KIND", "BM", "BN", "BG", "NEED_GRAD", "COLMODE", "D")}
+    # a kernel that needs global scratch memory fails at launch unless triton.set_allocator was called
+    scratch = getattr(md, "global_scratch_size", 0) or 0
+    if scratch:
+        scratch_kernels.append(f"{fn.__name__} {shown}: {scratch} B")
     print(f"  ok {fn.__name__:28s} {time.time() - t:5.1f}s smem={getattr(md, 'shared', '?')} {_usage(k)} "
-          f"{ {k: v for k, v in const.items() if k in ('KIND', 'BM', 'BN', 'BG', 'NEED_GRAD', 'COLMODE')} }",
-          flush=True)
+          f"warps={opts.get('num_warps', '?')} {shown}", flush=True)
 
 
 def _usage(k) -> str:
@@ -119,7 +139,7 @@ def _calls(K, x, y, r, z, kind):
                                                   torch.zeros(40), "gt")),
         ("pair_list", lambda: K.pair_list(x, y, r, z, None, kind, -inf, inf)),
         ("triplet_list", lambda: K.triplet_list(x, y, r, z, None, kind, -inf, inf)),
-    ]
+    ] + ([("row_hardest", lambda: K.row_hardest(x, y, r, z, None, kind))] if hasattr(K, "row_hardest") else [])
 
 
 def main() -> int:
@@ -131,7 +151,7 @@ def main() -> int:
     for dtype in dtypes:
         for kind in ("l2", "sql2", "dot"):
             for rect in (False, True):
-                for d in (3, 64, 130):
+                for d in (1, 3, 64, 130):
                     x = torch.randn(40, d).to(dtype)
                     y = torch.randint(0, 3, (40,))
                     r = torch.randn(30, d).to(dtype) if rect else None
@@ -150,6 +170,9 @@ def main() -> int:
                             elif not isinstance(exc, (RuntimeError, ValueError)):
                                 fails += 1
                                 print(f"FAIL {name} {dtype} {kind} rect={rect} d={d}: {type(exc).__name__}: {exc}")
+    for line in scratch_kernels:
+        fails += 1
+        print(f"FAIL needs global scratch (no allocator is set): {line}")
     print(f"{len(seen)} kernel variants compiled, {fails} failures")
     return 1 if fails else 0
 

@@ -18,25 +18,30 @@ import sys
 __version__ = "0.1.0"
 
 
-def _alias_kernels() -> None:
-    """Make ``fastdml.kernels`` importable from a source checkout (``PYTHONPATH=.``).
+class _KernelsFinder:
+    """Make ``fastdml.kernels`` importable from a source checkout (``PYTHONPATH=.``, as bench/gpu_check.sh).
 
     An installed fastdml maps the folder ``kernels/`` to ``fastdml.kernels`` (setuptools package-dir).
-    From a plain checkout that mapping does not exist, so load the folder under that name here; it is never
-    importable as a top-level ``kernels`` (a PyPI package owns that name).
+    From a plain checkout that mapping does not exist, so this finder (appended to ``sys.meta_path``: an
+    installed mapping wins) resolves that one name to the folder; its submodules then load through the
+    package's ``__path__``. Nothing is imported until ``fastdml.kernels`` is asked for, and the folder is
+    never importable as a top-level ``kernels`` (a PyPI package owns that name).
     """
-    if "fastdml.kernels" in sys.modules:
-        return
-    if importlib.util.find_spec("fastdml.kernels") is not None:
-        return
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-    init = os.path.join(folder, "__init__.py")
-    if not os.path.exists(init):
-        return
-    spec = importlib.util.spec_from_file_location("fastdml.kernels", init, submodule_search_locations=[folder])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fastdml.kernels"] = module
-    spec.loader.exec_module(module)
+
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        if fullname != "fastdml.kernels":
+            return None
+        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+        init = os.path.join(folder, "__init__.py")
+        if not os.path.exists(init):
+            return None
+        return importlib.util.spec_from_file_location("fastdml.kernels", init,
+                                                      submodule_search_locations=[folder])
+
+
+if not any(getattr(f, "__name__", "") == "_KernelsFinder" for f in sys.meta_path):
+    sys.meta_path.append(_KernelsFinder)
 
 
 _SUBMODULES = (

@@ -178,6 +178,18 @@ class Geometry:
         with torch.no_grad():
             return reference.row_extreme_from_matrix(dmat.detach(), pos, neg, side, mode, lo, hi, thr, thr_op)
 
+    def row_hardest(self):
+        """Batch-hard mining in one sweep: ``(pos_value, pos_index, pos_found, neg_value, neg_index, neg_found)``,
+        per anchor the farthest positive (max d') and the nearest negative (min d'); see
+        :func:`fastdml.ops.row_hardest`."""
+        inp = self.inp
+        if self.spec is not None:
+            return ops.row_hardest(self.x, inp.y, self.r, inp.z, inp.excl, self.kind)
+        pos, neg = self.masks()
+        dmat = self.dprime_matrix()  # built (and cached) with its graph: raw() reuses it for the gradient
+        with torch.no_grad():
+            return reference.row_hardest_from_matrix(dmat.detach(), pos, neg)
+
     def raw_interval_to_dprime(self, lo, hi):
         """A closed interval of raw values as an interval of d' (flipped for similarities)."""
         lo = -INF if lo is None else float(lo)

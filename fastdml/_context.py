@@ -47,6 +47,7 @@ __all__ = [
     "reduce_terms",
     "reduce_sum_count",
     "active",
+    "reducing",
 ]
 
 
@@ -75,7 +76,8 @@ def pool_context(n_query: int, n_ref: int, excl: Optional[Tensor] = None, reduce
     """Activate a pool for the ops and reducers called inside the ``with`` block (innermost wins)."""
     if excl is not None and (excl.ndim != 1 or excl.shape[0] != n_query):
         raise ValueError(f"pool_context: excl must have shape ({n_query},), got {tuple(excl.shape)}")
-    ctx = PoolContext(int(n_query), int(n_ref), None if excl is None else excl.to(torch.int64), reduce, group)
+    # (sizes kept as given: under torch.compile they may be symbolic, and int() would specialize the graph)
+    ctx = PoolContext(n_query, n_ref, None if excl is None else excl.to(torch.int64), reduce, group)
     _STACK.append(ctx)
     try:
         yield ctx
@@ -92,14 +94,23 @@ def active() -> bool:
     return bool(_STACK)
 
 
-def resolve_excl(x: Tensor, r: Optional[Tensor], excl: Optional[Tensor]) -> Optional[Tensor]:
-    """``excl`` for a rectangular op: the context's exclusion when the op is ``(n_query, n_ref)``, none given."""
+def reducing() -> bool:
+    """True inside a context whose sums and counts are added over the ranks (every rank must then make the same
+    collective calls, whatever its local shapes)."""
+    return bool(_STACK) and _STACK[-1].reduce
+
+
+def resolve_excl(x: Tensor, r: Optional[Tensor], excl: Optional[Tensor], count: bool = True) -> Optional[Tensor]:
+    """``excl`` for a rectangular op: the context's exclusion when the op is ``(n_query, n_ref)``, none given.
+
+    ``count=False``: a look-up that is not an op taking the exclusion (``PoolContext.applied`` unchanged)."""
     if not _STACK or r is None or excl is not None:
         return excl
     ctx = _STACK[-1]
     if ctx.excl is None or x.shape[0] != ctx.n_query or r.shape[0] != ctx.n_ref:
         return excl
-    ctx.applied += 1
+    if count:
+        ctx.applied += 1
     return ctx.excl if ctx.excl.device == x.device else ctx.excl.to(x.device)
 
 

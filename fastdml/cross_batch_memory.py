@@ -15,6 +15,17 @@ Gradients reach the batch embeddings only (the memory is detached), as in PML.
 With a ``miner``, the miner runs on (batch, memory) inside the same context (fastdml's miners skip the self
 slots), then self comparisons are filtered from its tuple as PML does; with an explicit ``indices_tuple`` the
 all-pairs tuple is listed and the two are concatenated (PML's behaviour; this path lists pairs).
+
+Gradients: the memory needs none, so the stats ops run with ``need_grad_r=False`` (no column-side work, no
+(k, M, D) gradient parts: with M = 65,536 those were most of the step's time and memory).
+
+``torch.compile(fullgraph=True)``: the ring position is a tensor buffer (``queue_pos``; PML's ``queue_idx`` is a
+property reading it), updated in place, so the graph does not depend on the position. Before the first wrap the
+memory's filled prefix is a varying shape (PML uses ``memory[:queue_idx]``): its length is kept as the size of a
+storage-free tensor, which Dynamo turns into a symbolic size after one recompile. So a compiled memory runs on a
+handful of graphs (first call, the filling phase, the wrapping call, the full memory) however many steps it
+runs (tests/test_cross_batch_memory_compile.py). Not traceable without graph breaks: ``enqueue_mask`` (boolean
+indexing: data-dependent sizes) and explicit ``indices_tuple`` / miners that list pairs.
 """
 
 from __future__ import annotations
@@ -106,20 +117,38 @@ class CrossBatchMemory(torch.nn.Module):
         """Empty the memory (zeros, ``queue_idx = 0``, not filled)."""
         self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_size))
         self.register_buffer("label_memory", torch.zeros(self.memory_size).long())
+        # the ring position as a tensor (not saved: PML's queue_idx is no part of the state dict either)
+        self.register_buffer("queue_pos", torch.zeros((), dtype=torch.long), persistent=False)
         self.has_been_filled = False
-        self.queue_idx = 0
+        # before the first wrap: a storage-free tensor whose dim 0 is the number of rows written
+        self._filled_rows = torch.empty((0, 0))
+
+    @property
+    def queue_idx(self) -> int:
+        """PML's ring position (the next slot written), read from the ``queue_pos`` buffer."""
+        return int(self.queue_pos)
+
+    @queue_idx.setter
+    def queue_idx(self, value: int) -> None:
+        self.queue_pos.fill_(int(value))
+        if not self.has_been_filled:
+            self._filled_rows = torch.empty((int(value), 0))
 
     def add_to_memory(self, embeddings: Tensor, labels: Tensor, batch_size: int):
         """Write ``embeddings`` (detached) at slots ``queue_idx, queue_idx + 1, ...`` modulo the memory size."""
-        self.curr_batch_idx = (
-            torch.arange(self.queue_idx, self.queue_idx + batch_size, device=labels.device) % self.memory_size
-        )
+        pos = self.queue_pos.to(labels.device)
+        self.curr_batch_idx = (pos + torch.arange(batch_size, device=labels.device)) % self.memory_size
         self.embedding_memory[self.curr_batch_idx] = embeddings.detach()
         self.label_memory[self.curr_batch_idx] = labels.detach()
-        prev = self.queue_idx
-        self.queue_idx = (self.queue_idx + batch_size) % self.memory_size
-        if (not self.has_been_filled) and (self.queue_idx <= prev):
-            self.has_been_filled = True
+        self.queue_pos.copy_((pos + batch_size) % self.memory_size)
+        if not self.has_been_filled:
+            # PML: filled once the position wraps (queue_idx <= its previous value), i.e. rows + batch >= size
+            rows = self._filled_rows.shape[0] + batch_size
+            if rows >= self.memory_size:
+                self.has_been_filled = True
+                self._filled_rows = torch.empty((0, 0))
+            else:
+                self._filled_rows = self._filled_rows.new_empty((rows, 0))
 
     def _check(self, embeddings, labels, indices_tuple, enqueue_mask):
         if indices_tuple is not None and enqueue_mask is not None:
@@ -153,6 +182,8 @@ class CrossBatchMemory(torch.nn.Module):
             self.embedding_memory = self.embedding_memory.to(device=device, dtype=embeddings.dtype)
         if self.label_memory.device != device or self.label_memory.dtype != labels.dtype:
             self.label_memory = self.label_memory.to(device=device, dtype=labels.dtype)
+        if self.queue_pos.device != device:
+            self.queue_pos = self.queue_pos.to(device)
 
         if enqueue_mask is not None:
             enqueue_mask = enqueue_mask.to(device=device, dtype=torch.bool)
@@ -165,7 +196,8 @@ class CrossBatchMemory(torch.nn.Module):
 
         self.add_to_memory(emb_q, lab_q, len(emb_q))
         if not self.has_been_filled:
-            e_mem, l_mem = self.embedding_memory[: self.queue_idx], self.label_memory[: self.queue_idx]
+            rows = self._filled_rows.shape[0]
+            e_mem, l_mem = self.embedding_memory[:rows], self.label_memory[:rows]
         else:
             e_mem, l_mem = self.embedding_memory, self.label_memory
 

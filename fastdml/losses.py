@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from . import _context, ops, reference
 from . import _validation as V
-from ._common import INF, Geometry, _normalize, resolve_inputs, window_value
+from ._common import INF, Geometry, _normalize, resolve_inputs, window_value, zero_loss
 from .distances import LpDistance
 from .lazy import LazyIndices, TracedIndices
 from .reducers import (
@@ -324,35 +324,80 @@ class ContrastiveLoss(BaseMetricLossFunction):
         else:
             a, b = stats(wp[0], wp[1]), stats(wn[0], wn[1])
             sp, cp, sn, cn = a[0], a[1], b[2], b[3]
-        # (square, no band: pairs come in symmetric couples, so "at most one" means none: no check, no sync)
-        unbanded_square = square and pos_lo == -INF and neg_hi == INF
-        if not unbanded_square and float(cp.detach()) <= 1 and float(cn.detach()) <= 1:
-            # PML returns zero when every index list has at most one pair: count the selected pairs
-            if (wp[0], wp[1], wn[0], wn[1]) == (-INF, INF, -INF, INF):
-                sel_p, sel_n = float(cp), float(cn)
+        vp, vn = window_value(sp, cp, wp, emb), window_value(sn, cn, wn, emb)
+        # PML returns zero when every index list has at most one pair (at most one selected positive pair and
+        # at most one selected negative pair). [issue 7] Decided without a host sync wherever the selected
+        # counts are known without data-dependent control flow, so the loss compiles with fullgraph=True:
+        unbounded = (wp[0], wp[1], wn[0], wn[1]) == (-INF, INF, -INF, INF)
+        if square and pos_lo == -INF and neg_hi == INF:
+            # square, no band: pairs come in symmetric couples, so "at most one" means none: nothing to check
+            zero = None
+        elif pos_lo == -INF and neg_hi == INF:
+            # rectangular, no band: every pair is selected. With N (M - 1) >= 3 (at most one excluded pair per
+            # query) there are at least 3 pairs: never zero, decided from the shapes. Otherwise, or when every
+            # rank must make the same collective call, the counts follow from the labels alone.
+            if _context.reducing() or x.shape[0] * (r.shape[0] - 1) < 3:
+                zero = self._at_most_one_pair(*self._all_pair_counts(x, y, r, z, excl))
             else:
-                with torch.no_grad():
-                    full = ops.contrastive_stats(
-                        x.detach(),
-                        y,
-                        None if r is None else r.detach(),
-                        z,
-                        excl,
-                        geo.kind,
-                        pm,
-                        nm,
-                        pos_lo,
-                        neg_hi,
-                        -INF,
-                        INF,
-                    )
-                sel_p, sel_n = float(full[1]), float(full[3])
-            if sel_p <= 1 and sel_n <= 1:
-                return self.zero_losses()
-        return {
-            "pos_loss": _already_reduced(window_value(sp, cp, wp, emb)),
-            "neg_loss": _already_reduced(window_value(sn, cn, wn, emb)),
-        }
+                zero = None
+        elif unbounded:
+            # no reducer window: the counted pairs are the selected ones
+            zero = self._at_most_one_pair(cp, cn)
+        elif torch.compiler.is_compiling():
+            # a band and a window: the band's selected counts need their own (gradient-free) sweep
+            zero = self._at_most_one_pair(*self._band_counts(x, y, r, z, excl, geo.kind, pm, nm, pos_lo, neg_hi))
+        else:
+            # eagerly the extra sweep is only needed when at most one pair of each kind was counted
+            zero = None
+            if float(cp.detach()) <= 1 and float(cn.detach()) <= 1:
+                sel_p, sel_n = self._band_counts(x, y, r, z, excl, geo.kind, pm, nm, pos_lo, neg_hi)
+                if float(sel_p) <= 1 and float(sel_n) <= 1:
+                    return self.zero_losses()
+        if zero is not None:
+            # both branches computed, the zero chosen by torch.where: the value and gradient of PML's zero loss
+            z0 = zero_loss(emb).to(vp.dtype)
+            vp = torch.where(zero, z0, vp)
+            vn = torch.where(zero, z0, vn)
+        return {"pos_loss": _already_reduced(vp), "neg_loss": _already_reduced(vn)}
+
+    @staticmethod
+    def _at_most_one_pair(sel_p, sel_n):
+        """PML's zero-loss rule on the (global) selected pair counts, as a bool tensor (no host sync)."""
+        return (sel_p <= 1) & (sel_n <= 1)
+
+    @staticmethod
+    def _all_pair_counts(x, y, r, z, excl):
+        """Numbers of positive and negative pairs of the rectangular all-pairs structure, float64 0-dim tensors,
+        added over the ranks inside a distributed pool context (as the stats' counts are). With
+        ``E = sum_i #{j : z_j == y_i}``::
+
+            P = E - #{i : excl_i >= 0, z_(excl_i) == y_i},    Q = N M - E - #{i : excl_i >= 0, z_(excl_i) != y_i}
+
+        (the excluded pair of query i is in neither). O((N + M) log M): one sort of the labels, static shapes
+        (compile-friendly)."""
+        excl = _context.resolve_excl(x, r, excl, count=False)
+        zs = torch.sort(z).values
+        same = (torch.searchsorted(zs, y, right=True) - torch.searchsorted(zs, y, right=False)).sum()
+        n_pairs = y.shape[0] * z.shape[0]
+        if excl is None or z.shape[0] == 0:
+            ex_p = ex_n = same.new_zeros(())
+        else:
+            has = excl >= 0
+            eq = z[excl.clamp_min(0)] == y
+            ex_p = (has & eq).sum()
+            ex_n = (has & ~eq).sum()
+        sel_p = (same - ex_p).to(torch.float64)
+        sel_n = (n_pairs - same - ex_n).to(torch.float64)
+        return _context.reduce_sum_count(sel_p, sel_n)
+
+    @staticmethod
+    def _band_counts(x, y, r, z, excl, kind, pm, nm, pos_lo, neg_hi):
+        """Selected positive and negative pair counts of a band (no reducer window), one gradient-free sweep."""
+        with torch.no_grad():
+            full = ops.contrastive_stats(
+                x.detach(), y, None if r is None else r.detach(), z, excl, kind, pm, nm, pos_lo, neg_hi, -INF, INF
+            )
+        return full[1], full[3]
 
     def _given(self, geo, idx):
         a1, p, a2, n = idx
@@ -589,7 +634,7 @@ class BatchHardTripletLoss(BaseMetricLossFunction):
     Anchors without a positive or without a negative are dropped (PML's BatchHardMiner); TF-Addons' masked
     max/min instead give them a non-zero hinge (a one-class batch returns the margin). A batch with no usable
     anchor returns zero with zero gradient. Equal to ``TripletMarginLoss(margin, reducer=MeanReducer())`` fed
-    by ``BatchHardMiner``. Cost: one mining sweep (``ops.row_extreme``), then O(N D) for the chosen pairs.
+    by ``BatchHardMiner``. Cost: one mining sweep (``ops.row_hardest``), then O(N D) for the chosen pairs.
 
     Stats (``collect_stats=True``): ``num_anchors`` (anchors used), ``num_positive_triplets``,
     ``fraction_positive_triplets``, ``avg_hardest_pos_dist``, ``avg_hardest_neg_dist``.
@@ -614,8 +659,7 @@ class BatchHardTripletLoss(BaseMetricLossFunction):
 
     def compute_loss(self, inp, indices_tuple):
         geo = Geometry(self.distance, inp)
-        _, ip, fp = geo.row_extreme("pos", "max")
-        _, ineg, fn = geo.row_extreme("neg", "min")
+        _, ip, fp, _, ineg, fn = geo.row_hardest()  # one sweep for both picks
         win = self.window("loss")
         if win is not None and not self.collect_stats:
             # fused: every anchor is evaluated and the unusable ones masked, so no shape depends on the data

@@ -9,9 +9,10 @@ embeddings tensor, the listing miners are evaluated fused instead (nothing liste
 * ``PairMarginMiner`` + ``ContrastiveLoss``: one ``ops.contrastive_stats`` sweep with the miner's thresholds.
 
 ``BatchHardMiner`` / ``BatchEasyHardMiner`` choose one pair per anchor with ``ops.row_extreme`` (no N x M
-matrix) and keep ``(valid, p, n)`` over all anchors; the losses evaluate those N pairs with
-``ops.pair_values``, the anchors without a pair masked, so no shape depends on the data (``torch.compile``
-traces miner + loss whole; inside a traced region the result is a :class:`fastdml.lazy.TracedIndices`).
+matrix; hard/hard without ranges: both picks from one ``ops.row_hardest`` sweep) and keep ``(valid, p, n)``
+over all anchors; the losses evaluate those N pairs with ``ops.pair_values``, the anchors without a pair
+masked, so no shape depends on the data (``torch.compile`` traces miner + loss whole; inside a traced region
+the result is a :class:`fastdml.lazy.TracedIndices`).
 With an ``"all"`` strategy or ``collect_stats`` they list eagerly. ``MultiSimilarityMiner``
 sorts the rows of a materialized matrix (PML's algorithm). A distance without a fused spec uses its own matrix.
 
@@ -289,6 +290,10 @@ class BatchEasyHardMiner(BaseMiner):
         elif ns == self.SEMIHARD and ps != self.ALL:
             pos = self._pick(geo, "pos", ps)
             neg = self._pick(geo, "neg", ns, thr=pos[0])
+        elif ps == ns == self.HARD and self.allowed_pos_range is None and self.allowed_neg_range is None:
+            # batch-hard (farthest positive, nearest negative, no ranges): both picks from one sweep
+            h = geo.row_hardest()
+            pos, neg = h[:3], h[3:]
         else:
             if ps != self.ALL:
                 pos = self._pick(geo, "pos", ps)

@@ -266,6 +266,26 @@ def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op):
         return row_extreme_from_matrix(dmat.to(acc), pos, neg, side, mode, lo, hi, thr, thr_op)
 
 
+def row_hardest(x, y, r, z, excl, kind):
+    """Batch-hard mining: per anchor the max d' over its positives and the min d' over its negatives, i.e.
+    ``row_extreme(..., "pos", "max") + row_extreme(..., "neg", "min")`` with no band or thresholds.
+
+    Returns ``(pos_value, pos_index, pos_found, neg_value, neg_index, neg_found)`` (see :func:`row_extreme`).
+    """
+    inf = math.inf
+    pos = row_extreme(x, y, r, z, excl, kind, "pos", "max", -inf, inf, None, "")
+    neg = row_extreme(x, y, r, z, excl, kind, "neg", "min", -inf, inf, None, "")
+    return pos + neg
+
+
+def row_hardest_from_matrix(dmat, pos, neg):
+    """:func:`row_hardest` on a given d' matrix and masks (value in the matrix's dtype)."""
+    inf = math.inf
+    p = row_extreme_from_matrix(dmat, pos, neg, "pos", "max", -inf, inf, None, "")
+    n = row_extreme_from_matrix(dmat, pos, neg, "neg", "min", -inf, inf, None, "")
+    return p + n
+
+
 def row_extreme_from_matrix(dmat, pos, neg, side, mode, lo, hi, thr, thr_op):
     """:func:`row_extreme` on a given d' matrix and masks (value in the matrix's dtype)."""
     with torch.no_grad():

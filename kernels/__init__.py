@@ -8,6 +8,7 @@ takes a keyword-only-by-convention ``allow_tf32=False``: tf32 ``tl.dot`` for fp3
     semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad)
         -> (stats float64 (k_s,), gx_parts float32 (k, N, D), gr_parts float32 (k, M, D))
     row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op) -> (value f32, index i64, found bool)
+    row_hardest(x, y, r, z, excl, kind) -> (pos value, index, found, neg value, index, found)
     triplet_list(x, y, r, z, excl, kind, band_lo, band_hi) -> (a, p, n) int64
     pair_list(x, y, r, z, excl, kind, pos_lo, neg_hi) -> (a1, p, a2, n) int64
 
@@ -18,6 +19,7 @@ fp32 inside a tile and float64 across tiles; counts are int64, returned as float
 
 from .contrastive import contrastive_stats_fwd
 from .extreme import row_extreme
+from .hardest import row_hardest
 from .pairs import pair_list
 from .triplet import semihard_stats_fwd, triplet_list, triplet_stats_fwd
 
@@ -30,6 +32,7 @@ __all__ = [
     "triplet_stats_fwd",
     "semihard_stats_fwd",
     "row_extreme",
+    "row_hardest",
     "triplet_list",
     "pair_list",
     "SUPPORTED_DTYPES",

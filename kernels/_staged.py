@@ -51,11 +51,16 @@ def stage_dist_kernel(
     KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SUBK: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """buf[i, j] = d'(x[A0 + i], r[j]) for i < CH, j < M."""
-    loc = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    """buf[i, j] = d'(x[A0 + i], r[j]) for i < CH, j < M.
+
+    One grid axis (row block major): CUDA's second grid axis stops at 65,535 blocks, i.e. M ~ 2.1M at BN = 32.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    nb = tl.cdiv(M, BN)
+    loc = (pid // nb) * BM + tl.arange(0, BM).to(tl.int64)
     lmask = loc < CH
     rows = A0 + loc
-    cols = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    cols = (pid % nb) * BN + tl.arange(0, BN).to(tl.int64)
     cmask = cols < M
     dp, near = dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, lmask, cols, cmask, D,
                            KIND, BM, BN, BK, SUBK, PREC, UPCAST)
@@ -108,9 +113,11 @@ def wpass_kernel(
 class Stager:
     """Chunks of anchors with their staged d' rows (and zeroed weight rows when a gradient is wanted)."""
 
-    def __init__(self, p, need_grad, prec):
+    def __init__(self, p, need_grad, prec, need_grad_r=True):
         self.p = p
         self.need_grad = need_grad
+        # [issue 7] rectangular references that need no gradient: no column-side pass, gr_parts (0, M, D)
+        self.need_grad_r = bool(need_grad_r) or p.square
         self.prec = prec
         self.cfg = config(p.d)
         dev = p.device
@@ -131,7 +138,7 @@ class Stager:
         self.w = torch.empty_like(self.buf) if need_grad else self.buf
         if need_grad and p.kind_id != 2:
             self.near_x = torch.zeros((p.n, p.d), device=dev, dtype=torch.float32)
-            self.near_r = torch.zeros((p.m, p.d), device=dev, dtype=torch.float32)
+            self.near_r = torch.zeros((p.m if self.need_grad_r else 0, p.d), device=dev, dtype=torch.float32)
         else:
             self.near_x = self.near_r = self.buf
 
@@ -142,7 +149,7 @@ class Stager:
             ch = min(self.ch, p.n - a0)
             if p.m > 0:
                 self.buf.fill_(float("nan"))
-                stage_dist_kernel[(triton.cdiv(ch, c["BM"]), triton.cdiv(p.m, c["BN"]))](
+                stage_dist_kernel[(triton.cdiv(ch, c["BM"]) * triton.cdiv(p.m, c["BN"]),)](
                     p.x, p.r, p.xn, p.rn, self.buf, a0, ch, p.m, p.d,
                     KIND=p.kind_id, BM=c["BM"], BN=c["BN"], BK=c["BK"], SUBK=c["SUBK"],
                     PREC=self.prec, UPCAST=p.upcast, num_warps=c["num_warps"],
@@ -161,7 +168,7 @@ class Stager:
             p.x, p.r, p.xn, p.rn, self.buf, self.w, self.near_x, gx,
             ch, p.m, a0, 0, self.buf.shape[1], 1, p.d, 1.0, ACCUM=False, **common,
         )
-        if p.m == 0:
+        if p.m == 0 or not self.need_grad_r:
             return
         if self.near_r is not self.buf:
             self.near_r.zero_()
@@ -173,16 +180,18 @@ class Stager:
     def grads(self):
         p = self.p
         gx = poison((p.n, p.d), p.device)
-        gr = poison((p.m, p.d), p.device)
+        gr = poison((p.m if self.need_grad_r else 0, p.d), p.device)
         return gx, gr
 
     def finish(self, gx, gr):
         """(gx_parts, gr_parts) in the contract's shapes; square case: the column side lands on x."""
         p = self.p
         if p.m > 0 and p.n == 0:
-            gr.zero_()
+            gr.zero_()  # (a no-op on the empty gr of need_grad_r=False)
         if p.square:
             return (gx + gr).unsqueeze(0), torch.empty((0, 0, p.d), device=p.device, dtype=torch.float32)
+        if not self.need_grad_r:
+            return gx.unsqueeze(0), torch.empty((0, p.m, p.d), device=p.device, dtype=torch.float32)
         return gx.unsqueeze(0), gr.unsqueeze(0)
 
 

@@ -145,12 +145,14 @@ def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, ne
 
 
 def contrastive_stats_fwd(x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo, neg_hi, low, high,
-                          need_grad, allow_tf32=False):
+                          need_grad, need_grad_r=True, allow_tf32=False):
     """Contrastive statistics ``[S+, C+, S-, C-]`` (float64) and their gradient parts.
 
     Returns ``(stats (4,) float64, gx_parts (2, N, D) float32, gr_parts (2, M, D) float32)``; the parts are
     ``dS+/d.`` and ``dS-/d.`` (empty ``(0, N, D)`` / ``(0, M, D)`` when ``need_grad`` is False; in the square
-    case ``r is None`` the gradient is all in ``gx_parts`` and ``gr_parts`` is ``(0, 0, D)``).
+    case ``r is None`` the gradient is all in ``gx_parts`` and ``gr_parts`` is ``(0, 0, D)``). With
+    ``need_grad_r=False`` (references that need no gradient) ``gr_parts`` is ``(0, M, D)`` and the
+    column-side sweep is skipped.
     ``allow_tf32`` opts into tf32 ``tl.dot`` for fp32 inputs (faster, ~1e-3 relative error in d').
     """
     p = prepare(x, y, r, z, excl, kind)
@@ -165,7 +167,7 @@ def contrastive_stats_fwd(x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo
     stats = st.sum(1) if p.n > 0 else torch.zeros(4, device=p.device, dtype=torch.float64)
     if p.square:
         gr = torch.empty((0, 0, p.d), device=p.device, dtype=torch.float32)
-    elif need_grad:
+    elif need_grad and need_grad_r:
         _, gr = _sweep(p, p.r, p.x, p.rn, p.xn, p.z, p.y, p.m, p.n, 1, False, True, margins, 1.0, allow_tf32)
     else:
         gr = torch.empty((0, p.m, p.d), device=p.device, dtype=torch.float32)

@@ -116,7 +116,8 @@ def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op, allow_t
         if interpreting():
             cfg = dict(BM=32, BN=32, BK=block_d(p.d), SUBK=16, num_warps=4)
         else:
-            cfg = dict(BM=64, BN=32, BK=32, SUBK=1, num_warps=4)
+            # 8 warps: with 4 the (64, 32) tile needs > 255 registers and spills on sm_90 (compile_check)
+            cfg = dict(BM=64, BN=32, BK=32, SUBK=1, num_warps=8)
         row_extreme_kernel[(triton.cdiv(p.n, cfg["BM"]),)](
             p.x, p.r, p.xn, p.rn, p.y, p.z, p.excl, thr_t, val, idx, found,
             p.n, p.m, p.d, lo, hi,

@@ -227,9 +227,10 @@ def _grid_cfg(st):
     return dict(BP=c["BP"], BT=c["BT"], num_warps=c["num_warps"])
 
 
-def _stats_run(p, need_grad, allow_tf32, launch):
-    """Common driver: stage each chunk, run the per-anchor kernel, then the gradient passes."""
-    st = Stager(p, need_grad, precision(allow_tf32))
+def _stats_run(p, need_grad, allow_tf32, launch, need_grad_r=True):
+    """Common driver: stage each chunk, run the per-anchor kernel, then the gradient passes (the column-side
+    pass into gr only with ``need_grad_r``; without it gr_parts is (0, M, D))."""
+    st = Stager(p, need_grad, precision(allow_tf32), need_grad_r)
     part = poison((p.n, 2), p.device, torch.float64)
     if need_grad:
         gx, gr = st.grads()
@@ -246,13 +247,13 @@ def _stats_run(p, need_grad, allow_tf32, launch):
 
 
 def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad,
-                      allow_tf32=False):
+                      need_grad_r=True, allow_tf32=False):
     """All-triplet statistics ``[S, C]`` (float64) and the gradient part dS/d(x, r).
 
     S = sum of counted terms relu(v) (softplus(v) if ``smooth``), v = d'_ip - d'_in + margin, over triplets
     with band_lo < d'_in - d'_ip <= band_hi and low < term < high; C their number. Returns
     ``(stats (2,), gx_parts (1, N, D), gr_parts (1, M, D))`` (see ``contrastive_stats_fwd`` for the
-    empty/square shapes).
+    empty/square shapes and ``need_grad_r``).
     """
     p = prepare(x, y, r, z, excl, kind)
     vals = [check_float(nm, v) for nm, v in (("margin", margin), ("band_lo", band_lo), ("band_hi", band_hi),
@@ -269,10 +270,10 @@ def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, 
             a0, p.m, st.buf.shape[1], *vals, SMOOTH=smooth, NEED_GRAD=need_grad, **_grid_cfg(st),
         )
 
-    return _stats_run(p, need_grad, allow_tf32, launch)
+    return _stats_run(p, need_grad, allow_tf32, launch, bool(need_grad_r))
 
 
-def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, allow_tf32=False):
+def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, need_grad_r=True, allow_tf32=False):
     """Semi-hard statistics ``[S, C]`` (float64, TF-Addons ``triplet_semihard_loss``) and dS/d(x, r).
 
     For each positive pair (i, p) of an anchor with at least one negative: n* = the negative with the
@@ -292,7 +293,7 @@ def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, allow_tf32=Fal
             a0, p.m, st.buf.shape[1], margin, NEED_GRAD=need_grad, **_grid_cfg(st),
         )
 
-    return _stats_run(p, need_grad, allow_tf32, launch)
+    return _stats_run(p, need_grad, allow_tf32, launch, bool(need_grad_r))
 
 
 def triplet_list(x, y, r, z, excl, kind, band_lo, band_hi, allow_tf32=False):

@@ -55,6 +55,8 @@ def call(x, y):
         return blocked.semihard_stats_fwd(x, y, None, None, None, "l2", 0.1, True)
     if op == "row_extreme":
         return blocked.row_extreme(x, y, None, None, None, "l2", "neg", "min", -inf, inf, None, "")
+    if op == "row_hardest":
+        return blocked.row_hardest(x, y, None, None, None, "l2")
     if op == "pair_list":
         return blocked.pair_list(x, y, None, None, None, "l2", 5.5, 4.0)
     raise ValueError(op)
@@ -99,7 +101,9 @@ SLACK = 0.5
 
 
 @needs_proc
-@pytest.mark.parametrize("op", ["contrastive", "triplet", "smooth", "semihard", "row_extreme", "pair_list"])
+@pytest.mark.parametrize(
+    "op", ["contrastive", "triplet", "smooth", "semihard", "row_extreme", "row_hardest", "pair_list"]
+)
 def test_peak_working_memory_stays_within_the_budget(op):
     # the softplus path materializes (anchor, positive, negative) chunks: a smaller problem, a smaller budget
     n, mb = (700, 2.0) if op == "smooth" else (3000, 8.0)
@@ -128,6 +132,7 @@ def test_block_plan_respects_the_budget():
                 blocked.triplet_stats_fwd(x, y, r, z, excl, "l2", *TRIPLET_CONFIGS["all_avgnonzero"], True)
                 blocked.semihard_stats_fwd(x, y, r, z, excl, "l2", 0.2, True)
                 blocked.row_extreme(x, y, r, z, excl, "l2", "pos", "max", -INF, INF, None, "")
+                blocked.row_hardest(x, y, r, z, excl, "l2")
                 assert budget.peak_log and max(budget.peak_log) <= limit
                 budget.peak_log.clear()
     finally:

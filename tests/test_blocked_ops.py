@@ -12,10 +12,9 @@ from fastdml import blocked
 from fastdml import reference as ref
 from fastdml.config import memory_budget
 
-INF = float("inf")
-
 from .blocked_cases import (
     CONTRASTIVE_CONFIGS,
+    INF,
     KINDS,
     PATTERNS,
     TRIPLET_CONFIGS,
@@ -212,7 +211,7 @@ def test_contrastive_without_reference_gradient_skips_the_column_side():
     args = CONTRASTIVE_CONFIGS["avgnonzero"]
     with memory_budget(0.01):
         s1, gx1, gr1 = blocked.contrastive_stats_fwd(x, y, r, z, excl, "l2", *args, True)
-        s2, gx2, gr2 = blocked.contrastive_stats_fwd(x, y, r, z, excl, "l2", *args, True, False)
+        s2, gx2, gr2 = blocked.contrastive_stats_fwd(x, y, r, z, excl, "l2", *args, True, need_grad_r=False)
     assert gr1.shape == (2,) + tuple(r.shape) and gr2.shape == (0,) + tuple(r.shape)
     # (the blocks differ: without the r parts more rows fit the budget, so sums are added in another order)
     torch.testing.assert_close(s2, s1, rtol=1e-12, atol=1e-12)

@@ -15,7 +15,7 @@ from fastdml import cross_batch_memory as cbm_module
 from fastdml import losses, miners, reducers
 from fastdml.cross_batch_memory import CrossBatchMemory
 
-from .conftest import TOL
+from .conftest import TOL, triton_on_cpu
 
 D = 6
 MEMORY = 16
@@ -91,6 +91,7 @@ def test_memory_loss_equals_loss_on_the_explicit_queue(name, backend):
         assert float(want.detach()) > 0
 
 
+@triton_on_cpu
 @pytest.mark.parametrize("name", ["contrastive_mean", "triplet"])
 def test_memory_on_triton_kernels_with_exclusion(name):
     """The Triton kernels (interpreter on the CPU) with the per-query exclusion, fp32, against the reference on

@@ -4,10 +4,9 @@ What compiles (see the report in fastdml/utils/distributed.py's docstring):
 
 * ``fullgraph=True``: the wrapper's own code (functional collectives, the pool context) around a loss that is
   itself traceable (here a contrastive loss written directly on ``fastdml.ops``), equal batch sizes;
-* the wrapper around fastdml's ContrastiveLoss with ``efficient=False`` (``fullgraph=True``).
-
-Not yet: fastdml's losses with ``efficient=True`` (their rectangular path keeps PML's data-dependent "at most
-one pair" check, and fails under torch.compile in AOT's alias regeneration; see the report).
+* the wrapper around fastdml's ContrastiveLoss with ``efficient=False`` and with ``efficient=True``
+  (``fullgraph=True``; [issue 7] the rectangular path decides PML's "at most one pair" rule from the labels,
+  without a host sync).
 """
 
 from __future__ import annotations
@@ -39,7 +38,12 @@ def _data():
     return 0.15 * torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
 
 
-CASES = [("ops_loss", True, False), ("ops_loss", True, True), ("fastdml_contrastive", True, False)]
+CASES = [
+    ("ops_loss", True, False),
+    ("ops_loss", True, True),
+    ("fastdml_contrastive", True, False),
+    ("fastdml_contrastive", True, True),
+]
 
 
 def _rank_main(rank, world, port, queue):

@@ -16,7 +16,7 @@ import fastdml
 from fastdml import distances, losses, miners, reducers
 from fastdml.cross_batch_memory import CrossBatchMemory
 
-from .conftest import TOL
+from .conftest import TOL, triton_on_cpu
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -107,6 +107,7 @@ def test_half_embeddings_give_fp32_accurate_loss_and_gradient(name, dtype, backe
     _assert_within_rounding(got_grad, want_grad, dtype)
 
 
+@triton_on_cpu
 @pytest.mark.parametrize("name", ["contrastive_fused", "triplet_all_fused", "batch_hard_one_pass", "semihard_one_pass"])
 def test_fp16_embeddings_on_triton_kernels(name):
     """The Triton kernels (interpreter on the CPU; fp16 only: the interpreter's bf16 math is broken)."""

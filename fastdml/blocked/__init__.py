@@ -5,13 +5,14 @@ working memory beyond inputs and outputs under ``fastdml.config.memory_budget_by
 
 - :func:`contrastive_stats_fwd`, :func:`triplet_stats_fwd`, :func:`semihard_stats_fwd`:
   ``(stats float64, gx_parts (k, N, D), gr_parts (k, M, D))`` with the gradient computed in the forward;
-- :func:`row_extreme`, :func:`triplet_list`, :func:`pair_list`: mining (no gradient).
+- :func:`row_extreme`, :func:`row_hardest`, :func:`triplet_list`, :func:`pair_list`: mining (no gradient).
 
 Every function runs under ``torch.no_grad()``; the autograd wiring is in :mod:`fastdml.ops`.
 """
 
 from . import contrastive as _contrastive
 from . import triplet as _triplet
+from .hardest import row_hardest
 from .mining import pair_list, row_extreme, triplet_list
 from .nonfinite import reference_stats_if_nonfinite
 
@@ -25,6 +26,7 @@ __all__ = [
     "triplet_stats_fwd",
     "semihard_stats_fwd",
     "row_extreme",
+    "row_hardest",
     "triplet_list",
     "pair_list",
 ]

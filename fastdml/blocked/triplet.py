@@ -257,17 +257,18 @@ def _bytes_per_entry_triplet(P: Problem, need_grad: bool, n_bounds: int) -> int:
     return 6 * P.esize + 4 + 8 * (5 + n_bounds)
 
 
-def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad):
+def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad, need_grad_r=True):
     """``(stats, gx_parts, gr_parts)`` over all triplets (see the module docstring).
 
     ``stats`` float64 ``[S, C]``; ``gx_parts`` (1, N, D) = dS/dx, ``gr_parts`` (1, M, D) = dS/dr (square case:
-    (0, 0, D), gx holding both sides); empty (0, ., D) without ``need_grad``.
+    (0, 0, D), gx holding both sides); empty (0, ., D) without ``need_grad``; ``gr_parts`` empty (0, M, D)
+    without ``need_grad_r`` (references that need no gradient: no column-side work).
     """
     with torch.no_grad():
         P = Problem(x, y, r, z, excl, kind, "triplet_stats_fwd")
         margin, band_lo, band_hi = float(margin), float(band_lo), float(band_hi)
         low, high = float(low), float(high)
-        gx, gr = new_parts(P, 1, need_grad)
+        gx, gr = new_parts(P, 1, need_grad, need_grad_r)
         sums = torch.zeros(2, dtype=torch.float64, device=P.device)
         if P.N == 0 or P.M == 0 or band_lo >= band_hi:
             return sums, gx, gr
@@ -338,16 +339,17 @@ def _semihard_block(P, s, e, d, neg, layout, kmax, margin, need_grad, sums):
     return G
 
 
-def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad):
+def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, need_grad_r=True):
     """``(stats, gx_parts, gr_parts)`` of TF-Addons' semi-hard triplet loss (see the module docstring).
 
     ``stats`` float64 ``[S, C]``: ``S = sum relu(a_p - b_n* + margin)`` over the positive pairs of anchors
     with a negative, ``C`` their number. Gradient part: weight ``[v > 0]`` on (i, p), minus that on (i, n*).
+    ``need_grad_r=False``: ``gr_parts`` empty (0, M, D), no column-side work.
     """
     with torch.no_grad():
         P = Problem(x, y, r, z, excl, kind, "semihard_stats_fwd")
         margin = float(margin)
-        gx, gr = new_parts(P, 1, need_grad)
+        gx, gr = new_parts(P, 1, need_grad, need_grad_r)
         sums = torch.zeros(2, dtype=torch.float64, device=P.device)
         if P.N == 0 or P.M == 0:
             return sums, gx, gr

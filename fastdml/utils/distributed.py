@@ -33,9 +33,9 @@ Uneven batches: the sizes are all-gathered first, every rank pads to the largest
 (``all_gather_tensor_autograd``, whose backward is a reduce-scatter; the stats' all-reduce likewise), which
 needs the same batch size on every rank (checked by a runtime assertion): the sizes of an uneven gather
 are data. With a traceable loss the wrapper compiles with ``fullgraph=True`` (tests/test_distributed_compile.py:
-fastdml's ContrastiveLoss with ``efficient=False``, and a loss written on the ops with either mode). fastdml's
-losses with ``efficient=True`` do not compile yet: their rectangular path keeps PML's data-dependent "at most one
-pair" check (and this wrapper swaps the loss's reducer for the call, a module attribute write).
+fastdml's ContrastiveLoss with ``efficient=False`` and ``efficient=True``, and a loss written on the ops with
+either mode): the rectangular path decides PML's "at most one pair" rule without a host sync (the pair counts
+follow from the labels, added over the ranks).
 """
 
 from __future__ import annotations
