@@ -149,6 +149,19 @@ class Geometry:
         d = ops.pair_values(self.x, self.r, i, j, self.kind).to(acc_dtype(self.inp.embeddings.dtype))
         return -d if self.kind == "dot" else d
 
+    def raw_two(self, i1, j1, i2, j2):
+        """``(raw(i1, j1), raw(i2, j2))`` with one pair evaluation (one op forward and backward) for the
+        fused distances: the anchor-positive and anchor-negative distances of a triplet loss."""
+        if self.spec is None:
+            return self.raw(i1, j1), self.raw(i2, j2)
+        both = self.raw(torch.cat([i1, i2]), torch.cat([j1, j2]))
+        return both[: i1.shape[0]], both[i1.shape[0] :]
+
+    def dprime_two(self, i1, j1, i2, j2):
+        """``(dprime(i1, j1), dprime(i2, j2))`` with one pair evaluation (see :meth:`raw_two`)."""
+        v1, v2 = self.raw_two(i1, j1, i2, j2)
+        return (-v1, -v2) if self.inverted else (v1, v2)
+
     def dprime(self, i, j):
         v = self.raw(i, j)
         return -v if self.inverted else v

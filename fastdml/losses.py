@@ -525,8 +525,7 @@ class TripletMarginLoss(BaseMetricLossFunction):
         pass
 
     def _terms(self, geo, a, p, n):
-        ap = geo.raw(a, p)
-        an = geo.raw(a, n)
+        ap, an = geo.raw_two(a, p, a, n)
         if self.swap:
             pn = geo.raw(p, n)
             an = self.distance.smallest_dist(an, pn)
@@ -665,7 +664,8 @@ class BatchHardTripletLoss(BaseMetricLossFunction):
             # fused: every anchor is evaluated and the unusable ones masked, so no shape depends on the data
             # (no host sync, torch.compile traces it whole); the reducer's window gives S / C
             a = torch.arange(inp.n, device=inp.embeddings.device)
-            v = geo.dprime(a, ip) - geo.dprime(a, ineg)
+            dap, dan = geo.dprime_two(a, ip, a, ineg)
+            v = dap - dan
             term = F.softplus(v) if self.soft else F.relu(v + self.margin)
             counted = fp & fn & _in_window(term, win[0], win[1])
             s_, c_ = _context.reduce_sum_count(_masked_sum64(term, counted), counted.sum().to(torch.float64))
@@ -674,7 +674,7 @@ class BatchHardTripletLoss(BaseMetricLossFunction):
         if a.numel() == 0:
             return self.zero_losses()
         p, n = ip[a], ineg[a]
-        dap, dan = geo.dprime(a, p), geo.dprime(a, n)
+        dap, dan = geo.dprime_two(a, p, a, n)
         v = dap - dan
         loss = F.softplus(v) if self.soft else F.relu(v + self.margin)
         if self.collect_stats:
@@ -800,7 +800,8 @@ class SemiHardTripletLoss(BaseMetricLossFunction):
             a, p, n = reference.semihard_select_from_matrix(dmat, pos, neg)
         if a.numel() == 0:
             return self.zero_losses()
-        loss = F.relu(geo.dprime(a, p) - geo.dprime(a, n) + self.margin)
+        dap, dan = geo.dprime_two(a, p, a, n)
+        loss = F.relu(dap - dan + self.margin)
         return {"loss": {"losses": loss, "indices": (a, p, n), "reduction_type": "triplet"}}
 
 

@@ -138,14 +138,15 @@ def _first_min(t: torch.Tensor, value: torch.Tensor, index: torch.Tensor) -> Non
     index.copy_(idx)
 
 
-def _score_block(P: Problem, s: int, e: int, aux: torch.Tensor) -> torch.Tensor:
+def _score_block(P: Problem, s: int, e: int, aux: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The (b, M) scores of rows s:e: ``x.(-r)`` (dot; ``aux = -r``), ``|r|^2 - 2 x.r`` (l2/sql2; ``aux`` =
-    the norms as a row, one GEMM accumulating onto them), or q by direct differences (D <= 4)."""
+    the norms as a row, one GEMM accumulating onto them), or q by direct differences (D <= 4). ``out``: the
+    (b, M) block buffer, reused from block to block (fresh memory costs a page fault per 4 kB page)."""
     if P.kind == "dot":
-        return torch.mm(P.x[s:e], aux.t())
+        return torch.mm(P.x[s:e], aux.t(), out=out)
     if P.direct:
         return _direct_q(P.x[s:e], P.rt())
-    return torch.addmm(aux, P.x[s:e], P.r.t(), alpha=-2.0)
+    return torch.addmm(aux, P.x[s:e], P.r.t(), alpha=-2.0, out=out)
 
 
 def _exact_rows(P: Problem, rows: torch.Tensor, out) -> None:
@@ -211,8 +212,9 @@ def row_hardest(x, y, r, z, excl, kind):
         target = TARGET_BLOCK_BYTES * max(1, torch.get_num_threads())
         rows = max(1, min(rows, target // max(1, M * esize)))
         rowbase = torch.arange(0, rows * M, M, device=dev)[:, None]
+        block_buf = torch.empty(rows * M, dtype=P.acc, device=dev)
         for s, e in budget.blocks(N, rows):
-            t = _score_block(P, s, e, aux)
+            t = _score_block(P, s, e, aux, block_buf[: (e - s) * M].view(e - s, M))
             if canon is not None:
                 t = t.index_select(1, canon)
             ex = t.diagonal(s) if P.square else P.excluded_cols(s, e)
