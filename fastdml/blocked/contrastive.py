@@ -382,10 +382,15 @@ def _in_interval(v, iv):
 # square case: the tiles on and above the diagonal
 # ------------------------------------------------------------------------------------------------------
 def _tile_side(P: Problem, fixed: int) -> int:
-    """Side of the square tiles: at most TILE, and ``side^2 * bytes_per_entry + fixed`` within the budget."""
-    avail = budget.budget_bytes() - int(fixed)
+    """Side of the square tiles: at most TILE, and ``side^2 * bytes_per_entry`` within the budget.
+
+    The O(N D) part (``fixed``: the label-sorted copies of the gradient parts) is planned beside the tiles,
+    not against them: a problem whose parts alone exceed the budget (N = 65,536, D = 128) still sweeps
+    cache-sized tiles instead of degenerating to 1 x 1 tiles (N^2 / 2 Python-level steps). Its plan is
+    logged as ``side^2 * bytes_per_entry + fixed``.
+    """
     per = _bytes_per_entry(P, True)
-    side = int(math.isqrt(max(1, avail // per))) if avail > 0 else 1
+    side = int(math.isqrt(max(1, budget.budget_bytes() // per)))
     side = max(1, min(side, TILE, P.N))
     if budget.peak_log is not None:
         budget.peak_log.append(side * side * per + int(fixed))
