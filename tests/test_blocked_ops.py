@@ -216,3 +216,18 @@ def test_contrastive_without_reference_gradient_skips_the_column_side():
     # (the blocks differ: without the r parts more rows fit the budget, so sums are added in another order)
     torch.testing.assert_close(s2, s1, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx2, gx1, rtol=1e-12, atol=1e-12)
+
+
+def test_contrastive_tiles_stay_cache_sized_when_the_parts_exceed_the_budget():
+    """The O(N D) gradient parts are planned beside the tiles: parts larger than the budget (here 2 x 4 MB
+    against 1 MB) must not shrink the square sweep to 1 x 1 tiles (N^2 / 2 Python-level steps)."""
+    from fastdml.blocked import contrastive as bc
+    from fastdml.blocked.distance import Problem
+
+    x = torch.zeros(4096, 128)
+    P = Problem(x, torch.zeros(4096, dtype=torch.long), None, None, None, "l2", "test")
+    fixed = 2 * 2 * x.numel() * 4
+    with memory_budget(1.0):
+        side = bc._tile_side(P, fixed)
+    assert side * side * bc._bytes_per_entry(P, True) <= 2**20
+    assert side >= 128
