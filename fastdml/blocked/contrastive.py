@@ -167,54 +167,43 @@ def _rects(runs, s: int, e: int):
     return out
 
 
-def _excluded(P: Problem, s: int, e: int):
-    """Excluded pairs of block rows s:e as (rows, cols) (block-relative rows), or None."""
-    return P.excluded_cols(s, e)
-
-
-def _grad_weights_side(P, C, xrows, rcols, gx_rows, gr_cols, sign, symmetric):
-    """Add ``sign * (row side, column side)`` of the L2/sql2-form weights C (h, w) between rows ``xrows``
-    (h, D) and references ``rcols`` (w, D): ``gx_rows += sign (rowsum(C) x - C R)``, and unless symmetric
-    ``gr_cols += sign (colsum(C) r - C^T x)``; symmetric adds the row side twice instead."""
-    row = torch.mm(C, rcols)
-    row.neg_().addcmul_(C.sum(1, keepdim=True), xrows)
-    gx_rows.add_(row, alpha=sign * (2.0 if symmetric else 1.0))
-    if not symmetric and gr_cols is not None:
-        col = torch.mm(C.t(), xrows)
-        col.neg_().addcmul_(C.sum(0).unsqueeze(1), rcols)
-        gr_cols.add_(col, alpha=sign)
-
-
-def _grad_dot_side(A, xrows, rcols, gx_rows, gr_cols, sign, symmetric):
-    """d' = -x.r: pair weights ``sign * A``: ``gx_rows -= sign A R``, ``gr_cols -= sign A^T X``."""
-    gx_rows.add_(torch.mm(A, rcols), alpha=-sign * (2.0 if symmetric else 1.0))
-    if not symmetric and gr_cols is not None:
-        gr_cols.add_(torch.mm(A.t(), xrows), alpha=-sign)
-
-
 def _part(g, k):
     """Part k of the column-side parts, or None when there are none (square case, or no gradient for r)."""
     return g[k] if g.shape[0] else None
 
 
-def _branch_grad(P, s, e, A, d, c0, c1, rows_rel, gx_k, gr_k, sign, flagged_zero, symmetric):
-    """Gradient of one branch on the sub-block rows ``rows_rel`` (block-relative slice) x cols c0:c1 with
-    active mask A (modified in place). ``sign`` +1 for S+, -1 for S-; ``gr_k`` None: no column side."""
-    r0, r1 = rows_rel
-    xrows = P.x[s + r0 : s + r1]
-    rcols = P.r[c0:c1]
-    gx_rows = gx_k[s + r0 : s + r1]
-    gr_cols = None if gr_k is None else gr_k[c0:c1]
+def _pair_grad(P, xi, xj, gi, gj, A, d, sign, orders, zero_invalid):
+    """Gradient of one branch between rows ``xi`` and references ``xj`` with active mask A (consumed).
+
+    Pair weights ``sign * A`` (``sign`` +1 for S+, -1 for S-), turned into ``C = A / d`` (l2), ``2 A`` (sql2)
+    or used as they are (dot, ``d' = -x.r``). Each weight stands for ``orders`` ordered pairs (1; 2 when
+    the square case counts (i, j) and (j, i) once). Row side ``orders (rowsum(C) x_i - C x_J)`` into ``gi``;
+    the column side ``orders (colsum(C) x_j - C^T x_I)`` into ``gj`` unless it is None (no gradient for the
+    references, or the transposed entries are swept themselves).
+    """
     if P.kind == "dot":
-        _grad_dot_side(A, xrows, rcols, gx_rows, gr_cols, sign, symmetric)
+        gi.addmm_(A, xj, alpha=-orders * sign)
+        if gj is not None:
+            gj.addmm_(A.t(), xi, alpha=-orders * sign)
         return
     if P.kind == "sql2":
-        _grad_weights_side(P, A, xrows, rcols, gx_rows, gr_cols, 2.0 * sign, symmetric)
-        return
-    C = A.div_(d)
-    # 0/0 on the diagonal and the flagged near-duplicates (handled by direct differences)
-    flagged_zero(C)
-    _grad_weights_side(P, C, xrows, rcols, gx_rows, gr_cols, sign, symmetric)
+        C, scale = A, 2.0 * orders * sign
+    else:
+        C, scale = A.div_(d), orders * sign
+    zero_invalid(C)  # 0/0 on the diagonal and at flagged near-duplicates (taken by direct differences)
+    gi.addmm_(C, xj, alpha=-scale)
+    gi.addcmul_(C.sum(1, keepdim=True), xi, value=scale)
+    if gj is not None:
+        gj.addmm_(C.t(), xi, alpha=-scale)
+        gj.addcmul_(C.sum(0).unsqueeze(1), xj, value=scale)
+
+
+def _block_grad(P, s, A, d, r0, r1, c0, c1, gx_k, gr_k, sign, zero_invalid, symmetric):
+    """:func:`_pair_grad` on rows ``s + r0 : s + r1`` x columns ``c0:c1`` of a row block (square fallback:
+    symmetric weights, the row side counted twice)."""
+    gj = None if (symmetric or gr_k is None) else gr_k[c0:c1]
+    _pair_grad(P, P.x[s + r0 : s + r1], P.r[c0:c1], gx_k[s + r0 : s + r1], gj, A, d, sign,
+               2.0 if symmetric else 1.0, zero_invalid)
 
 
 def _bytes_per_entry(P: Problem, need_grad: bool) -> int:
@@ -263,7 +252,7 @@ def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
     b, m = d.shape
     symmetric = P.square
     rects = _rects(runs, s, e)
-    ex = _excluded(P, s, e)
+    ex = P.excluded_cols(s, e)
     use_rects = len(rects) <= MAX_RECTS
 
     # near-duplicates (L2 only): their weights are taken out of C and added by direct differences
@@ -291,8 +280,8 @@ def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
             sums[0] += torch.linalg.vecdot(Aa, sub - pm, dim=1).sum(dtype=torch.float64)
             sums[1] += Ac.sum(1).sum(dtype=torch.float64)
             if need_grad:
-                _branch_grad(P, s, e, Aa, sub, c0, c1, (r0, r1), gx[0], _part(gr, 0), 1.0,
-                             lambda C, r0=r0, c0=c0: zero_flagged_in(C, r0, c0), symmetric)
+                _block_grad(P, s, Aa, sub, r0, r1, c0, c1, gx[0], _part(gr, 0), 1.0,
+                            lambda C, r0=r0, c0=c0: zero_flagged_in(C, r0, c0), symmetric)
     else:
         same = torch.eq(P.y[s:e, None], P.z[None, :], out=torch.empty_like(d))
         if ex is not None:
@@ -303,8 +292,8 @@ def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
         sums[1] += Ac.sum(1).sum(dtype=torch.float64)
         del Ac
         if need_grad:
-            _branch_grad(P, s, e, Aa, d, 0, m, (0, b), gx[0], _part(gr, 0), 1.0,
-                         lambda C: zero_flagged_in(C, 0, 0), symmetric)
+            _block_grad(P, s, Aa, d, 0, b, 0, m, gx[0], _part(gr, 0), 1.0,
+                        lambda C: zero_flagged_in(C, 0, 0), symmetric)
         del Aa
 
     # ---------------- negatives (the whole block, positives and excluded pairs zeroed)
@@ -327,11 +316,12 @@ def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
     sums[3] += Nc.sum(1).sum(dtype=torch.float64)
     del Nc, masks
     if need_grad:
-        _branch_grad(P, s, e, An, d, 0, m, (0, b), gx[1], _part(gr, 1), -1.0,
-                     lambda C: zero_flagged_in(C, 0, 0), symmetric)
+        _block_grad(P, s, An, d, 0, b, 0, m, gx[1], _part(gr, 1), -1.0,
+                    lambda C: zero_flagged_in(C, 0, 0), symmetric)
         del An
         if fl is not None:
-            _flagged_direct(P, s, fi, fj, d, pm, nm, pa, na, gx, gr, symmetric)
+            gcol = None if (symmetric or not gr.shape[0]) else gr
+            _flagged_direct(P, s, 0, fi, fj, d[fi, fj], pa, na, gx, gcol, 2.0 if symmetric else 1.0)
 
 
 def _zero_excluded(P, s, ex, tensors, r0, r1, c0, c1):
@@ -349,23 +339,25 @@ def _zero_excluded(P, s, ex, tensors, r0, r1, c0, c1):
             t[ri[inside] - r0, cj[inside] - c0] = 0.0
 
 
-def _flagged_direct(P, s, fi, fj, d, pm, nm, pa, na, gx, gr, symmetric):
-    """L2 gradient of the flagged near-duplicate pairs by direct differences: w / d (x_i - r_j), 0 at d = 0."""
-    df = d[fi, fj]
-    same = P.y[s + fi] == P.z[fj]
-    valid = torch.ones_like(same)
+def _flagged_direct(P, s, c0, fi, fj, df, pa, na, gx, gcol, orders):
+    """L2 gradient of the flagged near-duplicate pairs (x_(s + fi), r_(c0 + fj)) with distances ``df``, by
+    direct differences: ``orders w/d (x_i - r_j)`` on row i, its negative on reference j when ``gcol`` (parts
+    of the column side) is given; 0 at d = 0."""
+    same = P.y[s + fi] == P.z[c0 + fj]
     if not P.square and P.excl is not None:
-        valid &= fj != P.excl[s + fi]
-    wp = same & valid & _in_interval(df, pa)
-    wn = (~same) & valid & _in_interval(df, na)
+        excluded = fj + c0 == P.excl[s + fi]
+        wp = same & ~excluded & _in_interval(df, pa)
+        wn = (~same) & ~excluded & _in_interval(df, na)
+    else:
+        wp = same & _in_interval(df, pa)
+        wn = (~same) & _in_interval(df, na)
     inv = torch.where(df > 0, 1.0 / torch.where(df > 0, df, torch.ones_like(df)), torch.zeros_like(df))
-    diff = P.x[s + fi] - P.r[fj]
+    diff = P.x[s + fi] - P.r[c0 + fj]
     for k, (w, sign) in enumerate(((wp, 1.0), (wn, -1.0))):
-        coef = (w.to(df.dtype) * inv * sign).unsqueeze(1)
-        contrib = coef * diff
-        gx[k].index_add_(0, s + fi, contrib, alpha=2.0 if symmetric else 1.0)
-        if not symmetric and gr.shape[0]:
-            gr[k].index_add_(0, fj, contrib, alpha=-1.0)
+        contrib = (w.to(df.dtype) * inv * sign).unsqueeze(1) * diff
+        gx[k].index_add_(0, s + fi, contrib, alpha=orders)
+        if gcol is not None:
+            gcol[k].index_add_(0, c0 + fj, contrib, alpha=-orders)
 
 
 def _in_interval(v, iv):
@@ -455,30 +447,6 @@ def _tile_rects(runs, si, ei, sj, ej):
     return out
 
 
-def _tile_grad(P, xi, xj, gi, gj, A, d, sign, zero_invalid):
-    """Gradient of one branch on a (sub-)tile with rows xi, columns xj and active mask A (consumed).
-
-    Every pair weight stands for both orders of its pair: the row side ``2 (rowsum(C) x_i - C x_J)`` goes to
-    ``gi``, and on an off-diagonal tile (``gj`` given) the column side ``2 (colsum(C) x_j - C^T x_I)`` to
-    ``gj`` (on a diagonal tile the transposed entries are in the tile themselves).
-    """
-    if P.kind == "dot":
-        gi.addmm_(A, xj, alpha=-2.0 * sign)
-        if gj is not None:
-            gj.addmm_(A.t(), xi, alpha=-2.0 * sign)
-        return
-    if P.kind == "sql2":
-        C, scale = A, 4.0 * sign
-    else:
-        C, scale = A.div_(d), 2.0 * sign
-    zero_invalid(C)  # 0/0 on the diagonal and at flagged near-duplicates (taken by direct differences)
-    gi.addmm_(C, xj, alpha=-scale)
-    gi.addcmul_(C.sum(1, keepdim=True), xi, value=scale)
-    if gj is not None:
-        gj.addmm_(C.t(), xi, alpha=-scale)
-        gj.addcmul_(C.sum(0).unsqueeze(1), xj, value=scale)
-
-
 def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
     """One tile: ``iv`` the d'-intervals, ``qiv`` the same intervals on q = d'^2 for l2 (else ``iv``).
 
@@ -529,7 +497,7 @@ def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
             acc.add(1, wt, Ac.sum(1))
             if need_grad:
                 gj = None if diagonal else gx[0, sj + c0 : sj + c1]
-                _tile_grad(P, xi[r0:r1], xj[c0:c1], gx[0, si + r0 : si + r1], gj, Aa, sub, 1.0,
+                _pair_grad(P, xi[r0:r1], xj[c0:c1], gx[0, si + r0 : si + r1], gj, Aa, sub, 1.0, 2.0,
                            lambda C, r0=r0, c0=c0: zero_invalid(C, r0, c0))
     else:
         if d is None:
@@ -542,7 +510,7 @@ def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
         acc.add(1, wt, Ac.sum(1))
         del Ac
         if need_grad:
-            _tile_grad(P, xi, xj, gx[0, si:ei], None if diagonal else gx[0, sj:ej], Aa, d, 1.0, zero_invalid)
+            _pair_grad(P, xi, xj, gx[0, si:ei], None if diagonal else gx[0, sj:ej], Aa, d, 1.0, 2.0, zero_invalid)
         del Aa
 
     # ---------------- negatives (the whole tile, positives and the diagonal zeroed)
@@ -571,24 +539,8 @@ def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
         # S- = sum An (nm - d), taken as -sum An (d - nm) in a reused buffer
         acc.add(2, -wt, torch.sub(d, nm, out=bb).mul_(An).sum(1))
         if need_grad:
-            _tile_grad(P, xi, xj, gx[1, si:ei], None if diagonal else gx[1, sj:ej], An, d, -1.0, zero_invalid)
+            _pair_grad(P, xi, xj, gx[1, si:ei], None if diagonal else gx[1, sj:ej], An, d, -1.0, 2.0, zero_invalid)
     del An
     if fl is not None:
-        _tile_flagged_direct(P, si, sj, fl, q, pa, na, gx, diagonal)
-
-
-def _tile_flagged_direct(P, si, sj, fl, q, pa, na, gx, diagonal):
-    """L2 gradient of a tile's flagged near-duplicate pairs by direct differences: ``2 w/d (x_i - x_j)`` on
-    row i and, off the diagonal tile, its negative on row j (0 at d = 0). ``q`` the tile's squared L2."""
-    fi, fj = fl
-    df = q[fi, fj].sqrt()
-    same = P.y[si + fi] == P.y[sj + fj]
-    wp = same & _in_interval(df, pa)
-    wn = (~same) & _in_interval(df, na)
-    inv = torch.where(df > 0, 1.0 / torch.where(df > 0, df, torch.ones_like(df)), torch.zeros_like(df))
-    diff = P.x[si + fi] - P.x[sj + fj]
-    for k, (w, sign) in enumerate(((wp, 1.0), (wn, -1.0))):
-        contrib = (w.to(df.dtype) * inv * sign).unsqueeze(1) * diff
-        gx[k].index_add_(0, si + fi, contrib, alpha=2.0)
-        if not diagonal:
-            gx[k].index_add_(0, sj + fj, contrib, alpha=-2.0)
+        fi, fj = fl
+        _flagged_direct(P, si, sj, fi, fj, q[fi, fj].sqrt(), pa, na, gx, None if diagonal else gx, 2.0)
