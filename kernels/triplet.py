@@ -45,6 +45,35 @@ def _anchor_setup(y_ptr, excl_ptr, plo_ptr, phi_ptr, A0, pid, M):
     return ya, ex, lo, hi
 
 
+@triton.jit
+def _positive_block(buf_row, perm_ptr, t0, hi, ex, BP: tl.constexpr):
+    """Positive slots t0..t0+BP of the anchor's label run: (column, valid, d'_ap)."""
+    ts = t0 + tl.arange(0, BP).to(tl.int64)
+    tm = ts < hi
+    pidx = tl.load(perm_ptr + ts, mask=tm, other=0)
+    pm = tm & (pidx != ex)
+    dap = tl.load(buf_row + pidx, mask=pm, other=0.0)
+    return pidx, pm, dap
+
+
+@triton.jit
+def _negative_cols(z_ptr, j0, M, ya, ex, BT: tl.constexpr):
+    """Reference columns j0..j0+BT and which of them are the anchor's negatives (other label, not excluded)."""
+    cols = j0 + tl.arange(0, BT).to(tl.int64)
+    cm = cols < M
+    zl = tl.load(z_ptr + cols, mask=cm, other=0)
+    return cols, cm & (zl != ya) & (cols != ex)
+
+
+@triton.jit
+def _in_band(dap, dan, pm, nm, band_lo, band_hi):
+    """(p, n) pairs of the tile selected by the miner's band ``band_lo < d'_an - d'_ap <= band_hi``
+    (an infinite bound imposes no condition)."""
+    t = dan[None, :] - dap[:, None]
+    sel = pm[:, None] & nm[None, :] & ((t > band_lo) | (band_lo < -3.0e38))
+    return sel & ((t <= band_hi) | (band_hi > 3.0e38))
+
+
 @triton.jit(do_not_specialize=["A0", "M", "LD"])
 def triplet_anchor_kernel(
     buf_ptr, w_ptr, y_ptr, z_ptr, excl_ptr, perm_ptr, plo_ptr, phi_ptr, part_ptr,
@@ -58,22 +87,13 @@ def triplet_anchor_kernel(
     s = tl.zeros((1,), tl.float64)
     c = tl.zeros((1,), tl.int64)
     for t0 in range(lo, hi, BP):
-        ts = t0 + tl.arange(0, BP).to(tl.int64)
-        tm = ts < hi
-        pidx = tl.load(perm_ptr + ts, mask=tm, other=0)
-        pm = tm & (pidx != ex)
-        dap = tl.load(buf_row + pidx, mask=pm, other=0.0)
+        pidx, pm, dap = _positive_block(buf_row, perm_ptr, t0, hi, ex, BP)
         wp = tl.zeros((BP,), tl.float32)
         for j0 in range(0, M, BT):
-            cols = j0 + tl.arange(0, BT).to(tl.int64)
-            cm = cols < M
-            zl = tl.load(z_ptr + cols, mask=cm, other=0)
-            nm = cm & (zl != ya) & (cols != ex)
+            cols, nm = _negative_cols(z_ptr, j0, M, ya, ex, BT)
             dan = tl.load(buf_row + cols, mask=nm, other=0.0)
-            t = dan[None, :] - dap[:, None]
             v = dap[:, None] - dan[None, :] + margin
-            sel = pm[:, None] & nm[None, :] & ((t > band_lo) | (band_lo < -3.0e38))
-            sel = sel & ((t <= band_hi) | (band_hi > 3.0e38))
+            sel = _in_band(dap, dan, pm, nm, band_lo, band_hi)
             if SMOOTH:
                 term = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL) + tl.log(1.0 + tl.exp(-tl.abs(v)))
             else:
@@ -113,20 +133,13 @@ def semihard_anchor_kernel(
     s = tl.zeros((1,), tl.float64)
     c = tl.zeros((1,), tl.int64)
     for t0 in range(lo, hi, BP):
-        ts = t0 + tl.arange(0, BP).to(tl.int64)
-        tm = ts < hi
-        pidx = tl.load(perm_ptr + ts, mask=tm, other=0)
-        pm = tm & (pidx != ex)
-        dap = tl.load(buf_row + pidx, mask=pm, other=0.0)
+        pidx, pm, dap = _positive_block(buf_row, perm_ptr, t0, hi, ex, BP)
         ab_v = tl.full((BP,), float("inf"), tl.float32)
         ab_i = tl.full((BP,), -1, tl.int64)
         mx_v = tl.full((BP,), float("-inf"), tl.float32)
         mx_i = tl.full((BP,), -1, tl.int64)
         for j0 in range(0, M, BT):
-            cols = j0 + tl.arange(0, BT).to(tl.int64)
-            cm = cols < M
-            zl = tl.load(z_ptr + cols, mask=cm, other=0)
-            nm = cm & (zl != ya) & (cols != ex)
+            cols, nm = _negative_cols(z_ptr, j0, M, ya, ex, BT)
             dan = tl.load(buf_row + cols, mask=nm, other=0.0)
             dd = dan[None, :] + tl.zeros((BP, BT), tl.float32)
             above = nm[None, :] & (dd > dap[:, None])
@@ -154,11 +167,7 @@ def semihard_anchor_kernel(
             tl.store(w_row + pidx, wpos, mask=pm)
             tl.debug_barrier()
             for j0 in range(0, M, BT):
-                cols = j0 + tl.arange(0, BT).to(tl.int64)
-                cm = cols < M
-                zl = tl.load(z_ptr + cols, mask=cm, other=0)
-                nm = cm & (zl != ya) & (cols != ex)
-                dan = tl.load(buf_row + cols, mask=nm, other=0.0)
+                cols, nm = _negative_cols(z_ptr, j0, M, ya, ex, BT)
                 hit = tl.where(nstar[:, None] == cols[None, :], wpos[:, None], 0.0)
                 old = tl.load(w_row + cols, mask=nm, other=0.0)
                 tl.store(w_row + cols, old - tl.sum(hit, axis=0), mask=nm)
@@ -184,33 +193,19 @@ def triplet_list_kernel(
     else:
         base = tl.zeros((1,), tl.int64)
     for t0 in range(lo, hi, BP):
-        ts = t0 + tl.arange(0, BP).to(tl.int64)
-        tm = ts < hi
-        pidx = tl.load(perm_ptr + ts, mask=tm, other=0)
-        pm = tm & (pidx != ex)
-        dap = tl.load(buf_row + pidx, mask=pm, other=0.0)
+        pidx, pm, dap = _positive_block(buf_row, perm_ptr, t0, hi, ex, BP)
         per_p = tl.zeros((BP,), tl.int64)
         for j0 in range(0, M, BT):
-            cols = j0 + tl.arange(0, BT).to(tl.int64)
-            cm = cols < M
-            zl = tl.load(z_ptr + cols, mask=cm, other=0)
-            nm = cm & (zl != ya) & (cols != ex)
+            cols, nm = _negative_cols(z_ptr, j0, M, ya, ex, BT)
             dan = tl.load(buf_row + cols, mask=nm, other=0.0)
-            t = dan[None, :] - dap[:, None]
-            sel = pm[:, None] & nm[None, :] & ((t > band_lo) | (band_lo < -3.0e38))
-            sel = sel & ((t <= band_hi) | (band_hi > 3.0e38))
+            sel = _in_band(dap, dan, pm, nm, band_lo, band_hi)
             per_p += tl.sum(sel.to(tl.int32), axis=1).to(tl.int64)
         if WRITE:
             run = base + tl.cumsum(per_p, axis=0) - per_p
             for j0 in range(0, M, BT):
-                cols = j0 + tl.arange(0, BT).to(tl.int64)
-                cm = cols < M
-                zl = tl.load(z_ptr + cols, mask=cm, other=0)
-                nm = cm & (zl != ya) & (cols != ex)
+                cols, nm = _negative_cols(z_ptr, j0, M, ya, ex, BT)
                 dan = tl.load(buf_row + cols, mask=nm, other=0.0)
-                t = dan[None, :] - dap[:, None]
-                sel = pm[:, None] & nm[None, :] & ((t > band_lo) | (band_lo < -3.0e38))
-                sel = (sel & ((t <= band_hi) | (band_hi > 3.0e38))).to(tl.int32)
+                sel = _in_band(dap, dan, pm, nm, band_lo, band_hi).to(tl.int32)
                 pos = run[:, None] + (tl.cumsum(sel, axis=1) - sel).to(tl.int64)
                 wm = sel != 0
                 tl.store(a_ptr + pos, a + tl.zeros((BP, BT), tl.int64), mask=wm)
