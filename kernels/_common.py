@@ -228,6 +228,23 @@ def dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D,
     return dp, near
 
 
+
+@triton.jit
+def labelled_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, z_ptr, rows, rmask, yl, ex, j0, M, D,
+                  KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  SUBK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One (BM, BN) tile of a row-owned sweep of queries ``rows`` (labels ``yl``, excluded reference ``ex``)
+    over references ``j0 .. j0 + BN``: ``(cols, d', valid, same)`` where ``valid`` marks in-range pairs other
+    than the query's excluded one and ``same`` the pairs whose labels agree."""
+    cols = j0 + tl.arange(0, BN).to(tl.int64)
+    cmask = cols < M
+    zl = tl.load(z_ptr + cols, mask=cmask, other=0)
+    dp, near = dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D,
+                           KIND, BM, BN, BK, SUBK, PREC, UPCAST)
+    ok = rmask[:, None] & cmask[None, :] & (ex[:, None] != cols[None, :])
+    same = yl[:, None] == zl[None, :]
+    return cols, dp, ok, same
+
 @triton.jit
 def pair_coef(g, dp, KIND: tl.constexpr):
     """c = g * dd'/dq * 2 for l2 (g / d, 0 at d = 0) and sql2 (2 g); for dot the weight g itself."""

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _fail, block_d, check_float, dprime_tile, interpreting, poison, precision, prepare
+from ._common import _fail, block_d, check_float, interpreting, labelled_tile, poison, precision, prepare
 
 _SIDES = {"pos": 0, "neg": 1}
 _MODES = {"max": 0, "min": 1}
@@ -46,13 +46,8 @@ def row_extreme_kernel(
     bidx = tl.zeros((BM,), tl.int64)
     found = rows < 0
     for j0 in range(0, M, BN):
-        cols = j0 + tl.arange(0, BN).to(tl.int64)
-        cmask = cols < M
-        zl = tl.load(z_ptr + cols, mask=cmask, other=0)
-        dp, near = dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D,
-                               KIND, BM, BN, BK, SUBK, PREC, UPCAST)
-        ok = rmask[:, None] & cmask[None, :] & (ex[:, None] != cols[None, :])
-        same = yl[:, None] == zl[None, :]
+        cols, dp, ok, same = labelled_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, z_ptr, rows, rmask, yl, ex, j0, M, D,
+                                              KIND, BM, BN, BK, SUBK, PREC, UPCAST)
         if SIDE == 0:
             ok = ok & same
         else:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_d, dprime_tile, interpreting, poison, precision, prepare
+from ._common import block_d, interpreting, labelled_tile, poison, precision, prepare
 
 
 @triton.jit(do_not_specialize=["N", "M"])
@@ -43,13 +43,8 @@ def row_hardest_kernel(
     pfound = rows < 0
     nfound = rows < 0
     for j0 in range(0, M, BN):
-        cols = j0 + tl.arange(0, BN).to(tl.int64)
-        cmask = cols < M
-        zl = tl.load(z_ptr + cols, mask=cmask, other=0)
-        dp, near = dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D,
-                               KIND, BM, BN, BK, SUBK, PREC, UPCAST)
-        ok = rmask[:, None] & cmask[None, :] & (ex[:, None] != cols[None, :])
-        same = yl[:, None] == zl[None, :]
+        cols, dp, ok, same = labelled_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, z_ptr, rows, rmask, yl, ex, j0, M, D,
+                                              KIND, BM, BN, BK, SUBK, PREC, UPCAST)
         pok = ok & same
         nok = ok & (~same)
         # farthest positive

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_d, check_float, dprime_tile, interpreting, precision, prepare
+from ._common import block_d, check_float, interpreting, labelled_tile, precision, prepare
 
 
 @triton.jit(do_not_specialize=["N", "M"])
@@ -36,13 +36,8 @@ def pair_list_kernel(
         runp = tl.zeros((BM,), tl.int64)
         runn = tl.zeros((BM,), tl.int64)
     for j0 in range(0, M, BN):
-        cols = j0 + tl.arange(0, BN).to(tl.int64)
-        cmask = cols < M
-        zl = tl.load(z_ptr + cols, mask=cmask, other=0)
-        dp, near = dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D,
-                               KIND, BM, BN, BK, SUBK, PREC, UPCAST)
-        ok = rmask[:, None] & cmask[None, :] & (ex[:, None] != cols[None, :])
-        same = yl[:, None] == zl[None, :]
+        cols, dp, ok, same = labelled_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, z_ptr, rows, rmask, yl, ex, j0, M, D,
+                                              KIND, BM, BN, BK, SUBK, PREC, UPCAST)
         selp = (ok & same & (dp > pos_lo)).to(tl.int32)
         seln = (ok & (~same) & (dp < neg_hi)).to(tl.int32)
         if WRITE:
