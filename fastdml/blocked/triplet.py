@@ -257,6 +257,21 @@ def _bytes_per_entry_triplet(P: Problem, need_grad: bool, n_bounds: int) -> int:
     return 6 * P.esize + 4 + 8 * (5 + n_bounds)
 
 
+def _sweep(P, layout, rows, block, need_grad, gx, gr):
+    """The row-block sweep of the triplet-shaped stats: per block of ``rows`` anchors (skipped when none has a
+    positive) the exact d' and negatives, ``G = block(s, e, d, neg, kmax)`` (the block's pair weights, which
+    also adds its sums), then the common gradient pass."""
+    for s, e in budget.blocks(P.N, rows):
+        kmax = layout.kmax(s, e)
+        if kmax == 0:
+            continue
+        d, flagged = distances(P, s, e)
+        _, neg = P.masks(s, e)
+        G = block(s, e, d, neg, kmax)
+        if need_grad:
+            accumulate_grad(P, s, e, d, flagged, G, gx, gr)
+
+
 def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad, need_grad_r=True):
     """``(stats, gx_parts, gr_parts)`` over all triplets (see the module docstring).
 
@@ -282,18 +297,15 @@ def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, 
             lowers, uppers, active_extra = _relu_bounds(band_lo, band_hi, low, high)
             n_b = len(lowers) + len(uppers) + (active_extra is not None)
             rows = budget.rows_per_block(P.N, P.M, _bytes_per_entry_triplet(P, need_grad, n_b))
-        for s, e in budget.blocks(P.N, rows):
-            kmax = layout.kmax(s, e)
-            if kmax == 0:
-                continue
-            d, flagged = distances(P, s, e)
-            _, neg = P.masks(s, e)
-            if smooth:
-                G = _smooth_block(P, s, e, d, neg, layout, kmax, margin, band_lo, band_hi, low, high, need_grad, sums)
-            else:
-                G = _relu_block(P, s, e, d, neg, layout, kmax, margin, (lowers, uppers), active_extra, need_grad, sums)
-            if need_grad:
-                accumulate_grad(P, s, e, d, flagged, G, gx, gr)
+        if smooth:
+            def block(s, e, d, neg, kmax):
+                return _smooth_block(P, s, e, d, neg, layout, kmax, margin, band_lo, band_hi, low, high, need_grad,
+                                     sums)
+        else:
+            def block(s, e, d, neg, kmax):
+                return _relu_block(P, s, e, d, neg, layout, kmax, margin, (lowers, uppers), active_extra, need_grad,
+                                   sums)
+        _sweep(P, layout, rows, block, need_grad, gx, gr)
         return sums, gx, gr
 
 
@@ -356,13 +368,6 @@ def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, need_grad_r=Tr
         layout = PositiveLayout(P)
         per_entry = 5 * P.esize + 8 + 8 * 4  # d, masks, bins (int64), the scatter values, G, C
         rows = budget.rows_per_block(P.N, P.M, per_entry)
-        for s, e in budget.blocks(P.N, rows):
-            kmax = layout.kmax(s, e)
-            if kmax == 0:
-                continue
-            d, flagged = distances(P, s, e)
-            _, neg = P.masks(s, e)
-            G = _semihard_block(P, s, e, d, neg, layout, kmax, margin, need_grad, sums)
-            if need_grad:
-                accumulate_grad(P, s, e, d, flagged, G, gx, gr)
+        _sweep(P, layout, rows, lambda s, e, d, neg, kmax: _semihard_block(P, s, e, d, neg, layout, kmax, margin,
+                                                                          need_grad, sums), need_grad, gx, gr)
         return sums, gx, gr
