@@ -139,6 +139,24 @@ def _in_window(t, low, high):
     return ok
 
 
+def _chosen_triplets(loss, geo, valid, p, n, margin, smooth, win):
+    """The windowed loss of one triplet (i, p_i, n_i) per anchor, the anchors without ``valid`` masked: term
+    ``relu(d'_ip - d'_in + margin)`` (``softplus`` if ``smooth``), reduced to ``S / C`` (``S`` for Sum). Every
+    anchor is evaluated, so no shape depends on the data (no host sync; torch.compile traces it whole)."""
+    inp = geo.inp
+    if geo.spec is not None:
+        # one fused op: distances, terms and their gradient in one O(N D) pass
+        st = ops.chosen_triplet_stats(geo.x, valid, geo.r, p, n, geo.kind, margin, smooth, win[0], win[1])
+        return {"loss": _already_reduced(window_value(st[0], st[1], win, inp.embeddings))}
+    a = torch.arange(inp.n, device=inp.embeddings.device)
+    dap, dan = geo.dprime_two(a, p, a, n)
+    v = dap - dan + margin
+    term = F.softplus(v) if smooth else F.relu(v)
+    counted = valid & _in_window(term, win[0], win[1])
+    s_, c_ = _context.reduce_sum_count(_masked_sum64(term, counted), counted.sum().to(torch.float64))
+    return {"loss": _already_reduced(window_value(s_, c_, win, inp.embeddings))}
+
+
 def _r_for(geo, square):
     """The ops' reference argument for a (square or rectangular) structure."""
     if square:
@@ -496,11 +514,7 @@ class TripletMarginLoss(BaseMetricLossFunction):
         rp = _row_pairs(indices_tuple, inp) if (win is not None and not self.swap) else None
         if rp is not None:
             # one triplet (a, p_a, n_a) per valid anchor, evaluated over all anchors with the others masked
-            a = torch.arange(rp["n"], device=inp.embeddings.device)
-            term = self._terms(geo, a, rp["p"], rp["neg"])
-            counted = rp["valid"] & _in_window(term, win[0], win[1])
-            s_, c_ = _context.reduce_sum_count(_masked_sum64(term, counted), counted.sum().to(torch.float64))
-            return {"loss": _already_reduced(window_value(s_, c_, win, inp.embeddings))}
+            return _chosen_triplets(self, geo, rp["valid"], rp["p"], rp["neg"], self.margin, self.smooth_loss, win)
         return self._given(geo, _convert_to_triplets(_materialize_indices(indices_tuple, inp)))
 
     def _fused(self, geo, square, y, z, excl, band_lo, band_hi, win):
@@ -663,13 +677,8 @@ class BatchHardTripletLoss(BaseMetricLossFunction):
         if win is not None and not self.collect_stats:
             # fused: every anchor is evaluated and the unusable ones masked, so no shape depends on the data
             # (no host sync, torch.compile traces it whole); the reducer's window gives S / C
-            a = torch.arange(inp.n, device=inp.embeddings.device)
-            dap, dan = geo.dprime_two(a, ip, a, ineg)
-            v = dap - dan
-            term = F.softplus(v) if self.soft else F.relu(v + self.margin)
-            counted = fp & fn & _in_window(term, win[0], win[1])
-            s_, c_ = _context.reduce_sum_count(_masked_sum64(term, counted), counted.sum().to(torch.float64))
-            return {"loss": _already_reduced(window_value(s_, c_, win, inp.embeddings))}
+            margin = 0.0 if self.soft else self.margin
+            return _chosen_triplets(self, geo, fp & fn, ip, ineg, margin, self.soft, win)
         a = torch.nonzero(fp & fn).flatten()
         if a.numel() == 0:
             return self.zero_losses()

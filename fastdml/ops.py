@@ -9,6 +9,7 @@ Every loss and miner of fastdml reduces to a handful of primitives over the sign
     row_extreme        -> (value, index, found) per anchor (batch-hard style mining)
     row_hardest        -> both of batch-hard's row_extremes (pos max, neg min) from one sweep
     pair_values        -> d' of listed pairs (exact, differentiable, O(T D))
+    chosen_triplet_stats -> [S, C] of one given triplet per anchor (batch-hard picks), O(N D)
     triplet_list / pair_list                 listing miners (PML's index tuples)
 
 This module is the glue between the public API and the backends. It asks :mod:`fastdml.dispatch` (the one
@@ -43,6 +44,7 @@ __all__ = [
     "row_extreme",
     "row_hardest",
     "pair_values",
+    "chosen_triplet_stats",
     "triplet_list",
     "pair_list",
     "KINDS",
@@ -355,6 +357,73 @@ def semihard_stats(
     of such pairs. Differentiable through ``S``.
     """
     return _stats("semihard_stats", x, y, r, z, excl, kind, (float(margin),))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# chosen_triplet_stats: one given triplet per anchor (batch-hard picks), gradient in the forward
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastdml::chosen_triplet_stats", mutates_args=())
+def _chosen_triplet_stats_op(
+    x: Tensor,
+    valid: Tensor,
+    r: Optional[Tensor],
+    p: Tensor,
+    n: Tensor,
+    kind: str,
+    margin: float,
+    smooth: bool,
+    low: float,
+    high: float,
+    need_grad: bool,
+    need_grad_r: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # O(N D) in a few tensor ops: one implementation serves every device (no sweep to fuse)
+    from .blocked.chosen import chosen_triplet_stats_fwd
+
+    fwd = _without_autocast(chosen_triplet_stats_fwd, x.device.type)
+    return fwd(x, valid, r, p, n, kind, margin, smooth, low, high, need_grad, need_grad_r)
+
+
+@_chosen_triplet_stats_op.register_fake
+def _(x, valid, r, p, n, kind, margin, smooth, low, high, need_grad, need_grad_r):
+    return _fake_stats(x, r, 2, 1, need_grad, need_grad_r)
+
+
+_chosen_triplet_stats_op.register_autograd(_make_stats_backward((0,), 12), setup_context=_stats_setup_context)
+
+
+def chosen_triplet_stats(
+    x: Tensor,
+    valid: Tensor,
+    r: Optional[Tensor],
+    p: Tensor,
+    n: Tensor,
+    kind: str,
+    margin: float,
+    smooth: bool = False,
+    low: float = -INF,
+    high: float = INF,
+) -> Tensor:
+    """Sum and count of the terms of one chosen triplet per anchor: float64 ``[S, C]``.
+
+    Anchor i is row i of ``x``; its positive is ``r[p_i]`` and its negative ``r[n_i]`` (``r=None``: rows of x);
+    ``v_i = d'_{i p_i} - d'_{i n_i} + margin``, term ``relu(v_i)`` (``softplus(v_i)`` if ``smooth``), counted
+    iff ``valid_i`` and ``low < term_i < high``. Distances by direct differences (exact near 0; the L2
+    gradient is 0 at d = 0). O(N D); the gradient is computed in the forward, so the backward is one scaling.
+    Differentiable in ``x`` and ``r`` through ``S``; the stats are added over the ranks inside a distributed
+    wrapper (see :mod:`fastdml._context`).
+    """
+    _check_kind(kind)
+    p, n = p.to(torch.int64), n.to(torch.int64)
+    valid = valid.to(torch.bool)
+    params = (float(margin), bool(smooth), float(low), float(high))
+    if _use_reference(x):
+        stats = _reference().chosen_triplet_stats(x, valid, r, p, n, kind, *params)
+    else:
+        need_grad = _needs_grad(x, r)
+        need_grad_r = need_grad and _needs_grad(r)
+        stats, _, _ = torch.ops.fastdml.chosen_triplet_stats(x, valid, r, p, n, kind, *params, need_grad, need_grad_r)
+    return _context.reduce_stats(stats)
 
 
 # ----------------------------------------------------------------------------------------------------------

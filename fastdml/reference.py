@@ -325,6 +325,19 @@ def pair_values(x, r, i, j, kind):
     return _safe_sqrt(q)
 
 
+def chosen_triplet_stats(x, valid, r, p, n, kind, margin, smooth, low, high):
+    """``[S, C]`` (float64) of one chosen triplet per anchor: anchor i (row i of x), positive ``r[p_i]``,
+    negative ``r[n_i]`` (``r=None``: ``r = x``); ``v_i = d'_{i p_i} - d'_{i n_i} + margin``, term ``relu(v_i)``
+    (``softplus(v_i)`` if ``smooth``), counted iff ``valid_i`` and ``low < term_i < high``."""
+    a = torch.arange(x.shape[0], device=x.device)
+    dp = pair_values(x, r, a, p, kind)
+    dn = pair_values(x, r, a, n, kind)
+    v = dp - dn + margin
+    term = F.softplus(v) if smooth else F.relu(v)
+    counted = valid & _gt(term, low) & _lt(term, high)
+    return torch.stack([_masked_sum(term, counted), counted.sum().to(torch.float64)])
+
+
 def triplet_list(x, y, r, z, excl, kind, band_lo, band_hi):
     """All (a, p, n) int64 with p in P(a), n in Q(a) and ``band_lo < d'_an - d'_ap <= band_hi``,
     in PML's lexicographic (a, p, n) order."""

@@ -216,6 +216,21 @@ def _augmented(P: Problem):
     return P._aug
 
 
+_HASH_VECTORS: dict = {}
+
+
+def _hash_vector(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A fixed random (d,) vector per (d, dtype, device), drawn once (a generator and a draw per call cost
+    about as much as the hash itself at N = 1024)."""
+    key = (d, dtype, str(device))
+    v = _HASH_VECTORS.get(key)
+    if v is None:
+        g = torch.Generator(device="cpu").manual_seed(12345)
+        v = torch.randn(d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        _HASH_VECTORS[key] = v
+    return v
+
+
 def canonical_columns(P: Problem):
     """For references with exact duplicate rows: ``canon[j]`` = the lowest index of r_j's copies (else None).
 
@@ -229,9 +244,7 @@ def canonical_columns(P: Problem):
     if P._canon is None:
         P._canon = False
         if P.M > 1:
-            g = torch.Generator(device="cpu").manual_seed(12345)
-            v = torch.randn(P.D, generator=g, dtype=torch.float64).to(device=P.device, dtype=P.acc)
-            h = (P.r * v).sum(1)
+            h = (P.r * _hash_vector(P.D, P.acc, P.device)).sum(1)
             sh, order = torch.sort(h)
             tie = sh[1:] == sh[:-1]
             if bool(tie.any()):

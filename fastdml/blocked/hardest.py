@@ -92,17 +92,6 @@ class _PositiveColumns:
         return self._expand(self.starts.index_select(0, run), self.counts.index_select(0, run))
 
 
-def _canonical(P: Problem):
-    """:func:`.distance.canonical_columns` (copies of a reference read their first copy's column), with a
-    free pre-check for l2/sql2: exact copies have equal squared norms, so without two equal norms there is
-    no copy (no hashing needed)."""
-    if P.kind != "dot" and P.M > 1:
-        sn = torch.sort(P.rn).values
-        if not bool((sn[1:] == sn[:-1]).any()):
-            return None
-    return canonical_columns(P)
-
-
 # reductions of a row run over chunks of this many columns (see _first_min)
 _CHUNK = 64
 
@@ -125,7 +114,7 @@ def _first_min(t: torch.Tensor, value: torch.Tensor, index: torch.Tensor) -> Non
     if mc == m and t.is_contiguous():
         # the winning chunk of each row as a row copy (index_select: ~6x faster than an element gather)
         first = torch.arange(0, b * g, g, device=t.device).add_(ci)
-        inner = t.view(b * g, _CHUNK).index_select(0, first).argmin(1)
+        inner = t.view(b * g, _CHUNK).index_select(0, first).min(1).indices
     else:
         inner = blocks[torch.arange(b, device=t.device), ci].argmin(1)
     idx = ci.mul_(_CHUNK).add_(inner)
@@ -203,7 +192,7 @@ def row_hardest(x, y, r, z, excl, kind):
         some_empty = K > 0 and cols_of.some_empty
         # dot: t = x.(-r) = d' exactly; l2/sql2: t = |r|^2 - 2 x.r, q without the row constant |x_i|^2
         aux = -P.r if P.kind == "dot" else P.rn[None, :]
-        canon = _canonical(P)
+        canon = canonical_columns(P)
         esize = P.esize
         # per entry: the score block, its canonical copy (duplicates only); per positive slot: value,
         # column number, flat index
