@@ -102,9 +102,15 @@ def check_indices_tuple(indices_tuple, n: int, m: int, device: torch.device, nam
             raise ValueError(f"{name}: tensors {g} must have the same length, got {[out[i].shape[0] for i in g]}")
     anchors = (0,) if k == 3 else (0, 2)
     for pos, t in enumerate(out):
+        bound = n if pos in anchors else m
+        if torch.compiler.is_compiling():
+            # the range is data: a traced graph asserts it when it runs (a Python branch on it would break the
+            # graph); empty tensors pass
+            what = "embeddings" if pos in anchors else "reference embeddings"
+            torch._assert_async(((t >= 0) & (t < bound)).all(), f"{name}[{pos}] has indices outside the {bound} {what}")
+            continue
         if t.numel() == 0:
             continue
-        bound = n if pos in anchors else m
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= bound:
             what = "embeddings" if pos in anchors else "reference embeddings"

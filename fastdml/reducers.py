@@ -125,6 +125,16 @@ class ThresholdReducer(BaseReducer):
             self.num_above_high = 0
 
     def element_reduction(self, losses, embeddings):
+        if torch.compiler.is_compiling() and not self.collect_stats:
+            # traced: the mean over a mask instead of boolean indexing (whose size is data); nothing counted
+            # gives an exact 0 with zero gradient, still attached to the graph
+            keep = torch.ones_like(losses, dtype=torch.bool)
+            if self.low is not None:
+                keep = keep & (losses > self.low)
+            if self.high is not None:
+                keep = keep & (losses < self.high)
+            total = torch.where(keep, losses, torch.zeros_like(losses)).sum()
+            return total / keep.sum().clamp_min(1).to(total.dtype)
         low_cond = high_cond = None
         if self.low is not None:
             low_cond = losses > self.low

@@ -8,7 +8,7 @@ Python branch on data-dependent sizes), so Dynamo sees one graph; a break raises
 import pytest
 import torch
 
-from fastdml import distances, functional, losses, miners
+from fastdml import distances, functional, losses, miners, reducers
 from tests.conftest import TOL
 
 
@@ -78,3 +78,52 @@ def test_functional_losses_compile_fullgraph(fn_name):
     fn = getattr(functional, fn_name)
     x, y = _batch(seed=3)
     _check_compiled_equals_eager(lambda a, b: fn(a, b), x, y)
+
+
+GIVEN = {
+    "triplet_avg_nonzero": (lambda: losses.TripletMarginLoss(margin=0.3), 3),
+    "triplet_mean": (lambda: losses.TripletMarginLoss(margin=0.3, reducer=reducers.MeanReducer()), 3),
+    "triplet_threshold": (
+        lambda: losses.TripletMarginLoss(margin=0.3, reducer=reducers.ThresholdReducer(low=0.05, high=0.6)),
+        3,
+    ),
+    "contrastive": (lambda: losses.ContrastiveLoss(), 4),
+    "contrastive_cosine": (lambda: losses.ContrastiveLoss(distance=distances.CosineSimilarity()), 4),
+}
+
+
+def _given_tuple(arity, n, count, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(0, n, (count,), generator=g) for _ in range(arity))
+
+
+@pytest.mark.parametrize("name", sorted(GIVEN))
+def test_loss_on_an_explicit_indices_tuple_compiles_fullgraph_and_matches_eager(name):
+    make, arity = GIVEN[name]
+    loss_fn = make()
+    x, y = _batch()
+    idx = _given_tuple(arity, x.shape[0], 57)
+    _check_compiled_equals_eager(lambda a, b: loss_fn(a, b, idx), x, y)
+
+
+def test_compiled_loss_on_an_explicit_tuple_with_nothing_counted_is_zero_with_zero_gradient():
+    # every triplet inactive (its positive is its negative): AvgNonZero counts nothing
+    loss_fn = losses.TripletMarginLoss(margin=0.0)
+    x, y = _batch()
+    a = torch.arange(10)
+    idx = (a, a + 1, a + 1)
+    xc = x.clone().requires_grad_(True)
+    torch._dynamo.reset()
+    val = torch.compile(lambda t: loss_fn(t, y, idx), fullgraph=True)(xc)
+    (g,) = torch.autograd.grad(val, xc)
+    assert val.item() == 0.0 and torch.equal(g, torch.zeros_like(g))
+
+
+def test_compiled_loss_refuses_an_out_of_range_explicit_index():
+    loss_fn = losses.TripletMarginLoss()
+    x, y = _batch()
+    idx = (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, x.shape[0]]))
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: loss_fn(t, y, idx), fullgraph=True)
+    with pytest.raises(RuntimeError, match=r"indices_tuple\[2\] has indices outside"):
+        f(x)
