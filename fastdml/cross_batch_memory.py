@@ -24,8 +24,10 @@ property reading it), updated in place, so the graph does not depend on the posi
 memory's filled prefix is a varying shape (PML uses ``memory[:queue_idx]``): its length is kept as the size of a
 storage-free tensor, which Dynamo turns into a symbolic size after one recompile. So a compiled memory runs on a
 handful of graphs (first call, the filling phase, the wrapping call, the full memory) however many steps it
-runs (tests/test_cross_batch_memory_compile.py). Not traceable without graph breaks: ``enqueue_mask`` (boolean
-indexing: data-dependent sizes) and explicit ``indices_tuple`` / miners that list pairs.
+runs (tests/test_cross_batch_memory_compile.py). Not traceable without graph breaks, because PML's semantics
+give them data-dependent sizes: ``enqueue_mask`` (the queries are the rows not enqueued, boolean indexing, and
+the filled prefix grows by the mask's count) and an explicit ``indices_tuple`` or a miner that lists pairs
+(the memory's all-pairs tuple is listed, ``torch.where``). A plain loss on an explicit tuple does trace.
 """
 
 from __future__ import annotations
