@@ -92,11 +92,18 @@ def check_indices_tuple(indices_tuple, n: int, m: int, device: torch.device, nam
             raise TypeError(f"{name}[{pos}] must be a torch.Tensor of indices, got {type(t).__name__}")
         if t.ndim != 1:
             raise ValueError(f"{name}[{pos}] must be 1-D, got shape {tuple(t.shape)}")
-        if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        # (the dtype first: a traced tensor's size may be known only when the graph runs)
+        if (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool) and t.numel():
             raise TypeError(f"{name}[{pos}] must hold integer indices, got dtype {t.dtype}")
         out.append(t.to(device=device, dtype=torch.int64))
     groups = [(0, 1, 2)] if k == 3 else [(0, 1), (2, 3)]
     for g in groups:
+        if torch.compiler.is_compiling():
+            # sizes may be data (a listed tuple): asserted when the graph runs
+            for i in g[1:]:
+                same = out[i].shape[0] == out[g[0]].shape[0]
+                torch._check(same, lambda g=g: f"{name}: tensors {g} must have the same length")
+            continue
         lens = {out[i].shape[0] for i in g}
         if len(lens) > 1:
             raise ValueError(f"{name}: tensors {g} must have the same length, got {[out[i].shape[0] for i in g]}")
@@ -106,8 +113,9 @@ def check_indices_tuple(indices_tuple, n: int, m: int, device: torch.device, nam
         if torch.compiler.is_compiling():
             # the range is data: a traced graph asserts it when it runs (a Python branch on it would break the
             # graph); empty tensors pass
+            # (a message without sizes: they may be symbolic while traced)
             what = "embeddings" if pos in anchors else "reference embeddings"
-            torch._assert_async(((t >= 0) & (t < bound)).all(), f"{name}[{pos}] has indices outside the {bound} {what}")
+            torch._assert_async(((t >= 0) & (t < bound)).all(), name + f"[{pos}] has indices outside the " + what)
             continue
         if t.numel() == 0:
             continue

@@ -24,10 +24,14 @@ property reading it), updated in place, so the graph does not depend on the posi
 memory's filled prefix is a varying shape (PML uses ``memory[:queue_idx]``): its length is kept as the size of a
 storage-free tensor, which Dynamo turns into a symbolic size after one recompile. So a compiled memory runs on a
 handful of graphs (first call, the filling phase, the wrapping call, the full memory) however many steps it
-runs (tests/test_cross_batch_memory_compile.py). Not traceable without graph breaks, because PML's semantics
-give them data-dependent sizes: ``enqueue_mask`` (the queries are the rows not enqueued, boolean indexing, and
-the filled prefix grows by the mask's count) and an explicit ``indices_tuple`` or a miner that lists pairs
-(the memory's all-pairs tuple is listed, ``torch.where``). A plain loss on an explicit tuple does trace.
+runs (tests/test_cross_batch_memory_compile.py).
+
+Calls whose sizes are data by PML's semantics also trace with ``fullgraph=True``, given Dynamo's
+``capture_dynamic_output_shape_ops`` and ``capture_scalar_outputs`` (the settings ``torch.nonzero`` needs):
+``enqueue_mask`` (the queries are the rows not enqueued; the filled prefix is read from the ``filled_count``
+buffer, so ONE graph serves every step, wrap included), an explicit ``indices_tuple`` and miners that list
+(the listing ops are custom ops whose sizes are known when the graph runs; the same handful of graphs as
+above). Tested in tests/test_cross_batch_memory_data_sized_compile.py.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import _context
-from .lazy import LazyIndices
+from .lazy import LazyIndices, TracedIndices
 
 __all__ = ["CrossBatchMemory"]
 
@@ -121,6 +125,9 @@ class CrossBatchMemory(torch.nn.Module):
         self.register_buffer("label_memory", torch.zeros(self.memory_size).long())
         # the ring position as a tensor (not saved: PML's queue_idx is no part of the state dict either)
         self.register_buffer("queue_pos", torch.zeros((), dtype=torch.long), persistent=False)
+        # the number of filled rows as a tensor too (min(rows written, memory_size)): a traced call whose batch
+        # size is data (enqueue_mask) reads the filled prefix from it
+        self.register_buffer("filled_count", torch.zeros((), dtype=torch.long), persistent=False)
         self.has_been_filled = False
         # before the first wrap: a storage-free tensor whose dim 0 is the number of rows written
         self._filled_rows = torch.empty((0, 0))
@@ -135,14 +142,23 @@ class CrossBatchMemory(torch.nn.Module):
         self.queue_pos.fill_(int(value))
         if not self.has_been_filled:
             self._filled_rows = torch.empty((int(value), 0))
+            self.filled_count.fill_(int(value))
 
     def add_to_memory(self, embeddings: Tensor, labels: Tensor, batch_size: int):
         """Write ``embeddings`` (detached) at slots ``queue_idx, queue_idx + 1, ...`` modulo the memory size."""
+        self._write(embeddings, labels, batch_size, python_state=True)
+
+    def _write(self, embeddings: Tensor, labels: Tensor, batch_size, python_state: bool):
         pos = self.queue_pos.to(labels.device)
         self.curr_batch_idx = (pos + torch.arange(batch_size, device=labels.device)) % self.memory_size
         self.embedding_memory[self.curr_batch_idx] = embeddings.detach()
         self.label_memory[self.curr_batch_idx] = labels.detach()
         self.queue_pos.copy_((pos + batch_size) % self.memory_size)
+        self.filled_count.copy_((self.filled_count + batch_size).clamp_max(self.memory_size))
+        if not python_state:
+            # traced with a data-dependent batch size (enqueue_mask): the filled prefix is read from
+            # filled_count (see forward); the Python-side state cannot follow the data inside a graph
+            return
         if not self.has_been_filled:
             # PML: filled once the position wraps (queue_idx <= its previous value), i.e. rows + batch >= size
             rows = self._filled_rows.shape[0] + batch_size
@@ -186,18 +202,30 @@ class CrossBatchMemory(torch.nn.Module):
             self.label_memory = self.label_memory.to(device=device, dtype=labels.dtype)
         if self.queue_pos.device != device:
             self.queue_pos = self.queue_pos.to(device)
+        if self.filled_count.device != device:
+            self.filled_count = self.filled_count.to(device)
 
         if enqueue_mask is not None:
             enqueue_mask = enqueue_mask.to(device=device, dtype=torch.bool)
-            emb_q, lab_q = embeddings[enqueue_mask], labels[enqueue_mask]
-            embeddings, labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
+            # one index per side, so that rows and labels share one (data-dependent) size when traced
+            rows_q = torch.nonzero(enqueue_mask).flatten()
+            rows_k = torch.nonzero(~enqueue_mask).flatten()
+            emb_q, lab_q = embeddings.index_select(0, rows_q), labels.index_select(0, rows_q)
+            embeddings, labels = embeddings.index_select(0, rows_k), labels.index_select(0, rows_k)
             remove_self = False
         else:
             emb_q, lab_q = embeddings, labels
             remove_self = True
 
-        self.add_to_memory(emb_q, lab_q, len(emb_q))
-        if not self.has_been_filled:
+        data_sized = enqueue_mask is not None and torch.compiler.is_compiling()
+        self._write(emb_q, lab_q, emb_q.shape[0], python_state=not data_sized)
+        if data_sized:
+            # the filled prefix after a data-dependent number of rows: a size known when the graph runs
+            rows = self.filled_count.item()
+            torch._check(rows >= 0)
+            torch._check(rows <= self.memory_size)
+            e_mem, l_mem = self.embedding_memory[:rows], self.label_memory[:rows]
+        elif not self.has_been_filled:
             rows = self._filled_rows.shape[0]
             e_mem, l_mem = self.embedding_memory[:rows], self.label_memory[:rows]
         else:
@@ -218,7 +246,8 @@ class CrossBatchMemory(torch.nn.Module):
         if self.miner is not None:
             with _context.pool_context(n, e_mem.shape[0], excl):
                 mined = self.miner(embeddings, labels, e_mem, l_mem)
-                if indices_tuple is None and isinstance(mined, LazyIndices) and not mined.is_materialized:
+                lazy = isinstance(mined, (LazyIndices, TracedIndices)) and not mined.is_materialized
+                if indices_tuple is None and lazy:
                     # a fastdml miner's unlisted selection: the loss evaluates it fused (or lists it) here,
                     # where the ops skip the self slots
                     return self.loss(embeddings, labels, mined, e_mem, l_mem)

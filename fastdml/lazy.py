@@ -173,10 +173,10 @@ class TracedIndices:
     indexing, iteration: listed on first read, which breaks the graph) for anyone else. Outside compiled
     code the miners return :class:`LazyIndices`."""
 
-    def __init__(self, arity, builder, fuse=None, counter=None):
+    def __init__(self, arity, builder=None, fuse=None, counter=None, value=None):
         self._arity = arity
         self._builder = builder
-        self._value = None
+        self._value = None if value is None else tuple(value)
         self.fuse = fuse
         self._counter = counter
 
@@ -212,6 +212,6 @@ class TracedIndices:
 
 def make_lazy(arity, builder=None, value=None, fuse=None, counter=None):
     """A :class:`LazyIndices`, or a :class:`TracedIndices` while torch.compile traces (same record)."""
-    if value is None and torch.compiler.is_compiling():
-        return TracedIndices(arity, builder, fuse=fuse, counter=counter)
+    if torch.compiler.is_compiling():
+        return TracedIndices(arity, builder, fuse=fuse, counter=counter, value=value)
     return LazyIndices(arity, builder, value=value, fuse=fuse, counter=counter)

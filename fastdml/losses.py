@@ -39,6 +39,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 
 from . import _context, ops, reference
 from . import _validation as V
@@ -75,7 +76,9 @@ def _convert_to_triplets(idx):
     if len(idx) == 3:
         return idx
     a1, p, a2, n = idx
-    if len(a1) == len(a2) and torch.equal(a1, a2) and bool((a1[1:] > a1[:-1]).all()):
+    # (eager only: the shortcut is a branch on data, which a traced graph cannot take)
+    eager = not torch.compiler.is_compiling()
+    if eager and len(a1) == len(a2) and torch.equal(a1, a2) and bool((a1[1:] > a1[:-1]).all()):
         # one pair of each kind per anchor (BatchEasyHardMiner): the pairing is the identity, no (P, Q) mask
         return a1, p, n
     p_idx, n_idx = torch.where(a1.unsqueeze(1) == a2)
@@ -99,14 +102,16 @@ def _materialize_indices(indices_tuple, inp):
 def _lazy_fuse(indices_tuple, inp, geo, op):
     """The fuse record of a lazy miner result usable for this call, else None: mined by a fastdml miner on the
     very same embeddings / ref_emb tensors (identity, unmodified since) with the same fused distance spec."""
-    if not isinstance(indices_tuple, LazyIndices) or geo.spec is None:
+    if not isinstance(indices_tuple, (LazyIndices, TracedIndices)) or geo.spec is None:
         return None
     f = indices_tuple.fuse
     if not f or f.get("op") != op:
         return None
     if f["x"] is not inp.embeddings or f["ref"] is not inp.ref_emb:
         return None
-    if f["versions"] != (inp.embeddings._version, inp.ref_emb._version):
+    # (eager only: a traced graph cannot branch on version counters; within one graph the tensors are the
+    # ones the miner saw)
+    if not torch.compiler.is_compiling() and f["versions"] != (inp.embeddings._version, inp.ref_emb._version):
         return None
     if f["spec"] != geo.spec:
         return None
@@ -354,7 +359,8 @@ class ContrastiveLoss(BaseMetricLossFunction):
             # rectangular, no band: every pair is selected. With N (M - 1) >= 3 (at most one excluded pair per
             # query) there are at least 3 pairs: never zero, decided from the shapes. Otherwise, or when every
             # rank must make the same collective call, the counts follow from the labels alone.
-            if _context.reducing() or x.shape[0] * (r.shape[0] - 1) < 3:
+            # (guard_or_true: a size only known when the graph runs, e.g. a memory's masked queries, counts)
+            if _context.reducing() or guard_or_true(x.shape[0] * (r.shape[0] - 1) < 3):
                 zero = self._at_most_one_pair(*self._all_pair_counts(x, y, r, z, excl))
             else:
                 zero = None
@@ -419,6 +425,8 @@ class ContrastiveLoss(BaseMetricLossFunction):
 
     def _given(self, geo, idx):
         a1, p, a2, n = idx
+        if torch.compiler.is_compiling():
+            return self._given_traced(geo, idx)
         if all(len(t) <= 1 for t in idx):
             return self.zero_losses()
         pos_loss = neg_loss = 0
@@ -426,6 +434,20 @@ class ContrastiveLoss(BaseMetricLossFunction):
             pos_loss = F.relu(self.distance.margin(geo.raw(a1, p), self.pos_margin))
         if len(a2) > 0:
             neg_loss = F.relu(self.distance.margin(self.neg_margin, geo.raw(a2, n)))
+        return {
+            "pos_loss": {"losses": pos_loss, "indices": (a1, p), "reduction_type": "pos_pair"},
+            "neg_loss": {"losses": neg_loss, "indices": (a2, n), "reduction_type": "neg_pair"},
+        }
+
+    def _given_traced(self, geo, idx):
+        """:meth:`_given` without branches on the tuple's sizes (which may be data when traced): PML's zero rule
+        (every list of at most one pair) is applied with ``torch.where`` on the terms."""
+        a1, p, a2, n = idx
+        zero = (torch.ones_like(a1).sum() <= 1) & (torch.ones_like(a2).sum() <= 1)
+        pos_loss = F.relu(self.distance.margin(geo.raw(a1, p), self.pos_margin))
+        neg_loss = F.relu(self.distance.margin(self.neg_margin, geo.raw(a2, n)))
+        pos_loss = torch.where(zero, torch.zeros_like(pos_loss), pos_loss)
+        neg_loss = torch.where(zero, torch.zeros_like(neg_loss), neg_loss)
         return {
             "pos_loss": {"losses": pos_loss, "indices": (a1, p), "reduction_type": "pos_pair"},
             "neg_loss": {"losses": neg_loss, "indices": (a2, n), "reduction_type": "neg_pair"},
@@ -548,7 +570,8 @@ class TripletMarginLoss(BaseMetricLossFunction):
 
     def _given(self, geo, idx):
         a, p, n = idx
-        if len(a) == 0:
+        # (guard_or_false: a traced tuple's size may be data; the reducers then give 0 for no terms)
+        if guard_or_false(len(a) == 0):
             return self.zero_losses()
         loss = self._terms(geo, a, p, n)
         return {"loss": {"losses": loss, "indices": (a, p, n), "reduction_type": "triplet"}}

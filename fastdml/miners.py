@@ -30,7 +30,7 @@ from . import _validation as V
 from . import ops, reference
 from ._common import INF, Geometry, resolve_inputs
 from .distances import CosineSimilarity, LpDistance
-from .lazy import LazyIndices, make_lazy
+from .lazy import make_lazy
 
 __all__ = [
     "BaseMiner",
@@ -112,7 +112,8 @@ def _fuse_record(op, inp, geo, band):
         "op": op,
         "x": inp.embeddings,
         "ref": inp.ref_emb,
-        "versions": (inp.embeddings._version, inp.ref_emb._version),
+        # (not read when traced: see losses._lazy_fuse)
+        "versions": None if torch.compiler.is_compiling() else (inp.embeddings._version, inp.ref_emb._version),
         "spec": geo.spec,
         "square": inp.square,
         "y": inp.y,
@@ -159,7 +160,7 @@ class TripletMarginMiner(BaseMiner):
         if self.collect_stats:
             self._set_stats(geo)
         if geo.spec is None:
-            return LazyIndices(3, value=geo.triplet_list(lo, hi))
+            return make_lazy(3, value=geo.triplet_list(lo, hi))
         x, r, y, z, excl, kind = geo.x, geo.r, inp.y, inp.z, inp.excl, geo.kind
 
         def builder():
@@ -169,7 +170,7 @@ class TripletMarginMiner(BaseMiner):
             with torch.no_grad():
                 return (int(ops.triplet_stats(x, y, r, z, excl, kind, 0.0, False, lo, hi, -INF, INF)[1]),)
 
-        return LazyIndices(3, builder, fuse=_fuse_record("triplet_band", inp, geo, (lo, hi)), counter=counter)
+        return make_lazy(3, builder, fuse=_fuse_record("triplet_band", inp, geo, (lo, hi)), counter=counter)
 
     def _set_stats(self, geo):
         mat = _raw_matrix(geo)
@@ -207,7 +208,7 @@ class PairMarginMiner(BaseMiner):
             self.pos_pair_dist = torch.mean(pos).item() if len(pos) > 0 else 0
             self.neg_pair_dist = torch.mean(neg).item() if len(neg) > 0 else 0
         if geo.spec is None:
-            return LazyIndices(4, value=geo.pair_list(pos_lo, neg_hi))
+            return make_lazy(4, value=geo.pair_list(pos_lo, neg_hi))
         x, r, y, z, excl, kind = geo.x, geo.r, inp.y, inp.z, inp.excl, geo.kind
 
         def builder():
@@ -218,7 +219,7 @@ class PairMarginMiner(BaseMiner):
                 st = ops.contrastive_stats(x, y, r, z, excl, kind, 0.0, 0.0, pos_lo, neg_hi, -INF, INF)
             return int(st[1]), int(st[3])
 
-        return LazyIndices(4, builder, fuse=_fuse_record("pair_band", inp, geo, (pos_lo, neg_hi)), counter=counter)
+        return make_lazy(4, builder, fuse=_fuse_record("pair_band", inp, geo, (pos_lo, neg_hi)), counter=counter)
 
 
 class BatchEasyHardMiner(BaseMiner):
@@ -338,7 +339,7 @@ class BatchEasyHardMiner(BaseMiner):
         if callable(out[0]):
             builder, fuse, valid = out
             return make_lazy(4, builder, fuse=fuse, counter=lambda: (int(valid.sum()),) * 2)
-        return LazyIndices(4, value=out)
+        return make_lazy(4, value=out)
 
     def _set_stats(self, geo, pv, nv):
         def func(min_if_inverted):
@@ -377,7 +378,7 @@ class BatchHardMiner(BatchEasyHardMiner):
 
             return make_lazy(3, builder, fuse=fuse, counter=lambda: (int(valid.sum()),))
         a, p, _, n = out
-        return LazyIndices(3, value=(a, p, n))
+        return make_lazy(3, value=(a, p, n))
 
 
 class MultiSimilarityMiner(BaseMiner):
@@ -398,7 +399,7 @@ class MultiSimilarityMiner(BaseMiner):
         a1, p, a2, n = geo.pair_list()
         if len(a1) == 0 or len(a2) == 0:
             e = torch.zeros(0, dtype=torch.long, device=dev)
-            return LazyIndices(4, value=(e, e.clone(), e.clone(), e.clone()))
+            return make_lazy(4, value=(e, e.clone(), e.clone(), e.clone()))
         mat = geo.mat
         inv = geo.inverted
         pos_ignore = float("inf") if inv else float("-inf")
@@ -420,7 +421,7 @@ class MultiSimilarityMiner(BaseMiner):
             hard_pos = torch.where(pos_sorted + eps > neg_sorted[:, 0].unsqueeze(1))
             hard_neg = torch.where(neg_sorted - eps < pos_sorted[:, -1].unsqueeze(1))
         ra, rn = hard_pos[0], hard_neg[0]
-        return LazyIndices(4, value=(ra, pos_idx[ra, hard_pos[1]], rn, neg_idx[rn, hard_neg[1]]))
+        return make_lazy(4, value=(ra, pos_idx[ra, hard_pos[1]], rn, neg_idx[rn, hard_neg[1]]))
 
 
 def __getattr__(name):

@@ -657,8 +657,53 @@ def pair_values(x: Tensor, r: Optional[Tensor], i: Tensor, j: Tensor, kind: str)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# listing miners: data-dependent output sizes, eager only
+# listing miners: data-dependent output sizes. Eagerly a direct call; while torch.compile traces, custom ops
+# whose fake implementations give the lists a size known only when the graph runs (an unbacked size: the
+# caller enables torch._dynamo.config.capture_dynamic_output_shape_ops, as for torch.nonzero)
 # ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastdml::triplet_list", mutates_args=())
+def _triplet_list_op(
+    x: Tensor,
+    y: Tensor,
+    r: Optional[Tensor],
+    z: Optional[Tensor],
+    excl: Optional[Tensor],
+    kind: str,
+    band_lo: float,
+    band_hi: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    a, p, n = _backend_fn(x, "triplet_list")(x, y, r, z, excl, kind, band_lo, band_hi)
+    return a.clone(), p.clone(), n.clone()  # (a custom op's outputs may not alias each other or its inputs)
+
+
+@_triplet_list_op.register_fake
+def _(x, y, r, z, excl, kind, band_lo, band_hi):
+    t = torch.library.get_ctx().new_dynamic_size()
+    return tuple(x.new_empty((t,), dtype=torch.int64) for _ in range(3))
+
+
+@torch.library.custom_op("fastdml::pair_list", mutates_args=())
+def _pair_list_op(
+    x: Tensor,
+    y: Tensor,
+    r: Optional[Tensor],
+    z: Optional[Tensor],
+    excl: Optional[Tensor],
+    kind: str,
+    pos_lo: float,
+    neg_hi: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    a1, p, a2, n = _backend_fn(x, "pair_list")(x, y, r, z, excl, kind, pos_lo, neg_hi)
+    return a1.clone(), p.clone(), a2.clone(), n.clone()
+
+
+@_pair_list_op.register_fake
+def _(x, y, r, z, excl, kind, pos_lo, neg_hi):
+    ctx = torch.library.get_ctx()
+    n_pos, n_neg = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    return tuple(x.new_empty((k,), dtype=torch.int64) for k in (n_pos, n_pos, n_neg, n_neg))
+
+
 def triplet_list(
     x: Tensor,
     y: Tensor,
@@ -676,6 +721,8 @@ def triplet_list(
     r = None if r is None else r.detach()
     if _use_reference(x):
         return _reference().triplet_list(x, y, r, z, excl, kind, band_lo, band_hi)
+    if torch.compiler.is_compiling():
+        return torch.ops.fastdml.triplet_list(x, y, r, z, excl, kind, float(band_lo), float(band_hi))
     with torch.no_grad():
         return _backend_fn(x, "triplet_list")(x, y, r, z, excl, kind, float(band_lo), float(band_hi))
 
@@ -698,5 +745,7 @@ def pair_list(
     r = None if r is None else r.detach()
     if _use_reference(x):
         return _reference().pair_list(x, y, r, z, excl, kind, pos_lo, neg_hi)
+    if torch.compiler.is_compiling():
+        return torch.ops.fastdml.pair_list(x, y, r, z, excl, kind, float(pos_lo), float(neg_hi))
     with torch.no_grad():
         return _backend_fn(x, "pair_list")(x, y, r, z, excl, kind, float(pos_lo), float(neg_hi))

@@ -86,6 +86,9 @@ class MeanReducer(BaseReducer):
     window = (-math.inf, math.inf, True)
 
     def element_reduction(self, losses, embeddings):
+        if torch.compiler.is_compiling():
+            # traced: the number of terms may be data (a listed tuple), and may be 0 (PML: a zero loss)
+            return losses.sum() / max(losses.shape[0], 1) if losses.ndim else losses
         return torch.mean(losses)
 
 
