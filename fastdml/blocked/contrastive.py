@@ -224,25 +224,25 @@ def contrastive_stats_fwd(
     with torch.no_grad():
         P0 = Problem(x, y, r, z, excl, kind, "contrastive_stats_fwd")
         pm, nm = float(pos_margin), float(neg_margin)
-        gx, gr = new_parts(P0, 2, need_grad, need_grad_r)
         sums = torch.zeros(4, dtype=torch.float64, device=P0.device)
         iv = intervals(pm, nm, float(pos_lo), float(neg_hi), float(low), float(high), P0.acc)
         if P0.N == 0 or P0.M == 0 or iv is None:
+            gx, gr = new_parts(P0, 2, need_grad, need_grad_r)
             return sums, gx, gr
         P, rperm, cperm = P0.sorted_by_label()
         gxs, grs = new_parts(P, 2, need_grad, need_grad_r)
         runs = _label_runs(P)
-        fixed = (gx.numel() + gr.numel()) * P.esize  # the sorted copies of the parts
+        fixed = (gxs.numel() + grs.numel()) * P.esize  # the parts in the original order, written at the end
         if P.square and canonical_columns(P) is None:
             _square_tiles(P, pm, nm, iv, runs, need_grad, sums, gxs, fixed)
         else:
             rows = budget.rows_per_block(P.N, P.M, _bytes_per_entry(P, need_grad), fixed)
             for s, e in budget.blocks(P.N, rows):
                 _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gxs, grs)
-        if need_grad:
-            gx.index_copy_(1, rperm, gxs)
-            if grs.shape[0]:
-                gr.index_copy_(1, cperm, grs)
+        # the parts back in the original order: every row is written (rperm, cperm are permutations), so the
+        # destination needs no zero fill
+        gx = torch.empty_like(gxs).index_copy_(1, rperm, gxs) if gxs.shape[0] else gxs
+        gr = torch.empty_like(grs).index_copy_(1, cperm, grs) if grs.shape[0] else grs
         return sums, gx, gr
 
 
