@@ -144,7 +144,7 @@ def _in_window(t, low, high):
     return ok
 
 
-def _chosen_triplets(loss, geo, valid, p, n, margin, smooth, win):
+def _chosen_triplets(geo, valid, p, n, margin, smooth, win):
     """The windowed loss of one triplet (i, p_i, n_i) per anchor, the anchors without ``valid`` masked: term
     ``relu(d'_ip - d'_in + margin)`` (``softplus`` if ``smooth``), reduced to ``S / C`` (``S`` for Sum). Every
     anchor is evaluated, so no shape depends on the data (no host sync; torch.compile traces it whole)."""
@@ -536,7 +536,7 @@ class TripletMarginLoss(BaseMetricLossFunction):
         rp = _row_pairs(indices_tuple, inp) if (win is not None and not self.swap) else None
         if rp is not None:
             # one triplet (a, p_a, n_a) per valid anchor, evaluated over all anchors with the others masked
-            return _chosen_triplets(self, geo, rp["valid"], rp["p"], rp["neg"], self.margin, self.smooth_loss, win)
+            return _chosen_triplets(geo, rp["valid"], rp["p"], rp["neg"], self.margin, self.smooth_loss, win)
         return self._given(geo, _convert_to_triplets(_materialize_indices(indices_tuple, inp)))
 
     def _fused(self, geo, square, y, z, excl, band_lo, band_hi, win):
@@ -701,7 +701,7 @@ class BatchHardTripletLoss(BaseMetricLossFunction):
             # fused: every anchor is evaluated and the unusable ones masked, so no shape depends on the data
             # (no host sync, torch.compile traces it whole); the reducer's window gives S / C
             margin = 0.0 if self.soft else self.margin
-            return _chosen_triplets(self, geo, fp & fn, ip, ineg, margin, self.soft, win)
+            return _chosen_triplets(geo, fp & fn, ip, ineg, margin, self.soft, win)
         a = torch.nonzero(fp & fn).flatten()
         if a.numel() == 0:
             return self.zero_losses()
