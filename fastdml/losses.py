@@ -153,6 +153,8 @@ def _chosen_triplets(geo, valid, p, n, margin, smooth, win):
         # one fused op: distances, terms and their gradient in one O(N D) pass
         st = ops.chosen_triplet_stats(geo.x, valid, geo.r, p, n, geo.kind, margin, smooth, win[0], win[1])
         return {"loss": _already_reduced(window_value(st[0], st[1], win, inp.embeddings))}
+    if inp.m == 0:
+        return {"loss": _already_reduced(zero_loss(inp.embeddings))}  # no references: no triplet
     a = torch.arange(inp.n, device=inp.embeddings.device)
     dap, dan = geo.dprime_two(a, p, a, n)
     v = dap - dan + margin

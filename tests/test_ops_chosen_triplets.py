@@ -113,3 +113,28 @@ def test_chosen_triplet_stats_under_no_grad_build_no_graph():
     with torch.no_grad():
         st = ops.chosen_triplet_stats(x, valid, None, p, n, "l2", 0.1)
     assert not st.requires_grad
+
+
+def test_chosen_triplets_against_an_empty_reference_give_zero_with_zero_gradient():
+    x = torch.randn(5, 3, requires_grad=True)
+    r = torch.zeros(0, 3)
+    idx = torch.zeros(5, dtype=torch.int64)  # what the miners return where nothing was found
+    st = ops.chosen_triplet_stats(x, torch.zeros(5, dtype=torch.bool), r, idx, idx, "l2", 0.1)
+    assert st.tolist() == [0.0, 0.0]
+    (g,) = torch.autograd.grad(st[0], x)
+    assert torch.equal(g, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("call", ["batch_hard_loss", "miner_and_loss"])
+def test_batch_hard_against_an_empty_reference_set_is_a_zero_loss_with_zero_gradient(call):
+    from fastdml import losses, miners
+
+    x = torch.randn(8, 4, requires_grad=True)
+    y = torch.arange(8) % 3
+    ref, ref_y = torch.zeros(0, 4), y[:0]
+    if call == "batch_hard_loss":
+        val = losses.BatchHardTripletLoss()(x, y, None, ref, ref_y)
+    else:
+        val = losses.TripletMarginLoss()(x, y, miners.BatchHardMiner()(x, y, ref, ref_y), ref, ref_y)
+    (g,) = torch.autograd.grad(val, x)
+    assert val.item() == 0.0 and torch.equal(g, torch.zeros_like(x))

@@ -84,6 +84,9 @@ def chosen_triplet_stats_fwd(x, valid, r, p, n, kind, margin, smooth, low, high,
             gcol = gr_parts[0] if gr_parts.shape[0] else None
         s_total = torch.zeros((), dtype=torch.float64, device=dev)
         c_total = torch.zeros((), dtype=torch.float64, device=dev)
+        if ref.shape[0] == 0:
+            # no reference rows (an empty memory): no anchor has a triplet, the indices point nowhere
+            return torch.stack([s_total, c_total]), gx, gr_parts
         chunk = _chunk_rows(N, D, torch.finfo(acc).bits // 8)
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
