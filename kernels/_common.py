@@ -230,6 +230,17 @@ def dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D,
 
 
 @triton.jit
+def query_rows(pid, N, y_ptr, excl_ptr, BM: tl.constexpr):
+    """The block of query rows program ``pid`` owns (int64 offsets), their mask, labels and excluded
+    reference (-1: none)."""
+    rows = pid.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    rmask = rows < N
+    yl = tl.load(y_ptr + rows, mask=rmask, other=0)
+    ex = tl.load(excl_ptr + rows, mask=rmask, other=-1)
+    return rows, rmask, yl, ex
+
+
+@triton.jit
 def labelled_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, z_ptr, rows, rmask, yl, ex, j0, M, D,
                   KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   SUBK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -244,6 +255,43 @@ def labelled_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, z_ptr, rows, rmask, yl, ex, j0, 
     ok = rmask[:, None] & cmask[None, :] & (ex[:, None] != cols[None, :])
     same = yl[:, None] == zl[None, :]
     return cols, dp, ok, same
+
+
+@triton.jit
+def running_extreme(ok, dp, cols, best, bidx, found, M, MAXIMIZE: tl.constexpr):
+    """Fold one tile into a per-row running extreme of d' over the entries ``ok``: ``(best, index, found)``.
+
+    Tiles come in increasing column order and a later tile wins only when strictly better, so ties keep the
+    earlier (lower) index; inside the tile the lowest column among the entries equal to its extreme is taken.
+    """
+    any_ok = tl.max(ok.to(tl.int32), axis=1) > 0
+    if MAXIMIZE:
+        m = tl.max(tl.where(ok, dp, float("-inf")), axis=1)
+        better = any_ok & ((~found) | (m > best))
+    else:
+        m = tl.min(tl.where(ok, dp, float("inf")), axis=1)
+        better = any_ok & ((~found) | (m < best))
+    at = tl.min(tl.where(ok & (dp == m[:, None]), cols[None, :], M), axis=1)
+    return tl.where(better, m, best), tl.where(better, at, bidx), found | any_ok
+
+
+def extreme_outputs(n: int, device):
+    """Poisoned outputs of one running extreme: value NaN, index -1, found 2 (a row the kernel does not write
+    reads as not found and is caught by the tests)."""
+    return (
+        poison((n,), device),
+        torch.full((n,), -1, device=device, dtype=torch.int64),
+        torch.full((n,), 2, device=device, dtype=torch.int8),
+    )
+
+
+def extreme_config(d: int) -> dict:
+    """Launch configuration of the row-owned extreme sweeps (``row_extreme``, ``row_hardest``)."""
+    if interpreting():
+        return dict(BM=32, BN=32, BK=block_d(d), SUBK=16, num_warps=4)
+    # 8 warps: with 4 the (64, 32) tile needs > 255 registers and spills on sm_90 (compile_check)
+    return dict(BM=64, BN=32, BK=32, SUBK=1, num_warps=8)
+
 
 @triton.jit
 def pair_coef(g, dp, KIND: tl.constexpr):

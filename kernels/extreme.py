@@ -16,7 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _fail, block_d, check_float, interpreting, labelled_tile, poison, precision, prepare
+from ._common import (
+    _fail,
+    check_float,
+    extreme_config,
+    extreme_outputs,
+    labelled_tile,
+    precision,
+    prepare,
+    query_rows,
+    running_extreme,
+)
 
 _SIDES = {"pos": 0, "neg": 1}
 _MODES = {"max": 0, "min": 1}
@@ -32,11 +42,7 @@ def row_extreme_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SUBK: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
-    rmask = rows < N
-    yl = tl.load(y_ptr + rows, mask=rmask, other=0)
-    ex = tl.load(excl_ptr + rows, mask=rmask, other=-1)
+    rows, rmask, yl, ex = query_rows(tl.program_id(0), N, y_ptr, excl_ptr, BM)
     if THR_OP != 0:
         thr = tl.load(thr_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     if MODE == 0:
@@ -57,17 +63,7 @@ def row_extreme_kernel(
             ok = ok & (dp > thr[:, None])
         elif THR_OP == 2:
             ok = ok & (dp < thr[:, None])
-        any_ok = tl.max(ok.to(tl.int32), axis=1) > 0
-        if MODE == 0:
-            m = tl.max(tl.where(ok, dp, float("-inf")), axis=1)
-            better = any_ok & ((~found) | (m > best))
-        else:
-            m = tl.min(tl.where(ok, dp, float("inf")), axis=1)
-            better = any_ok & ((~found) | (m < best))
-        at = tl.min(tl.where(ok & (dp == m[:, None]), cols[None, :], M), axis=1)
-        best = tl.where(better, m, best)
-        bidx = tl.where(better, at, bidx)
-        found = found | any_ok
+        best, bidx, found = running_extreme(ok, dp, cols, best, bidx, found, M, MODE == 0)
     tl.store(val_ptr + rows, tl.where(found, best, 0.0), mask=rmask)
     tl.store(idx_ptr + rows, tl.where(found, bidx, 0), mask=rmask)
     tl.store(found_ptr + rows, found.to(tl.int8), mask=rmask)
@@ -104,20 +100,13 @@ def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op, allow_t
         if not thr.is_floating_point():
             _fail(TypeError, f"thr must be floating point, got {thr.dtype}")
         thr_t = thr.detach().float().contiguous()
-    val = poison((p.n,), p.device)
-    idx = torch.full((p.n,), -1, device=p.device, dtype=torch.int64)
-    found = torch.full((p.n,), 2, device=p.device, dtype=torch.int8)
+    val, idx, found = extreme_outputs(p.n, p.device)
     if p.n > 0:
-        if interpreting():
-            cfg = dict(BM=32, BN=32, BK=block_d(p.d), SUBK=16, num_warps=4)
-        else:
-            # 8 warps: with 4 the (64, 32) tile needs > 255 registers and spills on sm_90 (compile_check)
-            cfg = dict(BM=64, BN=32, BK=32, SUBK=1, num_warps=8)
+        cfg = extreme_config(p.d)
         row_extreme_kernel[(triton.cdiv(p.n, cfg["BM"]),)](
             p.x, p.r, p.xn, p.rn, p.y, p.z, p.excl, thr_t, val, idx, found,
             p.n, p.m, p.d, lo, hi,
             KIND=p.kind_id, SIDE=_SIDES[side], MODE=_MODES[mode], THR_OP=_THR_OPS[thr_op],
             PREC=precision(allow_tf32), UPCAST=p.upcast, **cfg,
         )
-    # a row the kernel did not write keeps the poison 2 (and index -1): reads as not found, caught by tests
     return val, idx, found == 1

@@ -16,11 +16,10 @@ ties; inside a tile the lowest index among the entries equal to the tile's extre
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ._common import block_d, interpreting, labelled_tile, poison, precision, prepare
+from ._common import extreme_config, extreme_outputs, labelled_tile, precision, prepare, query_rows, running_extreme
 
 
 @triton.jit(do_not_specialize=["N", "M"])
@@ -31,11 +30,7 @@ def row_hardest_kernel(
     KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SUBK: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
-    rmask = rows < N
-    yl = tl.load(y_ptr + rows, mask=rmask, other=0)
-    ex = tl.load(excl_ptr + rows, mask=rmask, other=-1)
+    rows, rmask, yl, ex = query_rows(tl.program_id(0), N, y_ptr, excl_ptr, BM)
     pbest = tl.full((BM,), float("-inf"), tl.float32)
     nbest = tl.full((BM,), float("inf"), tl.float32)
     pidx = tl.zeros((BM,), tl.int64)
@@ -45,24 +40,9 @@ def row_hardest_kernel(
     for j0 in range(0, M, BN):
         cols, dp, ok, same = labelled_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, z_ptr, rows, rmask, yl, ex, j0, M, D,
                                               KIND, BM, BN, BK, SUBK, PREC, UPCAST)
-        pok = ok & same
-        nok = ok & (~same)
-        # farthest positive
-        pany = tl.max(pok.to(tl.int32), axis=1) > 0
-        pm = tl.max(tl.where(pok, dp, float("-inf")), axis=1)
-        pbetter = pany & ((~pfound) | (pm > pbest))
-        pat = tl.min(tl.where(pok & (dp == pm[:, None]), cols[None, :], M), axis=1)
-        pbest = tl.where(pbetter, pm, pbest)
-        pidx = tl.where(pbetter, pat, pidx)
-        pfound = pfound | pany
-        # nearest negative
-        nany = tl.max(nok.to(tl.int32), axis=1) > 0
-        nm = tl.min(tl.where(nok, dp, float("inf")), axis=1)
-        nbetter = nany & ((~nfound) | (nm < nbest))
-        nat = tl.min(tl.where(nok & (dp == nm[:, None]), cols[None, :], M), axis=1)
-        nbest = tl.where(nbetter, nm, nbest)
-        nidx = tl.where(nbetter, nat, nidx)
-        nfound = nfound | nany
+        # the farthest positive and the nearest negative
+        pbest, pidx, pfound = running_extreme(ok & same, dp, cols, pbest, pidx, pfound, M, True)
+        nbest, nidx, nfound = running_extreme(ok & (~same), dp, cols, nbest, nidx, nfound, M, False)
     tl.store(pval_ptr + rows, tl.where(pfound, pbest, 0.0), mask=rmask)
     tl.store(pidx_ptr + rows, tl.where(pfound, pidx, 0), mask=rmask)
     tl.store(pfound_ptr + rows, pfound.to(tl.int8), mask=rmask)
@@ -75,24 +55,13 @@ def row_hardest(x, y, r, z, excl, kind, allow_tf32=False):
     """``(pos_value f32, pos_index i64, pos_found bool, neg_value f32, neg_index i64, neg_found bool)``: per
     query the farthest positive and the nearest negative (see the module docstring)."""
     p = prepare(x, y, r, z, excl, kind)
-    outs = []
-    for _ in range(2):
-        outs += [
-            poison((p.n,), p.device),
-            torch.full((p.n,), -1, device=p.device, dtype=torch.int64),
-            torch.full((p.n,), 2, device=p.device, dtype=torch.int8),
-        ]
+    outs = extreme_outputs(p.n, p.device) + extreme_outputs(p.n, p.device)
     if p.n > 0:
-        if interpreting():
-            cfg = dict(BM=32, BN=32, BK=block_d(p.d), SUBK=16, num_warps=4)
-        else:
-            # 8 warps: with 4 the (64, 32) tile needs > 255 registers and spills on sm_90 (compile_check)
-            cfg = dict(BM=64, BN=32, BK=32, SUBK=1, num_warps=8)
+        cfg = extreme_config(p.d)
         row_hardest_kernel[(triton.cdiv(p.n, cfg["BM"]),)](
             p.x, p.r, p.xn, p.rn, p.y, p.z, p.excl, *outs,
             p.n, p.m, p.d,
             KIND=p.kind_id, PREC=precision(allow_tf32), UPCAST=p.upcast, **cfg,
         )
-    # a row the kernel did not write keeps the poison 2 (and index -1): reads as not found, caught by tests
     pv, pi, pf, nv, ni, nf = outs
     return pv, pi, pf == 1, nv, ni, nf == 1

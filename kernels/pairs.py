@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_d, check_float, interpreting, labelled_tile, precision, prepare
+from ._common import block_d, check_float, interpreting, labelled_tile, precision, prepare, query_rows
 
 
 @triton.jit(do_not_specialize=["N", "M"])
@@ -24,11 +24,7 @@ def pair_list_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SUBK: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
-    rmask = rows < N
-    yl = tl.load(y_ptr + rows, mask=rmask, other=0)
-    ex = tl.load(excl_ptr + rows, mask=rmask, other=-1)
+    rows, rmask, yl, ex = query_rows(tl.program_id(0), N, y_ptr, excl_ptr, BM)
     if WRITE:
         runp = tl.load(off_ptr + rows, mask=rmask, other=0)
         runn = tl.load(off_ptr + N + rows, mask=rmask, other=0)
