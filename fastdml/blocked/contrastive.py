@@ -300,15 +300,8 @@ def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
     An = _interval_mask(d, na)
     Nc = An if nc == na else _interval_mask(d, nc)
     masks = [An] if Nc is An else [An, Nc]
-    if use_rects:
-        for r0, r1, c0, c1 in rects:
-            for t in masks:
-                t[r0:r1, c0:c1] = 0.0
-    else:
-        notsame = same.neg_().add_(1.0)  # (excluded pairs are zeroed just below)
-        for t in masks:
-            t.mul_(notsame)
-        del same, notsame
+    _zero_positives(masks, rects, None if use_rects else same)  # (excluded pairs are zeroed just below)
+    same = None  # (the (b, M) mask is released here, before the sums)
     if ex is not None:
         for t in masks:
             t[ex] = 0.0
@@ -322,6 +315,19 @@ def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
         if fl is not None:
             gcol = None if (symmetric or not gr.shape[0]) else gr
             _flagged_direct(P, s, 0, fi, fj, d[fi, fj], pa, na, gx, gcol, 2.0 if symmetric else 1.0)
+
+
+def _zero_positives(masks, rects, same):
+    """Zero the positive pairs in each negative mask: the label runs' rectangles (``same`` None), else where
+    ``same`` (the 0/1 same-label mask, consumed: complemented in place) is 1."""
+    if same is None:
+        for r0, r1, c0, c1 in rects:
+            for t in masks:
+                t[r0:r1, c0:c1] = 0.0
+        return
+    notsame = same.neg_().add_(1.0)
+    for t in masks:
+        t.mul_(notsame)
 
 
 def _zero_excluded(P, s, ex, tensors, r0, r1, c0, c1):
@@ -517,15 +523,8 @@ def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
     An = _interval_mask(q, qna, out=ba, tmp=bc)
     Nc = An if qnc == qna else _interval_mask(q, qnc, out=bc, tmp=None)
     masks = [An] if Nc is An else [An, Nc]
-    if use_rects:
-        for r0, r1, c0, c1 in rects:
-            for t in masks:
-                t[r0:r1, c0:c1] = 0.0
-    else:
-        notsame = same.neg_().add_(1.0)
-        for t in masks:
-            t.mul_(notsame)
-        del same, notsame
+    _zero_positives(masks, rects, None if use_rects else same)
+    same = None
     zero_diag(masks)
     counts = Nc.sum(1)
     acc.add(3, wt, counts)
