@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from . import _context, dispatch
+from .blocked.distance import add_rows
 
 __all__ = [
     "contrastive_stats",
@@ -609,14 +610,8 @@ def _pair_values_backward_op(
             else:
                 coef = 2.0 * g
             gxi, grj = coef * diff, -coef * diff
-        if gx.device.type == "cpu":
-            # index_add_ runs sequentially on the CPU: deterministic, and faster than index_put_
-            gx.index_add_(0, ii, gxi)
-            gr.index_add_(0, jj, grj)
-        else:
-            # on CUDA index_put_ with accumulate is deterministic under torch.use_deterministic_algorithms(True)
-            gx.index_put_((ii,), gxi, accumulate=True)
-            gr.index_put_((jj,), grj, accumulate=True)
+        add_rows(gx, ii, gxi)
+        add_rows(gr, jj, grj)
     if r is None:
         return gx.to(x.dtype), x.new_empty((0, x.shape[1]))
     return gx.to(x.dtype), gr.to(r.dtype)

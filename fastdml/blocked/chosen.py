@@ -28,22 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from . import budget
+from .distance import acc_dtype, add_rows
 
 INF = math.inf
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _scatter_add(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
-    if target.device.type == "cpu":
-        # index_add_ runs sequentially on the CPU: deterministic (alpha stays 1: another alpha costs a scaled
-        # copy of the rows, ~2.5x the time at N = 1024)
-        target.index_add_(0, index, rows)
-    else:
-        # on CUDA index_put_ with accumulate is deterministic under torch.use_deterministic_algorithms(True)
-        target.index_put_((index,), rows, accumulate=True)
 
 
 def _chunk_rows(n: int, d: int, esize: int) -> int:
@@ -72,7 +59,7 @@ def chosen_triplet_stats_fwd(x, valid, r, p, n, kind, margin, smooth, low, high,
     for r = None, whose gradient is in gx). See the module docstring."""
     with torch.no_grad():
         N, D = x.shape
-        acc = _acc_dtype(x)
+        acc = acc_dtype(x.dtype)
         ref = x if r is None else r
         dev = x.device
         gx = torch.zeros((1 if need_grad else 0, N, D), dtype=acc, device=dev)
@@ -114,8 +101,8 @@ def chosen_triplet_stats_fwd(x, valid, r, p, n, kind, margin, smooth, low, high,
                 # dS/dx_a = w (r_n - r_p);  dS/dr_p = -w x_a;  dS/dr_n = +w x_a
                 gx[0, s:e].add_(rn.sub_(rp).mul_(w[:, None]))
                 if gcol is not None:
-                    _scatter_add(gcol, pp, xa * (-w)[:, None])
-                    _scatter_add(gcol, nn, xa * w[:, None])
+                    add_rows(gcol, pp, xa * (-w)[:, None])
+                    add_rows(gcol, nn, xa * w[:, None])
                 continue
             if kind == "l2":
                 # the subgradient 0 at d = 0 (identical embeddings), never a division by zero
@@ -123,13 +110,14 @@ def chosen_triplet_stats_fwd(x, valid, r, p, n, kind, margin, smooth, low, high,
                 cn = torch.where(dn > 0, w / torch.where(dn > 0, dn, torch.ones_like(dn)), torch.zeros_like(dn))
             else:
                 cp = cn = 2.0 * w
-            # the rows' parts, in the gathered rows' memory (no longer needed): -c_p e_p for r_p, c_n e_n for r_n;
+            # the rows' parts, in the gathered rows' memory (no longer needed): -c_p e_p for r_p, c_n e_n for r_n
+            # (signs in the rows, not an index_add_ alpha: that costs a scaled copy, ~2.5x the time at N = 1024);
             # the anchor's part is minus their sum
             gp = rp.mul_((-cp)[:, None])
             gn = rn.mul_(cn[:, None])
             gx[0, s:e].sub_(gp).sub_(gn)
             if gcol is not None:
-                _scatter_add(gcol, pp, gp)
-                _scatter_add(gcol, nn, gn)
+                add_rows(gcol, pp, gp)
+                add_rows(gcol, nn, gn)
         return torch.stack([s_total, c_total]), gx, gr_parts
 

@@ -47,6 +47,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def add_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """``target[index[t]] += rows[t]`` for every t (repeated indices add up), deterministically on any device:
+    ``index_add_`` on the CPU (sequential, and faster than ``index_put_``), ``index_put_`` with accumulate on
+    CUDA (deterministic under ``torch.use_deterministic_algorithms(True)``)."""
+    if target.device.type == "cpu":
+        target.index_add_(0, index, rows)
+    else:
+        target.index_put_((index,), rows, accumulate=True)
+
+
 def _check_labels(name: str, labels, n: int, device, where: str) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{where}: {name} must be a torch.Tensor of int64 labels, got {type(labels).__name__}")
