@@ -118,6 +118,17 @@ def combine(parts, u):
     return (parts.detach().cpu().double() * u.view(-1, 1, 1)).sum(0)
 
 
+# (N, M, D, label pattern, case) of the row-extreme kernels (row_extreme, row_hardest): odd sizes, D = 1, 2,
+# 3 (direct differences), 64 and 130, square, rectangular and per-query exclusion
+ROW_SCENARIOS = [
+    (45, 0, 1, "few", "square"),
+    (70, 0, 130, "pk", "square"),
+    (33, 0, 2, "one", "square"),
+    (50, 37, 64, "imbalanced", "rect"),
+    (41, 29, 3, "distinct", "excl"),
+]
+
+
 def grid(scenarios, fp16_scenarios=2):
     """(scenario, kind, dtype) cases: every scenario x kind in float32, and float16 on the first
     ``fp16_scenarios`` scenarios (fp16 only changes the load; keeping the interpreter run short)."""

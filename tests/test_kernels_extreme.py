@@ -8,6 +8,7 @@ from fastdml import reference as ref
 from tests.kernel_cases import (
     DEVICE,
     INF,
+    ROW_SCENARIOS,
     as_ref,
     assert_close_scaled,
     grid,
@@ -20,13 +21,7 @@ from tests.kernel_cases import (
 
 pytestmark = needs_kernels
 
-SCENARIOS = [
-    (45, 0, 1, "few", "square"),
-    (70, 0, 130, "pk", "square"),
-    (33, 0, 2, "one", "square"),
-    (50, 37, 64, "imbalanced", "rect"),
-    (41, 29, 3, "distinct", "excl"),
-]
+SCENARIOS = ROW_SCENARIOS
 
 
 def _check(x, y, r, z, excl, kind, args, tol, dtype):

@@ -229,13 +229,7 @@ def test_custom_op_row_hardest_compiles_fullgraph():
 # ------------------------------------------------------------------------------------------------------
 # Triton kernels (the interpreter on the CPU, or CUDA)
 # ------------------------------------------------------------------------------------------------------
-SCENARIOS = [
-    (45, 0, 1, "few", "square"),
-    (70, 0, 130, "pk", "square"),
-    (33, 0, 2, "one", "square"),
-    (50, 37, 64, "imbalanced", "rect"),
-    (41, 29, 3, "distinct", "excl"),
-]
+SCENARIOS = kc.ROW_SCENARIOS
 
 
 @kc.needs_kernels
