@@ -39,3 +39,11 @@ def memory_budget(megabytes: float):
         yield
     finally:
         _budget_override.pop()
+
+
+def release_workspace() -> None:
+    """Free the calling thread's blocked-path workspace: the scratch buffers its ops keep from call to call
+    (at most about one block of the memory budget; see ``fastdml.blocked.workspace``)."""
+    from .blocked import workspace
+
+    workspace.release()

@@ -117,6 +117,8 @@ TRIPLET_CONFIGS = {
     "all_mean": (0.2, False, -INF, INF, -INF, INF),
     "semihard_band": (0.2, False, 0.0, 0.2, 0.0, INF),
     "hard_band": (0.2, False, -INF, 0.0, 0.0, INF),
+    # two upper bounds at the same offset (t <= 0.2 and v > 0, i.e. b <= a + 0.2): both bind
+    "two_uppers": (0.2, False, -INF, 0.2, 0.0, INF),
     "easy_band": (0.1, False, 0.1, INF, -INF, INF),
     "threshold_window": (0.3, False, -0.4, 0.5, 0.1, 0.35),
     "smooth": (0.2, True, -INF, INF, -INF, INF),

@@ -178,10 +178,16 @@ class Problem:
         rows = torch.nonzero(ex >= 0).flatten()
         return rows, ex[rows]
 
-    def masks(self, s: int, e: int):
-        """Boolean (b, M) positives and negatives of block rows s:e (excluded pairs in neither)."""
-        same = self.y[s:e, None] == self.z[None, :]
-        diff = ~same
+    def masks(self, s: int, e: int, out=None):
+        """Boolean (b, M) positives and negatives of block rows s:e (excluded pairs in neither), written into
+        ``out = (same, diff)`` when given (workspace buffers)."""
+        if out is None:
+            same = self.y[s:e, None] == self.z[None, :]
+            diff = ~same
+        else:
+            same, diff = out
+            torch.eq(self.y[s:e, None], self.z[None, :], out=same)
+            torch.logical_not(same, out=diff)
         ex = self.excluded_cols(s, e)
         if ex is not None:
             same[ex] = False
@@ -346,7 +352,8 @@ def new_parts(P: Problem, k: int, need_grad: bool, need_grad_r: bool = True):
     return gx, gr
 
 
-def accumulate_grad(P: Problem, s: int, e: int, d, flagged, G: torch.Tensor, gx, gr, symmetric: bool = False):
+def accumulate_grad(P: Problem, s: int, e: int, d, flagged, G: torch.Tensor, gx, gr, symmetric: bool = False,
+                    scratch: torch.Tensor | None = None):
     """Add ``dS_k/dx`` (rows s:e, row side) and ``dS_k/dr`` (column side) of one block into gx, gr.
 
     ``G`` (k, b, M): pair weights ``dS_k/dd'_ij`` of the block (0 on pairs outside the loss; it is consumed:
@@ -354,6 +361,7 @@ def accumulate_grad(P: Problem, s: int, e: int, d, flagged, G: torch.Tensor, gx,
     ``G_ij = G_ji`` over the whole matrix, so the column side equals the row side (added twice).
     In the square case the column side lands on gx. In the rectangular case an empty ``gr`` (0, M, D)
     (``new_parts(..., need_grad_r=False)``: references without gradient) skips the column side entirely.
+    ``scratch``: an optional (b, M) buffer for 1/d (a workspace buffer; :mod:`.workspace`).
     """
     k, b, m = G.shape
     xb = P.x[s:e]
@@ -373,7 +381,7 @@ def accumulate_grad(P: Problem, s: int, e: int, d, flagged, G: torch.Tensor, gx,
         scale = 2.0
     else:
         scale = 1.0
-        inv = d.reciprocal()
+        inv = torch.reciprocal(d, out=scratch)
         if P.square:
             inv.diagonal(s).zero_()
         if flagged is not None:

@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from . import budget
+from . import budget, workspace
 from .distance import NEAR_REL, Problem, _direct_q, canonical_columns
 
 INF = math.inf
@@ -201,7 +201,7 @@ def row_hardest(x, y, r, z, excl, kind):
         target = TARGET_BLOCK_BYTES * max(1, torch.get_num_threads())
         rows = max(1, min(rows, target // max(1, M * esize)))
         rowbase = torch.arange(0, rows * M, M, device=dev)[:, None]
-        block_buf = torch.empty(rows * M, dtype=P.acc, device=dev)
+        block_buf = workspace.take("hardest.block", (rows * M,), P.acc, dev)
         for s, e in budget.blocks(N, rows):
             t = _score_block(P, s, e, aux, block_buf[: (e - s) * M].view(e - s, M))
             if canon is not None:

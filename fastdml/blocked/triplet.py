@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import budget
+from . import budget, workspace
 from .distance import Problem, accumulate_grad, distances, new_parts
 
 INF = math.inf
@@ -180,6 +180,8 @@ def _relu_block(P, s, e, d, neg, layout, kmax, margin, bounds, active_extra, nee
     lowers = [thresholds(sa, sp, margin) for sp in binding(lowers, margin, False, scale)]
     lowers_given = bool(lowers)
     uppers = [thresholds(sa, sp, margin) for sp in binding(uppers, margin, True, scale)]
+    if not lowers_given and active_extra is None and uppers:
+        return _upper_only(P, d, neg, kv, sa, sperm, gidx, uppers, kmax, margin, need_grad, sums)
     U, L = rank_bounds(sa, kv, d, lowers, uppers)
     del lowers, uppers
     cover = (L - U).clamp_min_(0).masked_fill_(~neg, 0)
@@ -209,6 +211,47 @@ def _relu_block(P, s, e, d, neg, layout, kmax, margin, bounds, active_extra, nee
     if not need_grad:
         return None
     G = cover_f.neg_().unsqueeze(0)
+    cnt_slot = torch.empty_like(cnt).scatter_(1, sperm, cnt)
+    G[0].scatter_add_(1, gidx, cnt_slot.to(P.acc))
+    return G
+
+
+def _upper_only(P, d, neg, kv, sa, sperm, gidx, uppers, kmax, margin, need_grad, sums):
+    """:func:`_relu_block` when only upper bounds bind and counted = active (the default: AvgNonZero's
+    window ``t > 0``, no band). Then ``L = kv`` for every negative, so
+
+        cover_n = kv - U_n,    cnt_k = #{negatives n : U_n <= k}  (k < kv),    C = sum_k cnt_k,
+
+    and the (b, M) work is one searchsorted, one histogram and two integer passes; the large temporaries
+    live in workspace buffers (:mod:`.workspace`). Returns the pair weights G (1, b, M) (or None).
+    """
+    b, m = d.shape
+    dev = P.device
+    U = workspace.take("triplet.U", (b, m), torch.int64, dev)
+    torch.searchsorted(uppers[0], d, side="left", out=U)
+    if len(uppers) > 1:
+        t = workspace.take("triplet.U2", (b, m), torch.int64, dev)
+        for T in uppers[1:]:
+            torch.maximum(U, torch.searchsorted(T, d, side="left", out=t), out=U)
+    negi = workspace.take("triplet.negi", (b, m), torch.int64, dev)
+    negi.copy_(neg)
+    # per-rank active counts: +1 at U and -1 at kv for every negative (U <= kv: T's padding is +inf), cumsum
+    hist = torch.zeros((b, kmax + 1), dtype=torch.int64, device=dev)
+    hist.scatter_add_(1, U, negi)
+    hist.scatter_add_(1, kv[:, None], negi.sum(1, keepdim=True).neg_())
+    cnt = hist.cumsum_(1)[:, :kmax]  # (b, Kmax) by rank; 0 at ranks >= kv
+    sums[1] += cnt.sum()  # every counted triplet is one (rank, negative) pair
+    rank_ok = cnt > 0
+    sa_f = sa.to(torch.float64).add_(margin).masked_fill_(~rank_ok, 0.0)
+    # pair weights of the negatives, -cover_n = U_n - kv (0 on the other columns), in the accumulation dtype
+    U.sub_(kv[:, None]).mul_(negi)
+    G = workspace.take("triplet.G", (1, b, m), P.acc, dev)
+    G[0].copy_(U)
+    # sum_n cover_n b_n: per-row sums in the accumulation dtype (cover <= K is exact there), rows in float64
+    prod = torch.mul(G[0], d, out=workspace.take("triplet.q", (b, m), P.acc, dev))
+    sums[0] += _sum_rows(cnt.to(torch.float64) * sa_f) + _sum_rows(prod.sum(1))
+    if not need_grad:
+        return None
     cnt_slot = torch.empty_like(cnt).scatter_(1, sperm, cnt)
     G[0].scatter_add_(1, gidx, cnt_slot.to(P.acc))
     return G
@@ -271,11 +314,14 @@ def _sweep(P, layout, rows, block, need_grad, gx, gr):
         kmax = layout.kmax(s, e)
         if kmax == 0:
             continue
-        d, flagged = distances(P, s, e)
-        _, neg = P.masks(s, e)
+        shape = (e - s, P.M)
+        d, flagged = distances(P, s, e, out=workspace.take("triplet.d", shape, P.acc, P.device))
+        masks = [workspace.take(f"triplet.mask{k}", shape, torch.bool, P.device) for k in (0, 1)]
+        _, neg = P.masks(s, e, out=masks)
         G = block(s, e, d, neg, kmax)
         if need_grad:
-            accumulate_grad(P, s, e, d, flagged, G, gx, gr)
+            scratch = workspace.take("triplet.q", shape, P.acc, P.device)
+            accumulate_grad(P, s, e, d, flagged, G, gx, gr, scratch=scratch)
 
 
 def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad, need_grad_r=True):
