@@ -21,7 +21,7 @@ INF = math.inf
 
 def _poison_all():
     """Fill every buffer of this thread with values no op may read before writing."""
-    for (slot, dtype), buf in workspace._buffers().items():
+    for (_slot, dtype), buf in workspace._buffers().items():
         if dtype.is_floating_point:
             buf.fill_(math.nan)
         elif dtype == torch.bool:
