@@ -31,7 +31,7 @@ wrong pair among nearly equal small values, so it is re-decided over its whole r
 rows have their columns copied from the first copy (:func:`.distance.canonical_columns`), so copies tie
 exactly and the lowest index wins, as in the reference.
 
-Memory: one (b, M) score block (about ``TARGET_BLOCK_BYTES`` per thread: cache-resident), the (b, K) gathered
+Memory: one (b, M) score block (about ``TARGET_BLOCK_BYTES`` per thread: L2-resident), the (b, K) gathered
 positives and their column numbers, within ``fastdml.config.memory_budget``.
 """
 
@@ -46,11 +46,12 @@ from .distance import NEAR_REL, Problem, _direct_q, canonical_columns
 
 INF = math.inf
 # the score block of one sweep step is kept near this size per intra-op thread: each thread's share of the
-# block stays in its core's cache (~1 MB of L2) between the GEMM that writes it and the reductions that read
-# it, and the peak memory stays low. Smaller blocks add per-op overhead (~15 ops per block, a few us each,
-# and one thread synchronisation per parallel op): measured on 2 cores at N = M = 1024, 1 MB blocks take
-# 3.35 ms, 2 MB 2.89 ms, 4 MB 2.62 ms.
-TARGET_BLOCK_BYTES = 1 << 20
+# block stays in its core's cache (2 MB of L2 on the development VM) between the GEMM that writes it and the
+# reductions that read it, and the peak memory stays low. Smaller blocks add per-op overhead (~15 ops per
+# block, a few us each, and one thread synchronisation per parallel op). Measured on 2 cores at
+# N = M = 1024 (row_hardest alone, medians of 30 calls, six alternating rounds): 1 MB per thread 2.51-2.60 ms,
+# 2 MB 2.37-2.43 ms, 4 MB 2.36-2.59 ms.
+TARGET_BLOCK_BYTES = 2 << 20
 
 
 class _PositiveColumns:
