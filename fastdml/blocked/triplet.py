@@ -169,85 +169,80 @@ def _sum_rows(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dtype=torch.float64)
 
 
+def _ranks(thresholds_list, d, slot, spare):
+    """#{T < b} per column for each threshold tensor, combined by ``max`` (uppers) into the workspace buffer
+    ``slot`` (``spare``: a second buffer for the later searches); None for an empty list."""
+    if not thresholds_list:
+        return None
+    b, m = d.shape
+    out = workspace.take(slot, (b, m), torch.int64, d.device)
+    torch.searchsorted(thresholds_list[0], d, side="left", out=out)
+    if len(thresholds_list) > 1:
+        t = workspace.take(spare, (b, m), torch.int64, d.device)
+        for T in thresholds_list[1:]:
+            torch.maximum(out, torch.searchsorted(T, d, side="left", out=t), out=out)
+    return out
+
+
 def _relu_block(P, s, e, d, neg, layout, kmax, margin, bounds, active_extra, need_grad, sums):
-    """Hinge triplets of block rows s:e; returns the pair weights G (1, b, M) (or None)."""
+    """Hinge triplets of block rows s:e; returns the pair weights G (1, b, M) (or None).
+
+    Per negative n the counted ranks are ``[U_n, L_n)`` and the active ones ``[Ua_n, L_n)`` (``L = kv``
+    without lower bounds, ``U = 0`` without upper ones, ``Ua = U`` when counted = active); every (b, M)
+    temporary is an integer or float pass over a workspace buffer (:mod:`.workspace`)."""
     gidx, pvalid, a = layout.gather(P, s, e, d, kmax)
     sa, sperm = torch.sort(a, dim=1)
     kv = pvalid.sum(1)
     lowers, uppers = bounds
     fin = torch.isfinite(sa)
-    scale = float(torch.where(fin, sa.abs(), 0.0).max()) + float(d.abs().max())
+    dlo, dhi = torch.aminmax(d)  # (|d| without a (b, M) temporary)
+    scale = float(torch.where(fin, sa.abs(), 0.0).max()) + float(torch.maximum(dlo.abs(), dhi.abs()))
     lowers = [thresholds(sa, sp, margin) for sp in binding(lowers, margin, False, scale)]
-    lowers_given = bool(lowers)
     uppers = [thresholds(sa, sp, margin) for sp in binding(uppers, margin, True, scale)]
-    if not lowers_given and active_extra is None and uppers:
-        return _upper_only(P, d, neg, kv, sa, sperm, gidx, uppers, kmax, margin, need_grad, sums)
-    U, L = rank_bounds(sa, kv, d, lowers, uppers)
-    del lowers, uppers
-    cover = (L - U).clamp_min_(0).masked_fill_(~neg, 0)
-    sums[1] += _sum_rows(cover)
-    if active_extra is not None:
-        Ua = torch.maximum(U, torch.searchsorted(thresholds(sa, active_extra, margin), d, side="left"))
-        cover = (L - Ua).clamp_min_(0).masked_fill_(~neg, 0)
-        U = Ua
-    # per-rank active counts: +1 at U, -1 at L for every negative with a non-empty range, cumsum over ranks
-    # (U, L are in [0, kmax]; negatives with an empty range add 0)
-    act = (cover > 0).to(torch.int64)
-    b = d.shape[0]
-    hist = torch.zeros((b, kmax + 1), dtype=torch.int64, device=P.device)
-    hist.scatter_add_(1, U, act)
-    if not lowers_given:
-        # L = kv for every negative of the row: its -1s land in one bin per row (no (b, M) copy of L)
-        hist.scatter_add_(1, kv[:, None], act.sum(1, keepdim=True).neg_())
-    else:
-        hist.scatter_add_(1, L.contiguous(), act.neg_())
-    cnt = hist.cumsum_(1)[:, :kmax]  # (b, Kmax) by rank
-    rank_ok = cnt > 0
-    sa_f = sa.to(torch.float64).add_(margin).masked_fill_(~rank_ok, 0.0)
-    # sum_n cover_n b_n: per-row dot products in the accumulation dtype (cover <= K is exact there),
-    # the rows added in float64
-    cover_f = cover.to(P.acc)
-    sums[0] += _sum_rows(cnt.to(torch.float64) * sa_f) - _sum_rows(torch.linalg.vecdot(cover_f, d, dim=1))
-    if not need_grad:
-        return None
-    G = cover_f.neg_().unsqueeze(0)
-    cnt_slot = torch.empty_like(cnt).scatter_(1, sperm, cnt)
-    G[0].scatter_add_(1, gidx, cnt_slot.to(P.acc))
-    return G
-
-
-def _upper_only(P, d, neg, kv, sa, sperm, gidx, uppers, kmax, margin, need_grad, sums):
-    """:func:`_relu_block` when only upper bounds bind and counted = active (the default: AvgNonZero's
-    window ``t > 0``, no band). Then ``L = kv`` for every negative, so
-
-        cover_n = kv - U_n,    cnt_k = #{negatives n : U_n <= k}  (k < kv),    C = sum_k cnt_k,
-
-    and the (b, M) work is one searchsorted, one histogram and two integer passes; the large temporaries
-    live in workspace buffers (:mod:`.workspace`). Returns the pair weights G (1, b, M) (or None).
-    """
     b, m = d.shape
     dev = P.device
-    U = workspace.take("triplet.U", (b, m), torch.int64, dev)
-    torch.searchsorted(uppers[0], d, side="left", out=U)
-    if len(uppers) > 1:
-        t = workspace.take("triplet.U2", (b, m), torch.int64, dev)
-        for T in uppers[1:]:
-            torch.maximum(U, torch.searchsorted(T, d, side="left", out=t), out=U)
-    negi = workspace.take("triplet.negi", (b, m), torch.int64, dev)
-    negi.copy_(neg)
-    # per-rank active counts: +1 at U and -1 at kv for every negative (U <= kv: T's padding is +inf), cumsum
+    L = _ranks(lowers, d, "triplet.L", "triplet.spare")
+    U = _ranks(uppers, d, "triplet.U", "triplet.spare")
+    if active_extra is None:
+        Ua = U  # (a binding window's ("v_gt", low) is an upper bound: U exists)
+    else:
+        Ua = _ranks([thresholds(sa, active_extra, margin)], d, "triplet.Ua", "triplet.spare")
+        if U is not None:
+            torch.maximum(Ua, U, out=Ua)
+    del lowers, uppers
+    negi = workspace.take("triplet.negi", (b, m), torch.int64, dev).copy_(neg)
     hist = torch.zeros((b, kmax + 1), dtype=torch.int64, device=dev)
-    hist.scatter_add_(1, U, negi)
-    hist.scatter_add_(1, kv[:, None], negi.sum(1, keepdim=True).neg_())
-    cnt = hist.cumsum_(1)[:, :kmax]  # (b, Kmax) by rank; 0 at ranks >= kv
-    sums[1] += cnt.sum()  # every counted triplet is one (rank, negative) pair
+    counted = None  # C, when it differs from the active count
+    if L is None:
+        # L = kv (U <= kv: the thresholds' padding is +inf). Every negative adds +1 at Ua and -1 at kv, so an
+        # empty range (Ua = kv) adds nothing and no (b, M) copy of L or of an activity mask is needed.
+        if active_extra is not None:
+            if U is None:
+                counted = (kv * negi.sum(1)).sum()
+            else:
+                counted = torch.sub(kv[:, None], U, out=workspace.take("triplet.spare", (b, m), torch.int64, dev))
+                counted = counted.mul_(negi).sum()
+        hist.scatter_add_(1, Ua, negi)
+        hist.scatter_add_(1, kv[:, None], negi.sum(1, keepdim=True).neg_())
+        cover = Ua.sub_(kv[:, None]).mul_(negi).neg_()  # kv - Ua on the negatives, 0 elsewhere
+    else:
+        if active_extra is not None:
+            c = workspace.take("triplet.spare", (b, m), torch.int64, dev)
+            counted = (torch.sub(L, U, out=c) if U is not None else c.copy_(L)).clamp_min_(0).mul_(negi).sum()
+        cover = torch.sub(L, Ua, out=workspace.take("triplet.cover", (b, m), torch.int64, dev))
+        cover.clamp_min_(0).mul_(negi)
+        # +1 at Ua and -1 at L for every negative with a non-empty range (min(cover, 1): the 0/1 activity)
+        act = torch.clamp(cover, max=1, out=workspace.take("triplet.act", (b, m), torch.int64, dev))
+        hist.scatter_add_(1, Ua, act)
+        hist.scatter_add_(1, L, act.neg_())
+    cnt = hist.cumsum_(1)[:, :kmax]  # (b, Kmax) active triplets by rank; 0 at ranks >= kv
+    sums[1] += cnt.sum() if counted is None else counted  # (every active triplet is one (rank, negative))
     rank_ok = cnt > 0
     sa_f = sa.to(torch.float64).add_(margin).masked_fill_(~rank_ok, 0.0)
-    # pair weights of the negatives, -cover_n = U_n - kv (0 on the other columns), in the accumulation dtype
-    U.sub_(kv[:, None]).mul_(negi)
+    # pair weights of the negatives, -cover_n, in the accumulation dtype (cover <= K is exact there)
     G = workspace.take("triplet.G", (1, b, m), P.acc, dev)
-    G[0].copy_(U)
-    # sum_n cover_n b_n: per-row sums in the accumulation dtype (cover <= K is exact there), rows in float64
+    G[0].copy_(cover).neg_()
+    # sum_n cover_n b_n: per-row sums in the accumulation dtype, the rows added in float64
     prod = torch.mul(G[0], d, out=workspace.take("triplet.q", (b, m), P.acc, dev))
     sums[0] += _sum_rows(cnt.to(torch.float64) * sa_f) + _sum_rows(prod.sum(1))
     if not need_grad:
@@ -370,15 +365,22 @@ def _semihard_block(P, s, e, d, neg, layout, kmax, margin, need_grad, sums):
     sa, sperm = torch.sort(a, dim=1)
     kv = pvalid.sum(1)
     hasneg = neg.any(1)
+    dev = P.device
+    # (the (b, M) temporaries live in workspace buffers: see .workspace)
+    notneg = torch.logical_not(neg, out=workspace.take("semihard.notneg", (b, m), torch.bool, dev))
     # bin of negative n: pos_n = #{sa < b_n}; non-negatives go to the dummy bin kmax + 1
-    bins = torch.searchsorted(sa, d, side="left").masked_fill_(~neg, kmax + 1)
-    binmin = torch.full((b, kmax + 2), INF, dtype=P.acc, device=P.device)
+    bins = torch.searchsorted(sa, d, side="left", out=workspace.take("semihard.bins", (b, m), torch.int64, dev))
+    bins.masked_fill_(notneg, kmax + 1)
+    binmin = torch.full((b, kmax + 2), INF, dtype=P.acc, device=dev)
     binmin.scatter_reduce_(1, bins, d, reduce="amin")
-    cols = torch.arange(m, device=P.device).expand(b, m)
-    hit = neg & (d == binmin.gather(1, bins))
-    binidx = torch.full((b, kmax + 2), m, dtype=torch.int64, device=P.device)
-    binidx.scatter_reduce_(1, bins, torch.where(hit, cols, m), reduce="amin")
-    del hit, bins
+    cols = torch.arange(m, device=dev).expand(b, m)
+    hit = workspace.take("semihard.hit", (b, m), torch.bool, dev)
+    torch.eq(d, torch.gather(binmin, 1, bins, out=workspace.take("triplet.q", (b, m), P.acc, dev)), out=hit)
+    hit &= neg
+    binidx = torch.full((b, kmax + 2), m, dtype=torch.int64, device=dev)
+    first = torch.where(hit, cols, torch.tensor(m, device=dev), out=workspace.take("semihard.idx", (b, m), torch.int64, dev))
+    binidx.scatter_reduce_(1, bins, first, reduce="amin")
+    del hit, bins, first
     # first non-empty bin >= j, for every j (suffix minimum of the bin numbers)
     big = kmax + 1
     jn = torch.arange(kmax + 1, device=P.device).expand(b, kmax + 1)
@@ -387,7 +389,8 @@ def _semihard_block(P, s, e, d, neg, layout, kmax, margin, need_grad, sums):
     jstar = jsuf[:, 1:]  # rank k looks at bins >= k + 1  (b, kmax)
     above = jstar < big
     jc = jstar.clamp(max=kmax)
-    far_val, far_idx = d.masked_fill(~neg, -INF).max(1) if m > 0 else (None, None)
+    far = workspace.take("triplet.q", (b, m), P.acc, dev).copy_(d).masked_fill_(notneg, -INF)
+    far_val, far_idx = far.max(1) if m > 0 else (None, None)
     dn = torch.where(above, binmin.gather(1, jc), far_val[:, None])
     nstar = torch.where(above, binidx.gather(1, jc), far_idx[:, None])
     rank_ok = (torch.arange(kmax, device=P.device)[None, :] < kv[:, None]) & hasneg[:, None]
@@ -397,7 +400,7 @@ def _semihard_block(P, s, e, d, neg, layout, kmax, margin, need_grad, sums):
     if not need_grad:
         return None
     w = (v > 0).to(P.acc)
-    G = torch.zeros((1, b, m), dtype=P.acc, device=P.device)
+    G = workspace.take("triplet.G", (1, b, m), P.acc, dev).zero_()
     G[0].scatter_add_(1, gidx.gather(1, sperm), w)
     G[0].scatter_add_(1, nstar, w.neg())
     return G
