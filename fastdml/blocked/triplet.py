@@ -378,7 +378,8 @@ def _semihard_block(P, s, e, d, neg, layout, kmax, margin, need_grad, sums):
     torch.eq(d, torch.gather(binmin, 1, bins, out=workspace.take("triplet.q", (b, m), P.acc, dev)), out=hit)
     hit &= neg
     binidx = torch.full((b, kmax + 2), m, dtype=torch.int64, device=dev)
-    first = torch.where(hit, cols, torch.tensor(m, device=dev), out=workspace.take("semihard.idx", (b, m), torch.int64, dev))
+    first = workspace.take("semihard.idx", (b, m), torch.int64, dev)
+    torch.where(hit, cols, torch.tensor(m, device=dev), out=first)
     binidx.scatter_reduce_(1, bins, first, reduce="amin")
     del hit, bins, first
     # first non-empty bin >= j, for every j (suffix minimum of the bin numbers)
