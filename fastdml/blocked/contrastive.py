@@ -37,7 +37,7 @@ import math
 
 import torch
 
-from . import budget, workspace
+from . import budget
 from .distance import Problem, canonical_columns, distances, new_parts
 
 INF = math.inf
@@ -248,7 +248,7 @@ def contrastive_stats_fwd(
 
 def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
     pc, pa, nc, na = iv
-    d, flagged = distances(P, s, e, out=workspace.take("contrastive.d", (e - s, P.M), P.acc, P.device))
+    d, flagged = distances(P, s, e)
     b, m = d.shape
     symmetric = P.square
     rects = _rects(runs, s, e)
@@ -413,12 +413,11 @@ class _Sums:
 
 
 class _Work:
-    """Workspace of the square sweep: flat buffers handed out as contiguous (h, w) views, so the tiles reuse
-    the same memory, from call to call too (:mod:`.workspace`: fresh allocations of this size cost a page
-    fault per 4 kB page)."""
+    """Per-call workspace of the square sweep: flat buffers handed out as contiguous (h, w) views, so the
+    tiles reuse the same memory (fresh allocations of this size cost a page fault per 4 kB page)."""
 
     def __init__(self, n_buffers: int, entries: int, dtype, device):
-        self.bufs = [workspace.take(f"contrastive.tile{k}", (entries,), dtype, device) for k in range(n_buffers)]
+        self.bufs = [torch.empty(entries, dtype=dtype, device=device) for _ in range(n_buffers)]
 
     def views(self, h: int, w: int):
         return [b[: h * w].view(h, w) for b in self.bufs]

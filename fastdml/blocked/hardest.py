@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from . import budget, workspace
+from . import budget
 from .distance import NEAR_REL, Problem, _direct_q, canonical_columns
 
 INF = math.inf
@@ -50,8 +50,11 @@ INF = math.inf
 # reductions that read it, and the peak memory stays low. Smaller blocks add per-op overhead (~15 ops per
 # block, a few us each, and one thread synchronisation per parallel op). Measured on 2 cores at
 # N = M = 1024 (row_hardest alone, medians of 30 calls, six alternating rounds): 1 MB per thread 2.51-2.60 ms,
-# 2 MB 2.37-2.43 ms, 4 MB 2.36-2.59 ms.
-TARGET_BLOCK_BYTES = 2 << 20
+# 2 MB 2.37-2.43 ms, 4 MB 2.36-2.59 ms. 2 MB would save ~0.15 ms of a 4 ms batch-hard step but raises its
+# peak memory from 6.4 MB to 8.5-8.8 MB (``python -m bench._memory --no-cache
+# TML_BatchHardMiner-fastdml-fwdbwd-N1024-D128-float32-random10-cpu``), against PML's 30 MB: 1 MB keeps the
+# issue's 4x memory goal with room.
+TARGET_BLOCK_BYTES = 1 << 20
 
 
 class _PositiveColumns:
@@ -202,7 +205,7 @@ def row_hardest(x, y, r, z, excl, kind):
         target = TARGET_BLOCK_BYTES * max(1, torch.get_num_threads())
         rows = max(1, min(rows, target // max(1, M * esize)))
         rowbase = torch.arange(0, rows * M, M, device=dev)[:, None]
-        block_buf = workspace.take("hardest.block", (rows * M,), P.acc, dev)
+        block_buf = torch.empty(rows * M, dtype=P.acc, device=dev)
         for s, e in budget.blocks(N, rows):
             t = _score_block(P, s, e, aux, block_buf[: (e - s) * M].view(e - s, M))
             if canon is not None:

@@ -1,18 +1,22 @@
-"""Scratch buffers that outlive a call, for the blocked path's largest per-block temporaries.
+"""Scratch buffers that outlive a call, for the triplet-shaped sweeps' largest per-block temporaries.
 
 Why: glibc serves a multi-megabyte CPU allocation with fresh pages from the kernel and gives them back when
-it is freed, so every call of an op that allocates its (b, M) temporaries anew pays a page fault for each
-4 kB page it touches. Measured on the 2-core development VM (all-triplets ``TripletMarginLoss``,
-N = 1024, D = 128, forward+backward, ``python -m bench.bench_faults``): about 7,500 page faults and 42.6 ms per
-call; with glibc told to keep its memory (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, a
-process-wide setting a library must not make for its users) no faults and 35.3 ms. Keeping the few largest
-temporaries in buffers that live from call to call removes those faults without touching the process's
-allocator.
+it is freed, so an op that allocates its (b, M) temporaries anew on every call pays a page fault for each
+4 kB page it touches. The all-triplets and semi-hard sweeps hold several (b, M) int64 and float tensors per
+block (tens of MB at N = 1024): measured on the 2-core development VM with ``python -m bench.bench_faults``
+(all-triplets ``TripletMarginLoss`` at N = 1024, D = 128, forward+backward), thousands of faults and about
+7 ms per call (figures in ``bench/RESULTS.md``). Keeping those temporaries in buffers that live from call to
+call removes the faults without touching the process's allocator (glibc's ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` would, but they are process-wide settings a library must not make for its users).
+Ops with small temporaries (the contrastive tiles, batch-hard's score block: 1-5 MB) do not use it: glibc
+already reuses that memory from call to call, and a kept buffer would only add to the peak of the rest of a
+training step.
 
 A buffer is named by its ``slot`` (one name per temporary that may be alive at the same time as another:
 two live temporaries must never share a slot), and kept per thread (two threads running ops at once never
 share one), per dtype and per device. It grows to the largest request and is kept; its size is that of a
-block the memory budget planned, so what stays allocated between calls is bounded by the budget.
+block the memory budget planned, so what stays allocated between calls is bounded by the budget (twice it
+for all the triplet-shaped windows together: ``tests/test_blocked_workspace.py``).
 :func:`release` frees the calling thread's buffers (``fastdml.config.release_workspace``).
 
 Only CPU tensors use it: on CUDA the caching allocator already reuses memory, so ``take`` returns a plain
