@@ -231,3 +231,21 @@ def test_contrastive_tiles_stay_cache_sized_when_the_parts_exceed_the_budget():
         side = bc._tile_side(P, fixed)
     assert side * side * bc._bytes_per_entry(P, True) <= 2**20
     assert side >= 128
+
+
+@pytest.mark.parametrize("square", [True, False], ids=["square", "rect"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "config",
+    [(0.2, False, 0.05, 0.6, 0.1, 0.5), (0.2, False, -0.3, 0.4, 0.05, 0.3)],
+    ids=["band_and_window", "wide_band_narrow_window"],
+)
+def test_triplet_stats_with_every_bound_searched_match_reference(config, kind, square, monkeypatch):
+    """``binding`` keeps only the tightest lower and upper bounds; with all of them kept, the rank ranges must
+    combine the lower bounds by their minimum and the upper ones by their maximum and give the same stats."""
+    from fastdml.blocked import triplet
+
+    monkeypatch.setattr(triplet, "binding", lambda specs, margin, upper, scale: list(specs))
+    x, y, r, z, excl = make_inputs(29, 5, torch.float64, square, seed=2)
+    with memory_budget(0.004):
+        check_stats("triplet", x, y, r, z, excl, kind, config)

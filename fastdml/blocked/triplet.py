@@ -126,6 +126,18 @@ def binding(specs, margin: float, upper: bool, scale: float):
     return keep
 
 
+def _ranks(thresholds_list, d, combine, out=None, spare=None):
+    """#{T < b} per value ``b`` of d for each threshold tensor, combined elementwise by ``combine``
+    (``torch.minimum`` for lower bounds, ``torch.maximum`` for upper ones), written into ``out`` (``spare``:
+    where the later searches go); None for an empty list."""
+    if not thresholds_list:
+        return None
+    ranks = torch.searchsorted(thresholds_list[0], d, side="left", out=out)
+    for T in thresholds_list[1:]:
+        combine(ranks, torch.searchsorted(T, d, side="left", out=spare), out=ranks)
+    return ranks
+
+
 def rank_bounds(sa: torch.Tensor, kv: torch.Tensor, d: torch.Tensor, lowers, uppers):
     """Rank range ``[U, L)`` (each (b, M) int64) of the sorted positives ``sa`` (b, K) (+inf padded, ``kv``
     valid) that satisfy every bound for the value ``b = d[i, n]``.
@@ -134,16 +146,10 @@ def rank_bounds(sa: torch.Tensor, kv: torch.Tensor, d: torch.Tensor, lowers, upp
     ``b > T`` (ranks below #{T < b}), an upper one ``b <= T`` (ranks from #{T < b}). Without lower bounds
     L = kv, without upper bounds U = 0.
     """
-    L = None
-    for T in lowers:
-        t = torch.searchsorted(T, d, side="left")
-        L = t if L is None else torch.minimum(L, t, out=L)
+    L = _ranks(lowers, d, torch.minimum)
     if L is None:
         L = kv[:, None].expand(d.shape)
-    U = None
-    for T in uppers:
-        t = torch.searchsorted(T, d, side="left")
-        U = t if U is None else torch.maximum(U, t, out=U)
+    U = _ranks(uppers, d, torch.maximum)
     if U is None:
         U = torch.zeros(d.shape, dtype=torch.int64, device=d.device)
     return U, L
@@ -169,19 +175,13 @@ def _sum_rows(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dtype=torch.float64)
 
 
-def _ranks(thresholds_list, d, slot, spare):
-    """#{T < b} per column for each threshold tensor, combined by ``max`` (uppers) into the workspace buffer
-    ``slot`` (``spare``: a second buffer for the later searches); None for an empty list."""
+def _block_ranks(thresholds_list, d, combine, slot):
+    """:func:`_ranks` into the workspace buffer ``slot`` (a spare buffer only when there are several)."""
     if not thresholds_list:
         return None
-    b, m = d.shape
-    out = workspace.take(slot, (b, m), torch.int64, d.device)
-    torch.searchsorted(thresholds_list[0], d, side="left", out=out)
-    if len(thresholds_list) > 1:
-        t = workspace.take(spare, (b, m), torch.int64, d.device)
-        for T in thresholds_list[1:]:
-            torch.maximum(out, torch.searchsorted(T, d, side="left", out=t), out=out)
-    return out
+    shape = d.shape
+    spare = workspace.take("triplet.spare", shape, torch.int64, d.device) if len(thresholds_list) > 1 else None
+    return _ranks(thresholds_list, d, combine, workspace.take(slot, shape, torch.int64, d.device), spare)
 
 
 def _relu_block(P, s, e, d, neg, layout, kmax, margin, bounds, active_extra, need_grad, sums):
@@ -201,12 +201,12 @@ def _relu_block(P, s, e, d, neg, layout, kmax, margin, bounds, active_extra, nee
     uppers = [thresholds(sa, sp, margin) for sp in binding(uppers, margin, True, scale)]
     b, m = d.shape
     dev = P.device
-    L = _ranks(lowers, d, "triplet.L", "triplet.spare")
-    U = _ranks(uppers, d, "triplet.U", "triplet.spare")
+    L = _block_ranks(lowers, d, torch.minimum, "triplet.L")
+    U = _block_ranks(uppers, d, torch.maximum, "triplet.U")
     if active_extra is None:
         Ua = U  # (a binding window's ("v_gt", low) is an upper bound: U exists)
     else:
-        Ua = _ranks([thresholds(sa, active_extra, margin)], d, "triplet.Ua", "triplet.spare")
+        Ua = _block_ranks([thresholds(sa, active_extra, margin)], d, torch.maximum, "triplet.Ua")
         if U is not None:
             torch.maximum(Ua, U, out=Ua)
     del lowers, uppers
