@@ -43,7 +43,7 @@ def memory_budget(megabytes: float):
 
 def release_workspace() -> None:
     """Free the calling thread's blocked-path workspace: the scratch buffers its ops keep from call to call
-    (at most about one block of the memory budget; see ``fastdml.blocked.workspace``)."""
+    (at most about twice the memory budget; see ``fastdml.blocked.workspace``)."""
     from .blocked import workspace
 
     workspace.release()

@@ -123,6 +123,6 @@ def test_what_the_buffers_keep_between_calls_stays_within_twice_the_budget():
     with memory_budget(mb):
         for op in OPS.values():
             op(x, y, None, None, None)
-            held = workspace.held_bytes()
+    held = workspace.held_bytes()
     assert 0.25 * mb * 2**20 < held <= 2 * mb * 2**20, f"held {held / 2**20:.2f} MB"
     workspace.release()

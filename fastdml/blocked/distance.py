@@ -181,13 +181,9 @@ class Problem:
     def masks(self, s: int, e: int, out=None):
         """Boolean (b, M) positives and negatives of block rows s:e (excluded pairs in neither), written into
         ``out = (same, diff)`` when given (workspace buffers)."""
-        if out is None:
-            same = self.y[s:e, None] == self.z[None, :]
-            diff = ~same
-        else:
-            same, diff = out
-            torch.eq(self.y[s:e, None], self.z[None, :], out=same)
-            torch.logical_not(same, out=diff)
+        same, diff = out if out is not None else (None, None)
+        same = torch.eq(self.y[s:e, None], self.z[None, :], out=same)
+        diff = torch.logical_not(same, out=diff)
         ex = self.excluded_cols(s, e)
         if ex is not None:
             same[ex] = False

@@ -220,8 +220,8 @@ def _relu_block(P, s, e, d, neg, layout, kmax, margin, bounds, active_extra, nee
             if U is None:
                 counted = (kv * negi.sum(1)).sum()
             else:
-                counted = torch.sub(kv[:, None], U, out=workspace.take("triplet.spare", (b, m), torch.int64, dev))
-                counted = counted.mul_(negi).sum()
+                spare = workspace.take("triplet.spare", (b, m), torch.int64, dev)
+                counted = torch.sub(kv[:, None], U, out=spare).mul_(negi).sum()
         hist.scatter_add_(1, Ua, negi)
         hist.scatter_add_(1, kv[:, None], negi.sum(1, keepdim=True).neg_())
         cover = Ua.sub_(kv[:, None]).mul_(negi).neg_()  # kv - Ua on the negatives, 0 elsewhere

@@ -14,7 +14,7 @@ training step.
 
 A buffer is named by its ``slot`` (one name per temporary that may be alive at the same time as another:
 two live temporaries must never share a slot), and kept per thread (two threads running ops at once never
-share one), per dtype and per device. It grows to the largest request and is kept; its size is that of a
+share one) and per dtype. It grows to the largest request and is kept; its size is that of a
 block the memory budget planned, so what stays allocated between calls is bounded by the budget (twice it
 for all the triplet-shaped windows together: ``tests/test_blocked_workspace.py``).
 :func:`release` frees the calling thread's buffers (``fastdml.config.release_workspace``).
