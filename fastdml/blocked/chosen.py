@@ -46,11 +46,16 @@ def _dprime_and_coef(xa, rp, rn, kind):
         return -(xa * rp).sum(1), -(xa * rn).sum(1)
     ep = torch.sub(xa, rp, out=rp)
     en = torch.sub(xa, rn, out=rn)
-    qp = (ep * ep).sum(1)
-    qn = (en * en).sum(1)
-    if kind == "sql2":
-        return qp, qn
-    return qp.sqrt_(), qn.sqrt_()
+    if kind == "l2":
+        # one fused reduction per side (the norm) instead of square, sum and sqrt
+        return torch.linalg.vector_norm(ep, dim=1), torch.linalg.vector_norm(en, dim=1)
+    return (ep * ep).sum(1), (en * en).sum(1)
+
+
+def _inverse_or_zero(w, d):
+    """``w / d`` where ``d > 0``, else 0: the subgradient of ``|e|`` at 0 (identical embeddings), never a
+    division by zero. (``w / 0`` is inf or NaN and maps to 0; a finite quotient is kept.)"""
+    return torch.div(w, d).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def chosen_triplet_stats_fwd(x, valid, r, p, n, kind, margin, smooth, low, high, need_grad, need_grad_r=True):
@@ -62,7 +67,11 @@ def chosen_triplet_stats_fwd(x, valid, r, p, n, kind, margin, smooth, low, high,
         acc = acc_dtype(x.dtype)
         ref = x if r is None else r
         dev = x.device
-        gx = torch.zeros((1 if need_grad else 0, N, D), dtype=acc, device=dev)
+        chunk = _chunk_rows(N, D, torch.finfo(acc).bits // 8)
+        # one chunk (the usual case) writes every anchor row before any column part is added: no zero fill
+        one_chunk = chunk >= N and ref.shape[0] > 0
+        new = torch.empty if one_chunk else torch.zeros
+        gx = new((1 if need_grad else 0, N, D), dtype=acc, device=dev)
         if r is None:
             gr_parts = x.new_empty((0, 0, D), dtype=acc)
             gcol = gx[0] if need_grad else None
@@ -74,7 +83,6 @@ def chosen_triplet_stats_fwd(x, valid, r, p, n, kind, margin, smooth, low, high,
         if ref.shape[0] == 0:
             # no reference rows (an empty memory): no anchor has a triplet, the indices point nowhere
             return torch.stack([s_total, c_total]), gx, gr_parts
-        chunk = _chunk_rows(N, D, torch.finfo(acc).bits // 8)
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
             xa = x[s:e].to(acc)
@@ -91,23 +99,26 @@ def chosen_triplet_stats_fwd(x, valid, r, p, n, kind, margin, smooth, low, high,
             if high != INF:
                 counted &= term < high
             # where(), not a product: a term outside the mask (inf, NaN) must not leak into the sum
-            s_total += torch.where(counted, term, torch.zeros_like(term)).sum(dtype=torch.float64)
+            s_total += torch.where(counted, term, 0.0).sum(dtype=torch.float64)
             c_total += counted.sum(dtype=torch.float64)
             if not need_grad:
                 continue
-            w = torch.sigmoid(v) if smooth else (v > 0).to(acc)
-            w = torch.where(counted, w, torch.zeros_like(w))
+            # w_i = f'(v_i) on the counted anchors, 0 elsewhere
+            w = torch.where(counted, torch.sigmoid(v), 0.0) if smooth else (v > 0).logical_and_(counted).to(acc)
+            ga = gx[0, s:e]
             if kind == "dot":
                 # dS/dx_a = w (r_n - r_p);  dS/dr_p = -w x_a;  dS/dr_n = +w x_a
-                gx[0, s:e].add_(rn.sub_(rp).mul_(w[:, None]))
+                diff = rn.sub_(rp)
+                if one_chunk:
+                    torch.mul(diff, w[:, None], out=ga)
+                else:
+                    ga.add_(diff.mul_(w[:, None]))
                 if gcol is not None:
                     add_rows(gcol, pp, xa * (-w)[:, None])
                     add_rows(gcol, nn, xa * w[:, None])
                 continue
             if kind == "l2":
-                # the subgradient 0 at d = 0 (identical embeddings), never a division by zero
-                cp = torch.where(dp > 0, w / torch.where(dp > 0, dp, torch.ones_like(dp)), torch.zeros_like(dp))
-                cn = torch.where(dn > 0, w / torch.where(dn > 0, dn, torch.ones_like(dn)), torch.zeros_like(dn))
+                cp, cn = _inverse_or_zero(w, dp), _inverse_or_zero(w, dn)
             else:
                 cp = cn = 2.0 * w
             # the rows' parts, in the gathered rows' memory (no longer needed): -c_p e_p for r_p, c_n e_n for r_n
@@ -115,9 +126,11 @@ def chosen_triplet_stats_fwd(x, valid, r, p, n, kind, margin, smooth, low, high,
             # the anchor's part is minus their sum
             gp = rp.mul_((-cp)[:, None])
             gn = rn.mul_(cn[:, None])
-            gx[0, s:e].sub_(gp).sub_(gn)
+            if one_chunk:
+                torch.add(gp, gn, out=ga).neg_()
+            else:
+                ga.sub_(gp).sub_(gn)
             if gcol is not None:
                 add_rows(gcol, pp, gp)
                 add_rows(gcol, nn, gn)
         return torch.stack([s_total, c_total]), gx, gr_parts
-

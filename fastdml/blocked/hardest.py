@@ -70,14 +70,21 @@ class _PositiveColumns:
     def __init__(self, P: Problem):
         dev = P.device
         zs, self.cperm = torch.sort(P.z, stable=True)
-        labels, counts = torch.unique_consecutive(zs, return_counts=True)
+        if P.square:
+            # every anchor's label is present: its run is its sorted position's run, scattered back
+            labels, inverse, counts = torch.unique_consecutive(zs, return_inverse=True, return_counts=True)
+            run = torch.empty_like(inverse).scatter_(0, self.cperm, inverse)
+            self.cnt = counts.index_select(0, run)
+            self.some_empty = False
+        else:
+            labels, counts = torch.unique_consecutive(zs, return_counts=True)
+            run = torch.searchsorted(labels, P.y).clamp_max_(labels.numel() - 1)
+            present = labels.index_select(0, run) == P.y
+            self.cnt = torch.where(present, counts.index_select(0, run), 0)
+            self.some_empty = not bool(present.all())
         starts = torch.cumsum(counts, 0) - counts
         R = labels.numel()
-        run = torch.searchsorted(labels, P.y).clamp_max_(R - 1)
-        present = labels[run] == P.y
-        self.cnt = torch.where(present, counts[run], 0)
         self.K = int(self.cnt.max()) if self.cnt.numel() else 0
-        self.some_empty = not bool(present.all())
         self.run = run
         self.slot = torch.arange(self.K, device=dev)
         self.starts, self.counts = starts, counts
