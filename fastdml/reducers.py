@@ -25,6 +25,7 @@ loss) and adds the results.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -234,22 +235,24 @@ def is_do_nothing(reducer) -> bool:
     return isinstance(reducer, DoNothingReducer) or is_pml_do_nothing(reducer)
 
 
+def _pml_reducer_class(name: str):
+    """PML's reducer class ``name`` if PML's reducers are imported, else None. An instance of a PML class means
+    its module is loaded, so nothing is imported here (importing PML costs ~0.6 s, which a fastdml call with
+    fastdml's reducers must not pay)."""
+    module = sys.modules.get("pytorch_metric_learning.reducers")
+    return None if module is None else getattr(module, name, None)
+
+
 def is_multiple(reducer) -> bool:
     if isinstance(reducer, MultipleReducers):
         return True
-    try:
-        from pytorch_metric_learning.reducers import MultipleReducers as PMLMultiple
-    except ImportError:
-        return False
-    return isinstance(reducer, PMLMultiple)
+    cls = _pml_reducer_class("MultipleReducers")
+    return cls is not None and isinstance(reducer, cls)
 
 
 def is_pml_do_nothing(reducer) -> bool:
-    try:
-        from pytorch_metric_learning.reducers import DoNothingReducer as PMLDoNothing
-    except ImportError:
-        return False
-    return isinstance(reducer, PMLDoNothing)
+    cls = _pml_reducer_class("DoNothingReducer")
+    return cls is not None and isinstance(reducer, cls)
 
 
 def __getattr__(name):

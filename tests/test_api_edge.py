@@ -169,3 +169,21 @@ def test_half_precision_runs_close_to_float64(backend, which, dtype):
     assert got.dtype == dtype
     tol = 2e-2 if dtype == torch.float16 else 8e-2
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+def test_fastdml_calls_do_not_import_pml():
+    # PML is only looked at for PML objects a user passes in (importing it costs ~0.6 s on the first call)
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from fastdml import losses as L, miners as M, reducers as R\n"
+        "x = torch.randn(24, 5, requires_grad=True); y = torch.arange(24) % 4\n"
+        "L.TripletMarginLoss()(x, y, M.BatchHardMiner()(x, y)).backward()\n"
+        "L.ContrastiveLoss(reducer=R.MeanReducer())(x, y).backward()\n"
+        "L.TripletMarginLoss(reducer=R.DoNothingReducer())(x, y, M.TripletMarginMiner()(x, y))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pytorch_metric_learning')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
