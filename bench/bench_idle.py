@@ -4,7 +4,10 @@
 - ``none``: nothing (back-to-back fastdml steps),
 - ``pml``: PML's identical call (what the alternating headline benchmark does),
 - ``sleep``: ``time.sleep(0.022)`` (an idle CPU for about as long as PML's call),
-- ``alloc``: allocating, filling and freeing 30 MB (about PML's working memory at this size).
+- ``alloc``: allocating, filling and freeing 30 MB (about PML's working memory at this size),
+- ``pml+small``: PML's call, then the same fastdml call on a 64-row batch (warms fastdml's code paths, not its
+  data),
+- ``read``: reading 32 MB (evicts the caches' data, runs no other code).
 
 Prints the median of 35 steps (after 5 warm-up steps) of the miner, the loss forward, the backward and the
 whole step, per case::
@@ -38,16 +41,26 @@ def run(case: str, steps: int = 40, warmup: int = 5) -> dict:
     loss_fn, miner = losses.TripletMarginLoss(), miners.BatchHardMiner()
     pml_loss, pml_miner = pml_losses.TripletMarginLoss(), pml_miners.BatchHardMiner()
 
+    xs = torch.randn(64, 128, requires_grad=True)
+    ys = torch.randint(0, 10, (64,))
+    big = torch.randn(8 * 2**20)
+
     def before():
-        if case == "pml":
+        if case in ("pml", "pml+small"):
             pml_loss(x, y, pml_miner(x, y)).backward()
             x.grad = None
+        if case == "pml+small":
+            # the same fastdml call on a 64-row batch: the same code paths, little of the same data
+            loss_fn(xs, ys, miner(xs, ys)).backward()
+            xs.grad = None
+        elif case == "read":
+            big.sum()
         elif case == "sleep":
             time.sleep(0.022)
         elif case == "alloc":
             buf = torch.empty(30 * 2**18).fill_(1.0)
             del buf
-        elif case != "none":
+        elif case not in ("none", "pml"):
             raise ValueError(f"unknown case {case!r}")
 
     parts = {"miner": [], "loss": [], "backward": [], "step": []}
@@ -70,14 +83,14 @@ def run(case: str, steps: int = 40, warmup: int = 5) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--cases", default="none,pml,sleep,alloc")
+    ap.add_argument("--cases", default="none,pml,pml+small,read,sleep,alloc")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch-hard step, N=1024, D=128, medians (ms)")
     for case in args.cases.split(","):
         r = run(case)
-        print(f"after {case:6s}  " + "  ".join(f"{k} {v:6.2f}" for k, v in r.items()))
+        print(f"after {case:9s}  " + "  ".join(f"{k} {v:6.2f}" for k, v in r.items()))
 
 
 if __name__ == "__main__":

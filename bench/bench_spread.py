@@ -1,0 +1,74 @@
+"""The spread of a headline ratio: one target of ``bench/test_bench_targets.py`` (fastdml's drop-in call
+against PML's identical call, N = 1024, D = 128, fp32, 10 classes, forward+backward) with many alternating
+rounds, repeated in fresh processes.
+
+The headline run takes 20 alternating rounds; on this project's 2-core VM its batch-hard ratio moved by
++-15% from run to run, with both sides drifting (fastdml 4.3-6 ms, PML 20-33 ms). This tool shows how much of
+that a longer run removes: each repeat runs ``--rounds`` rounds (fastdml, PML, PML, fastdml, ... as the
+headline does) in a new process and prints the medians and their ratio::
+
+    python -m bench.bench_spread                          # batch_hard_miner, 3 repeats of 200 rounds
+    python -m bench.bench_spread --target contrastive --repeats 5 --rounds 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+from bench.test_bench_targets import TARGET_D, TARGET_N, TARGETS
+
+
+def run_once(name: str, rounds: int) -> dict:
+    """Medians of ``rounds`` alternating rounds of target ``name`` in this process (seconds)."""
+    from bench import _cases
+
+    family, variant, _, _ = TARGETS[name]
+    fd = _cases.Case(family, variant, "fastdml", "fwdbwd", TARGET_N, TARGET_D, "float32", "random10", "cpu")
+    pm = fd.replace(impl="pml")
+    x, y = _cases.make_inputs(fd)
+    step_fd, step_pm = _cases.make_step(fd, x, y), _cases.make_step(pm, x, y)
+    for _ in range(3):
+        step_fd()
+        step_pm()
+    t_fd, t_pm = [], []
+    for r in range(rounds):
+        order = ((t_fd, step_fd), (t_pm, step_pm)) if r % 2 == 0 else ((t_pm, step_pm), (t_fd, step_fd))
+        for sink, step in order:
+            t0 = time.perf_counter()
+            step()
+            sink.append(time.perf_counter() - t0)
+    return {"fastdml_s": statistics.median(t_fd), "pml_s": statistics.median(t_pm)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="batch_hard_miner", choices=sorted(TARGETS))
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--once", action="store_true", help=argparse.SUPPRESS)  # (the child process)
+    args = ap.parse_args()
+    if args.once:
+        print(json.dumps(run_once(args.target, args.rounds)))
+        return
+    ratios = []
+    for i in range(args.repeats):
+        cmd = [sys.executable, "-m", "bench.bench_spread", "--once", "--target", args.target]
+        cmd += ["--rounds", str(args.rounds)]
+        r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        ratio = r["pml_s"] / r["fastdml_s"]
+        ratios.append(ratio)
+        print(
+            f"{args.target} repeat {i + 1}: {args.rounds} rounds, fastdml {r['fastdml_s'] * 1e3:.2f} ms, "
+            f"PML {r['pml_s'] * 1e3:.2f} ms, ratio {ratio:.2f}x",
+            flush=True,
+        )
+    print(f"ratios: min {min(ratios):.2f}x, median {statistics.median(ratios):.2f}x, max {max(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
