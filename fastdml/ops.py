@@ -747,10 +747,20 @@ def pair_values(x: Tensor, r: Optional[Tensor], i: Tensor, j: Tensor, kind: str)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# listing miners: data-dependent output sizes. Eagerly a direct call; while torch.compile traces, custom ops
-# whose fake implementations give the lists a size known only when the graph runs (an unbacked size: the
-# caller enables torch._dynamo.config.capture_dynamic_output_shape_ops, as for torch.nonzero)
+# listing miners: data-dependent output sizes. Eagerly a direct call (:func:`_call`); while torch.compile
+# traces, custom ops whose fake implementations give the lists a size known only when the graph runs (an
+# unbacked size: the caller enables torch._dynamo.config.capture_dynamic_output_shape_ops, as for
+# torch.nonzero), copying the lists (a custom op's outputs may not alias)
 # ----------------------------------------------------------------------------------------------------------
+def _backend_call(name: str):
+    """The backend's ``name`` called on ``(x, *args)``: a listing op's eager implementation (no copies)."""
+    return lambda x, *args: _backend_fn(x, name)(x, *args)
+
+
+_TRIPLET_LIST = _OpSpec("triplet_list", _backend_call("triplet_list"))
+_PAIR_LIST = _OpSpec("pair_list", _backend_call("pair_list"))
+
+
 @torch.library.custom_op("fastdml::triplet_list", mutates_args=())
 def _triplet_list_op(
     x: Tensor,
@@ -762,7 +772,7 @@ def _triplet_list_op(
     band_lo: float,
     band_hi: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    a, p, n = _backend_fn(x, "triplet_list")(x, y, r, z, excl, kind, band_lo, band_hi)
+    a, p, n = _TRIPLET_LIST.impl(x, y, r, z, excl, kind, band_lo, band_hi)
     return a.clone(), p.clone(), n.clone()  # (a custom op's outputs may not alias each other or its inputs)
 
 
@@ -783,7 +793,7 @@ def _pair_list_op(
     pos_lo: float,
     neg_hi: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    a1, p, a2, n = _backend_fn(x, "pair_list")(x, y, r, z, excl, kind, pos_lo, neg_hi)
+    a1, p, a2, n = _PAIR_LIST.impl(x, y, r, z, excl, kind, pos_lo, neg_hi)
     return a1.clone(), p.clone(), a2.clone(), n.clone()
 
 
@@ -811,10 +821,7 @@ def triplet_list(
     r = None if r is None else r.detach()
     if _use_reference(x):
         return _reference().triplet_list(x, y, r, z, excl, kind, band_lo, band_hi)
-    if torch.compiler.is_compiling():
-        return torch.ops.fastdml.triplet_list(x, y, r, z, excl, kind, float(band_lo), float(band_hi))
-    with torch.no_grad():
-        return _backend_fn(x, "triplet_list")(x, y, r, z, excl, kind, float(band_lo), float(band_hi))
+    return _call(_TRIPLET_LIST, x, y, r, z, excl, kind, float(band_lo), float(band_hi))
 
 
 def pair_list(
@@ -835,7 +842,4 @@ def pair_list(
     r = None if r is None else r.detach()
     if _use_reference(x):
         return _reference().pair_list(x, y, r, z, excl, kind, pos_lo, neg_hi)
-    if torch.compiler.is_compiling():
-        return torch.ops.fastdml.pair_list(x, y, r, z, excl, kind, float(pos_lo), float(neg_hi))
-    with torch.no_grad():
-        return _backend_fn(x, "pair_list")(x, y, r, z, excl, kind, float(pos_lo), float(neg_hi))
+    return _call(_PAIR_LIST, x, y, r, z, excl, kind, float(pos_lo), float(neg_hi))

@@ -1,7 +1,7 @@
 """Eager calls of the ops run the custom op's implementation, setup and backward without the dispatcher
 (``fastdml.ops._call``); they must give exactly what the registered custom op gives: the same values and the
-same gradients for a random upstream gradient, for every op, square and rectangular, with and without a
-gradient for the references.
+same gradients for a random upstream gradient, for every op (the listing ops too), square and rectangular,
+with and without a gradient for the references.
 """
 
 import math
@@ -104,3 +104,14 @@ def test_eager_call_runs_without_the_dispatcher(monkeypatch):
     monkeypatch.setattr(torch.ops.fastdml, "row_hardest", refuse, raising=False)
     out = ops.row_hardest(x, y, None, None, None, "l2")
     assert len(out) == 6
+
+
+@pytest.mark.parametrize("square", [True, False])
+def test_eager_listing_ops_equal_the_custom_ops(square):
+    x, y, r, z, _ = _inputs(square, seed=11)
+    got = ops.triplet_list(x, y, r, z, None, "l2", -INF, 0.4)
+    want = torch.ops.fastdml.triplet_list(x, y, r, z, None, "l2", -INF, 0.4)
+    assert len(got[0]) > 0 and all(torch.equal(a, b) for a, b in zip(got, want))
+    got = ops.pair_list(x, y, r, z, None, "l2", 0.5, 3.0)
+    want = torch.ops.fastdml.pair_list(x, y, r, z, None, "l2", 0.5, 3.0)
+    assert len(got[0]) > 0 and len(got[2]) > 0 and all(torch.equal(a, b) for a, b in zip(got, want))

@@ -51,9 +51,9 @@ INF = math.inf
 # block, a few us each, and one thread synchronisation per parallel op). Measured on 2 cores at
 # N = M = 1024 (row_hardest alone, medians of 30 calls, six alternating rounds): 1 MB per thread 2.51-2.60 ms,
 # 2 MB 2.37-2.43 ms, 4 MB 2.36-2.59 ms. 2 MB would save ~0.15 ms of a 4 ms batch-hard step but raises its
-# peak memory from 5.1-5.3 MB to 7.6-7.7 MB (three runs each of ``python -m bench._memory --no-cache
-# TML_BatchHardMiner-fastdml-fwdbwd-N1024-D128-float32-random10-cpu``), against PML's 30 MB: below the
-# issue's 4x memory goal, which 1 MB keeps with room.
+# peak memory from 4.8-5.0 MB to 7.5-7.7 MB (three runs each of ``python -m bench._memory --no-cache
+# TML_BatchHardMiner-fastdml-fwdbwd-N1024-D128-float32-random10-cpu``, 2026-11-28 23:2x UTC), against PML's
+# 31.9 MB on the same meter: 4.2x, the 4x memory goal with almost no room; 1 MB keeps 6.4x.
 TARGET_BLOCK_BYTES = 1 << 20
 
 
