@@ -18,9 +18,8 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
-from bench.test_bench_targets import TARGET_D, TARGET_N, TARGETS
+from bench.test_bench_targets import TARGET_D, TARGET_N, TARGETS, alternate
 
 
 def run_once(name: str, rounds: int) -> dict:
@@ -35,13 +34,7 @@ def run_once(name: str, rounds: int) -> dict:
     for _ in range(3):
         step_fd()
         step_pm()
-    t_fd, t_pm = [], []
-    for r in range(rounds):
-        order = ((t_fd, step_fd), (t_pm, step_pm)) if r % 2 == 0 else ((t_pm, step_pm), (t_fd, step_fd))
-        for sink, step in order:
-            t0 = time.perf_counter()
-            step()
-            sink.append(time.perf_counter() - t0)
+    t_fd, t_pm = alternate(step_fd, step_pm, rounds)
     return {"fastdml_s": statistics.median(t_fd), "pml_s": statistics.median(t_pm)}
 
 

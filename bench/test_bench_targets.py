@@ -44,6 +44,17 @@ def _timed(step) -> float:
     return time.perf_counter() - t0
 
 
+def alternate(step_fd, step_pm, rounds: int) -> tuple[list, list]:
+    """The headline's protocol: ``rounds`` rounds timing both calls, in the order fastdml, PML, PML, fastdml,
+    ... (a change in the machine's load hits both alike). Returns the two lists of seconds."""
+    t_fd, t_pm = [], []
+    for r in range(rounds):
+        order = ((t_fd, step_fd), (t_pm, step_pm)) if r % 2 == 0 else ((t_pm, step_pm), (t_fd, step_fd))
+        for sink, step in order:
+            sink.append(_timed(step))
+    return t_fd, t_pm
+
+
 def _peak(session, case, step) -> float | None:
     if not session.opts.memory:
         return None
@@ -102,11 +113,7 @@ def test_target(name, bench_session):
     else:
         per_round = t_fd[0] + t_pm[0]
         rounds = max(3, min(opts.max_rounds, int(3 * opts.target_s / max(per_round, 1e-6)) + 1))
-        t_fd, t_pm = [], []
-        for r in range(rounds):
-            order = ((t_fd, step_fd), (t_pm, step_pm)) if r % 2 == 0 else ((t_pm, step_pm), (t_fd, step_fd))
-            for sink, step in order:
-                sink.append(_timed(step))
+        t_fd, t_pm = alternate(step_fd, step_pm, rounds)
     med_fd, med_pm = statistics.median(t_fd), statistics.median(t_pm)
     speedup = med_pm / med_fd if med_fd > 0 else float("nan")
     mem_ratio = (mem_pm / mem_fd) if (mem_fd and mem_pm) else None
