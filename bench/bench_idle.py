@@ -7,13 +7,17 @@
 - ``alloc``: allocating, filling and freeing 30 MB (about PML's working memory at this size),
 - ``pml+small``: PML's call, then the same fastdml call on a 64-row batch (warms fastdml's code paths, not its
   data),
+- ``pml+gemm``: PML's call, then the (N, N) GEMM of the same rows on every thread (warms the worker threads,
+  the GEMM's code and the rows, not fastdml's other code),
+- ``pml+spin``: PML's call, then 2 ms of busy waiting (time passes, the CPU stays busy, nothing is warmed),
 - ``read``: reading 32 MB (evicts the caches' data, runs no other code).
 
-Prints the median of 35 steps (after 5 warm-up steps) of the miner, the loss forward, the backward and the
-whole step, per case::
+The cases are interleaved: every round runs each case once, in a shuffled order (seeded), so a drift of the
+machine's speed during the run hits every case alike. Prints the median over the rounds (after 5 warm-up
+rounds) of the miner, the loss forward, the backward and the whole step, per case::
 
     python bench/bench_idle.py                  # every case, torch's default thread count
-    python bench/bench_idle.py --threads 1 --cases none,sleep
+    python bench/bench_idle.py --threads 1 --cases none,pml,sleep
 """
 
 from __future__ import annotations
@@ -29,12 +33,21 @@ def _median_ms(values) -> float:
     return statistics.median(values) * 1e3
 
 
-def run(case: str, steps: int = 40, warmup: int = 5) -> dict:
+CASES = ("none", "pml", "pml+small", "pml+gemm", "pml+spin", "read", "sleep", "alloc")
+
+
+def run(cases, rounds: int = 40, warmup: int = 5) -> dict:
+    """``{case: {part: median ms}}`` over ``rounds`` interleaved rounds (see the module docstring)."""
+    import random
+
     import pytorch_metric_learning.losses as pml_losses
     import pytorch_metric_learning.miners as pml_miners
 
     from fastdml import losses, miners
 
+    for case in cases:
+        if case not in CASES:
+            raise ValueError(f"unknown case {case!r}; choose from {CASES}")
     torch.manual_seed(0)
     x = torch.randn(1024, 128, requires_grad=True)
     y = torch.randint(0, 10, (1024,))
@@ -45,14 +58,20 @@ def run(case: str, steps: int = 40, warmup: int = 5) -> dict:
     ys = torch.randint(0, 10, (64,))
     big = torch.randn(8 * 2**20)
 
-    def before():
-        if case in ("pml", "pml+small"):
+    def before(case):
+        if case.startswith("pml"):
             pml_loss(x, y, pml_miner(x, y)).backward()
             x.grad = None
         if case == "pml+small":
             # the same fastdml call on a 64-row batch: the same code paths, little of the same data
             loss_fn(xs, ys, miner(xs, ys)).backward()
             xs.grad = None
+        elif case == "pml+gemm":
+            torch.mm(x.detach(), x.detach().t())
+        elif case == "pml+spin":
+            t = time.perf_counter()
+            while time.perf_counter() - t < 0.002:
+                pass
         elif case == "read":
             big.sum()
         elif case == "sleep":
@@ -60,36 +79,38 @@ def run(case: str, steps: int = 40, warmup: int = 5) -> dict:
         elif case == "alloc":
             buf = torch.empty(30 * 2**18).fill_(1.0)
             del buf
-        elif case not in ("none", "pml"):
-            raise ValueError(f"unknown case {case!r}")
 
-    parts = {"miner": [], "loss": [], "backward": [], "step": []}
-    for i in range(steps):
-        before()
-        t0 = time.perf_counter()
-        mined = miner(x, y)
-        t1 = time.perf_counter()
-        loss = loss_fn(x, y, mined)
-        t2 = time.perf_counter()
-        loss.backward()
-        t3 = time.perf_counter()
-        x.grad = None
-        if i >= warmup:
-            for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
-                parts[k].append(v)
-    return {k: _median_ms(v) for k, v in parts.items()}
+    parts = {case: {"miner": [], "loss": [], "backward": [], "step": []} for case in cases}
+    order = list(cases)
+    rng = random.Random(0)
+    for i in range(warmup + rounds):
+        rng.shuffle(order)
+        for case in order:
+            before(case)
+            t0 = time.perf_counter()
+            mined = miner(x, y)
+            t1 = time.perf_counter()
+            loss = loss_fn(x, y, mined)
+            t2 = time.perf_counter()
+            loss.backward()
+            t3 = time.perf_counter()
+            x.grad = None
+            if i >= warmup:
+                for k, v in zip(parts[case], (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                    parts[case][k].append(v)
+    return {case: {k: _median_ms(v) for k, v in p.items()} for case, p in parts.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--cases", default="none,pml,pml+small,read,sleep,alloc")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--rounds", type=int, default=40, help="timed rounds (each runs every case once)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch-hard step, N=1024, D=128, medians (ms)")
-    for case in args.cases.split(","):
-        r = run(case)
+    for case, r in run(args.cases.split(","), args.rounds).items():
         print(f"after {case:9s}  " + "  ".join(f"{k} {v:6.2f}" for k, v in r.items()))
 
 
