@@ -9,6 +9,10 @@ headline does) in a new process and prints the medians and their ratio::
 
     python -m bench.bench_spread                          # batch_hard_miner, 3 repeats of 200 rounds
     python -m bench.bench_spread --target contrastive --repeats 5 --rounds 100
+    python -m bench.bench_spread --window 20              # also the medians of every 20 consecutive rounds
+
+The windows show the machine's speed changing under a run: on the development VM both calls switch between
+a fast and a slow state that lasts seconds, and fastdml's many small ops slow down more than PML's large ones.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import sys
 from bench.test_bench_targets import TARGET_D, TARGET_N, TARGETS, alternate
 
 
-def run_once(name: str, rounds: int) -> dict:
-    """Medians of ``rounds`` alternating rounds of target ``name`` in this process (seconds)."""
+def run_once(name: str, rounds: int, window: int = 0) -> dict:
+    """Medians of ``rounds`` alternating rounds of target ``name`` in this process (seconds); with ``window``,
+    also ``windows``: the two medians of every ``window`` consecutive rounds."""
     from bench import _cases
 
     family, variant, _, _ = TARGETS[name]
@@ -35,7 +40,12 @@ def run_once(name: str, rounds: int) -> dict:
         step_fd()
         step_pm()
     t_fd, t_pm = alternate(step_fd, step_pm, rounds)
-    return {"fastdml_s": statistics.median(t_fd), "pml_s": statistics.median(t_pm)}
+    out = {"fastdml_s": statistics.median(t_fd), "pml_s": statistics.median(t_pm)}
+    if window > 0:
+        spans = range(0, rounds - window + 1, window)
+        med = statistics.median
+        out["windows"] = [(med(t_fd[i : i + window]), med(t_pm[i : i + window])) for i in spans]
+    return out
 
 
 def main() -> None:
@@ -43,15 +53,16 @@ def main() -> None:
     ap.add_argument("--target", default="batch_hard_miner", choices=sorted(TARGETS))
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--window", type=int, default=0, help="also print the medians of every WINDOW rounds")
     ap.add_argument("--once", action="store_true", help=argparse.SUPPRESS)  # (the child process)
     args = ap.parse_args()
     if args.once:
-        print(json.dumps(run_once(args.target, args.rounds)))
+        print(json.dumps(run_once(args.target, args.rounds, args.window)))
         return
     ratios = []
     for i in range(args.repeats):
         cmd = [sys.executable, "-m", "bench.bench_spread", "--once", "--target", args.target]
-        cmd += ["--rounds", str(args.rounds)]
+        cmd += ["--rounds", str(args.rounds), "--window", str(args.window)]
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         ratio = r["pml_s"] / r["fastdml_s"]
         ratios.append(ratio)
@@ -60,6 +71,9 @@ def main() -> None:
             f"PML {r['pml_s'] * 1e3:.2f} ms, ratio {ratio:.2f}x",
             flush=True,
         )
+        if "windows" in r:
+            cells = (f"{a * 1e3:.2f}/{b * 1e3:.1f} {b / a:.2f}x" for a, b in r["windows"])
+            print("  windows (fastdml / PML ms, ratio): " + ", ".join(cells), flush=True)
     print(f"ratios: min {min(ratios):.2f}x, median {statistics.median(ratios):.2f}x, max {max(ratios):.2f}x")
 
 
