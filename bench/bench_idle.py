@@ -18,6 +18,9 @@ rounds) of the miner, the loss forward, the backward and the whole step, per cas
 
     python bench/bench_idle.py                  # every case, torch's default thread count
     python bench/bench_idle.py --threads 1 --cases none,pml,sleep
+    python bench/bench_idle.py --series 30      # back-to-back steps only: the median of every 50, for 30 s
+
+``--series`` shows the machine's own speed changing under a steady load (no other work in between).
 """
 
 from __future__ import annotations
@@ -101,14 +104,46 @@ def run(cases, rounds: int = 40, warmup: int = 5) -> dict:
     return {case: {k: _median_ms(v) for k, v in p.items()} for case, p in parts.items()}
 
 
+def series(seconds: float, per: int = 50) -> list:
+    """Back-to-back batch-hard steps for ``seconds``: the median of every ``per`` steps (ms), in order."""
+    from fastdml import losses, miners
+
+    torch.manual_seed(0)
+    x = torch.randn(1024, 128, requires_grad=True)
+    y = torch.randint(0, 10, (1024,))
+    loss_fn, miner = losses.TripletMarginLoss(), miners.BatchHardMiner()
+
+    def step():
+        loss_fn(x, y, miner(x, y)).backward()
+        x.grad = None
+
+    for _ in range(10):
+        step()
+    out, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        ts = []
+        for _ in range(per):
+            t0 = time.perf_counter()
+            step()
+            ts.append(time.perf_counter() - t0)
+        out.append(_median_ms(ts))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--rounds", type=int, default=40, help="timed rounds (each runs every case once)")
+    ap.add_argument("--series", type=float, default=0.0, help="seconds of back-to-back steps instead (see above)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.series > 0:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch-hard step, N=1024, D=128, "
+              "back to back, median of every 50 steps (ms):")
+        print(" ".join(f"{v:.2f}" for v in series(args.series)))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch-hard step, N=1024, D=128, medians (ms)")
     for case, r in run(args.cases.split(","), args.rounds).items():
         print(f"after {case:9s}  " + "  ".join(f"{k} {v:6.2f}" for k, v in r.items()))
