@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench import _cases
-from bench.test_bench_targets import TARGET_D, TARGET_N, TARGETS
+from bench.test_bench_targets import TARGET_D, TARGET_N, TARGETS, target_case
 from fastdml.blocked import workspace
 
 
@@ -29,8 +29,7 @@ def _faults() -> int:
 
 
 def measure(name: str, calls: int) -> dict:
-    family, variant, _, _ = TARGETS[name]
-    case = _cases.Case(family, variant, "fastdml", "fwdbwd", TARGET_N, TARGET_D, "float32", "random10", "cpu")
+    case = target_case(name)
     x, y = _cases.make_inputs(case)
     step = _cases.make_step(case, x, y)
     for _ in range(3):

@@ -39,6 +39,16 @@ def _median_ms(values) -> float:
 CASES = ("none", "pml", "pml+small", "pml+gemm", "pml+spin", "read", "sleep", "alloc")
 
 
+def _batch_hard():
+    """The timed step's inputs and fastdml objects: ``(x, y, loss_fn, miner)``, seeded."""
+    from fastdml import losses, miners
+
+    torch.manual_seed(0)
+    x = torch.randn(1024, 128, requires_grad=True)
+    y = torch.randint(0, 10, (1024,))
+    return x, y, losses.TripletMarginLoss(), miners.BatchHardMiner()
+
+
 def run(cases, rounds: int = 40, warmup: int = 5) -> dict:
     """``{case: {part: median ms}}`` over ``rounds`` interleaved rounds (see the module docstring)."""
     import random
@@ -46,15 +56,10 @@ def run(cases, rounds: int = 40, warmup: int = 5) -> dict:
     import pytorch_metric_learning.losses as pml_losses
     import pytorch_metric_learning.miners as pml_miners
 
-    from fastdml import losses, miners
-
     for case in cases:
         if case not in CASES:
             raise ValueError(f"unknown case {case!r}; choose from {CASES}")
-    torch.manual_seed(0)
-    x = torch.randn(1024, 128, requires_grad=True)
-    y = torch.randint(0, 10, (1024,))
-    loss_fn, miner = losses.TripletMarginLoss(), miners.BatchHardMiner()
+    x, y, loss_fn, miner = _batch_hard()
     pml_loss, pml_miner = pml_losses.TripletMarginLoss(), pml_miners.BatchHardMiner()
 
     xs = torch.randn(64, 128, requires_grad=True)
@@ -106,12 +111,7 @@ def run(cases, rounds: int = 40, warmup: int = 5) -> dict:
 
 def series(seconds: float, per: int = 50) -> list:
     """Back-to-back batch-hard steps for ``seconds``: the median of every ``per`` steps (ms), in order."""
-    from fastdml import losses, miners
-
-    torch.manual_seed(0)
-    x = torch.randn(1024, 128, requires_grad=True)
-    y = torch.randint(0, 10, (1024,))
-    loss_fn, miner = losses.TripletMarginLoss(), miners.BatchHardMiner()
+    x, y, loss_fn, miner = _batch_hard()
 
     def step():
         loss_fn(x, y, miner(x, y)).backward()

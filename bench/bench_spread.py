@@ -11,8 +11,8 @@ headline does) in a new process and prints the medians and their ratio::
     python -m bench.bench_spread --target contrastive --repeats 5 --rounds 100
     python -m bench.bench_spread --window 20              # also the medians of every 20 consecutive rounds
 
-The windows show the machine's speed changing under a run: on the development VM both calls switch between
-a fast and a slow state that lasts seconds, and fastdml's many small ops slow down more than PML's large ones.
+The windows show the machine's speed changing under a run: on the development VM fastdml's and PML's medians
+moved from window to window, not always together (bench/RESULTS.md, "Spread of the batch-hard ratio").
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 
-from bench.test_bench_targets import TARGET_D, TARGET_N, TARGETS, alternate
+from bench.test_bench_targets import TARGETS, alternate, target_case
 
 
 def run_once(name: str, rounds: int, window: int = 0) -> dict:
@@ -31,8 +31,7 @@ def run_once(name: str, rounds: int, window: int = 0) -> dict:
     also ``windows``: the two medians of every ``window`` consecutive rounds."""
     from bench import _cases
 
-    family, variant, _, _ = TARGETS[name]
-    fd = _cases.Case(family, variant, "fastdml", "fwdbwd", TARGET_N, TARGET_D, "float32", "random10", "cpu")
+    fd = target_case(name)
     pm = fd.replace(impl="pml")
     x, y = _cases.make_inputs(fd)
     step_fd, step_pm = _cases.make_step(fd, x, y), _cases.make_step(pm, x, y)

@@ -44,6 +44,13 @@ def _timed(step) -> float:
     return time.perf_counter() - t0
 
 
+def target_case(name: str, n: int = TARGET_N, d: int = TARGET_D, device: str = "cpu") -> _cases.Case:
+    """fastdml's case of target ``name``: forward+backward, fp32, 10 random classes (PML's case:
+    ``.replace(impl="pml")``)."""
+    family, variant, _, _ = TARGETS[name]
+    return _cases.Case(family, variant, "fastdml", "fwdbwd", n, d, "float32", "random10", device)
+
+
 def alternate(step_fd, step_pm, rounds: int) -> tuple[list, list]:
     """The headline's protocol: ``rounds`` rounds timing both calls, in the order fastdml, PML, PML, fastdml,
     ... (a change in the machine's load hits both alike). Returns the two lists of seconds."""
@@ -79,7 +86,7 @@ def test_target(name, bench_session):
     if session.over_budget():
         session.record({"target": name}, "skipped", reason="time budget used up")
         pytest.skip("time budget used up")
-    fd = _cases.Case(family, variant, "fastdml", "fwdbwd", n, d, "float32", "random10", device)
+    fd = target_case(name, n, d, device)
     pm = fd.replace(impl="pml")
     known = session.known_timing(pm)
     pred = _cases.predict(pm, session.timing_below(pm))

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import _context, dispatch
-from .blocked.distance import add_rows
+from .blocked.distance import acc_dtype, add_rows
 
 __all__ = [
     "contrastive_stats",
@@ -125,10 +125,6 @@ class _Fp32Reference:
 _FP32_REFERENCE = _Fp32Reference()
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -144,11 +140,11 @@ def _check_kind(kind: str) -> None:
 def _fake_stats(x: Tensor, r: Optional[Tensor], n_stats: int, n_parts: int, need_grad: bool, need_grad_r: bool):
     n, d = x.shape
     k = n_parts if need_grad else 0
-    gx = x.new_empty((k, n, d), dtype=_acc_dtype(x))
+    gx = x.new_empty((k, n, d), dtype=acc_dtype(x.dtype))
     if r is None:
-        gr = x.new_empty((0, 0, d), dtype=_acc_dtype(x))
+        gr = x.new_empty((0, 0, d), dtype=acc_dtype(x.dtype))
     else:
-        gr = x.new_empty((k if need_grad_r else 0, r.shape[0], d), dtype=_acc_dtype(x))
+        gr = x.new_empty((k if need_grad_r else 0, r.shape[0], d), dtype=acc_dtype(x.dtype))
     return x.new_empty((n_stats,), dtype=torch.float64), gx, gr
 
 
@@ -530,7 +526,7 @@ _ROW_EXTREME = _OpSpec("row_extreme", _row_extreme_impl)
 def _(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op):
     n = x.shape[0]
     return (
-        x.new_empty((n,), dtype=_acc_dtype(x)),
+        x.new_empty((n,), dtype=acc_dtype(x.dtype)),
         x.new_empty((n,), dtype=torch.int64),
         x.new_empty((n,), dtype=torch.bool),
     )
@@ -568,21 +564,8 @@ def row_extreme(
     r = None if r is None else r.detach()
     if _use_reference(x):
         return _reference().row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op)
-    return _call(
-        _ROW_EXTREME,
-        x,
-        y,
-        r,
-        z,
-        excl,
-        kind,
-        side,
-        mode,
-        float(lo),
-        float(hi),
-        None if thr is None else thr.detach(),
-        thr_op,
-    )
+    thr = None if thr is None else thr.detach()
+    return _call(_ROW_EXTREME, x, y, r, z, excl, kind, side, mode, float(lo), float(hi), thr, thr_op)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -607,7 +590,7 @@ _ROW_HARDEST = _OpSpec("row_hardest", _row_hardest_impl)
 @_row_hardest_op.register_fake
 def _(x, y, r, z, excl, kind):
     n = x.shape[0]
-    value = lambda: x.new_empty((n,), dtype=_acc_dtype(x))  # noqa: E731
+    value = lambda: x.new_empty((n,), dtype=acc_dtype(x.dtype))  # noqa: E731
     index = lambda: x.new_empty((n,), dtype=torch.int64)  # noqa: E731
     found = lambda: x.new_empty((n,), dtype=torch.bool)  # noqa: E731
     return value(), index(), found(), value(), index(), found()
@@ -651,7 +634,7 @@ def _pair_chunk(n_pairs: int, dim: int) -> int:
 
 def _pair_values_impl(x: Tensor, r: Optional[Tensor], i: Tensor, j: Tensor, kind: str) -> Tensor:
     ref = x if r is None else r
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     out = torch.empty(i.shape[0], dtype=acc, device=x.device)
     chunk = _pair_chunk(i.shape[0], x.shape[1])
     for s in range(0, i.shape[0], chunk):
@@ -671,13 +654,13 @@ _pair_values_op = torch.library.custom_op("fastdml::pair_values", _pair_values_i
 
 @_pair_values_op.register_fake
 def _(x, r, i, j, kind):
-    return x.new_empty(i.shape, dtype=_acc_dtype(x))
+    return x.new_empty(i.shape, dtype=acc_dtype(x.dtype))
 
 
 def _pair_values_backward_impl(
     grad: Tensor, values: Tensor, x: Tensor, r: Optional[Tensor], i: Tensor, j: Tensor, kind: str
 ) -> tuple[Tensor, Tensor]:
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     gx = torch.zeros(x.shape, dtype=acc, device=x.device)
     ref = x if r is None else r
     gr = gx if r is None else torch.zeros(r.shape, dtype=acc, device=r.device)
