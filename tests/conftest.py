@@ -48,3 +48,15 @@ def _seed():
 @pytest.fixture
 def tol():
     return TOL
+
+
+@pytest.fixture(params=["compiled", "torch-ops"])
+def native_path(request):
+    """Runs a blocked batch-hard test (mining, chosen-triplet loss) both ways: with the compiled helpers of
+    fastdml/blocked/native.py (skipped where they cannot be built) and with the torch ops they replace."""
+    from fastdml.blocked import native
+
+    if request.param == "compiled" and not native.enabled():
+        pytest.skip(f"compiled helpers: {native.status()}")
+    with native.disabled(request.param == "torch-ops"):
+        yield request.param

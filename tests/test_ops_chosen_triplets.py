@@ -3,7 +3,8 @@
 The reference evaluates the same sum and count through plain autograd on pair distances; the op must give
 the same [S, C] and the same gradients for a random upstream gradient, for every kind, window, softplus,
 square and rectangular references, odd D (1, 2, 3, 130), invalid anchors, chunking under a tiny budget and
-zero distances (identical points).
+zero distances (identical points). Every test runs with the compiled loop of fastdml/blocked/native.py and
+with the torch ops it replaces (the ``native_path`` fixture).
 """
 
 import math
@@ -13,6 +14,8 @@ import torch
 
 from fastdml import config, ops, reference
 from tests.conftest import TOL
+
+pytestmark = pytest.mark.usefixtures("native_path")
 
 INF = math.inf
 KINDS = ["l2", "sql2", "dot"]

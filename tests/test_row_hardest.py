@@ -1,6 +1,7 @@
 """row_hardest (batch-hard mining in one sweep) against fastdml.reference.row_hardest.
 
-Every backend (blocked, Triton under the interpreter, the custom op) must give the reference's found flags
+Every backend (blocked, with its compiled row scan and with the torch ops it replaces; Triton under the
+interpreter; the custom op) must give the reference's found flags
 and indices exactly (ties: the lowest index) and its values within TOL, where the reference is evaluated in
 float64 on the very values the backend saw. Cases: odd N (not a multiple of the block, many blocks under a
 tiny budget), D = 1, 2, 3 (direct differences) and 130 (GEMM), every label pattern, square and rectangular
@@ -44,6 +45,7 @@ def assert_matches_reference(got, x, y, r, z, excl, kind, tol):
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("square", [True, False], ids=["square", "rect"])
+@pytest.mark.usefixtures("native_path")
 def test_blocked_row_hardest_matches_reference(square, kind, pattern, d, dtype):
     x, y, r, z, excl = make_inputs(37, d, dtype, square, pattern, seed=d + 7)
     for budget_mb in (0.003, 0.05, 64.0):  # one row per block, a few rows (37 not a multiple), one block
@@ -53,6 +55,7 @@ def test_blocked_row_hardest_matches_reference(square, kind, pattern, d, dtype):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.usefixtures("native_path")
 def test_blocked_row_hardest_queries_without_any_positive(kind):
     # rectangular: no reference shares a label with the queries (no positive anywhere), then only some do
     x, y, r, z, excl = make_inputs(23, 5, torch.float64, False, "random", seed=3)
@@ -64,6 +67,7 @@ def test_blocked_row_hardest_queries_without_any_positive(kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("kind", ["l2", "sql2"])
 @pytest.mark.parametrize("d", [3, 130])
+@pytest.mark.usefixtures("native_path")
 def test_blocked_row_hardest_near_duplicates_pick_as_the_reference(d, kind, dtype):
     # twins 1e-3 apart sharing a label: the farthest positive of a small class can be the twin
     x, y = near_duplicates(60, d, dtype, classes=12)
@@ -77,6 +81,7 @@ def test_blocked_row_hardest_near_duplicates_pick_as_the_reference(d, kind, dtyp
 
 
 @pytest.mark.parametrize("kind", ["l2", "sql2"])
+@pytest.mark.usefixtures("native_path")
 def test_blocked_row_hardest_far_from_the_origin_is_decided_exactly(kind):
     # points 0.1 apart at distance ~30 from the origin: the expansion cancels on every pair (fp32 error ~1e-3
     # of q), so every row is near and re-decided by direct differences
@@ -89,6 +94,7 @@ def test_blocked_row_hardest_far_from_the_origin_is_decided_exactly(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("square", [True, False], ids=["square", "rect"])
+@pytest.mark.usefixtures("native_path")
 def test_blocked_row_hardest_ties_between_duplicate_rows_go_to_the_lowest_index(square, kind):
     # rows drawn from 9 base points: every extreme is attained by several exact copies (with the GEMM
     # rounding each copy's column differently unless copies are made to tie). For "dot" the reference itself
@@ -109,6 +115,7 @@ def test_blocked_row_hardest_ties_between_duplicate_rows_go_to_the_lowest_index(
     assert_matches_reference(got, x, y, r, z, excl, kind, TOL[torch.float32])
 
 
+@pytest.mark.usefixtures("native_path")
 def test_blocked_row_hardest_copies_tie_even_when_the_gemm_rounds_them_apart(monkeypatch):
     # BLAS may round the distances to two copies of a reference differently (a column's position decides the
     # summation order); simulate it by skewing each later copy's GEMM column by a relative 1e-6, up or down.
@@ -142,6 +149,7 @@ def test_blocked_row_hardest_copies_tie_even_when_the_gemm_rounds_them_apart(mon
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("n", "m"), [(64, None), (100, None), (150, 192), (70, 242)])
+@pytest.mark.usefixtures("native_path")
 def test_blocked_row_hardest_ties_across_column_chunks(n, m, kind, dtype):
     # small integer coordinates: every distance is exact and many tie, within and across the 64-column chunks
     # of the row minimum (M a multiple of 64, and with a tail); the lowest index must win everywhere
@@ -158,6 +166,7 @@ def test_blocked_row_hardest_ties_across_column_chunks(n, m, kind, dtype):
         assert_matches_reference(got, x, y, r, z, None, kind, TOL[dtype])
 
 
+@pytest.mark.usefixtures("native_path")
 def test_blocked_row_hardest_small_case_by_hand():
     # anchor 0 (label 0) sees three equidistant negatives (1, 3, 5 at distance 1) and farther ones (2, 4):
     # the nearest is the first copy, 1; anchor 0 has no positive
@@ -173,6 +182,7 @@ def test_blocked_row_hardest_small_case_by_hand():
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.usefixtures("native_path")
 def test_blocked_row_hardest_equals_two_row_extremes(kind):
     # the contract: one sweep gives what row_extreme gives for (pos, max) and (neg, min), fp32 bit for bit
     x, y, r, z, excl = make_inputs(90, 130, torch.float32, False, "pk", seed=9)
@@ -186,6 +196,7 @@ def test_blocked_row_hardest_equals_two_row_extremes(kind):
             assert torch.equal(a, b)
 
 
+@pytest.mark.usefixtures("native_path")
 def test_blocked_row_hardest_rejects_bad_input():
     x = torch.randn(5, 3)
     y = torch.zeros(5, dtype=torch.int64)

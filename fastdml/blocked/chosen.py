@@ -17,7 +17,9 @@ and, with ``w_i = f'(v_i)`` for counted i (relu': ``[v_i > 0]``; softplus': ``si
 
 Cost O(N D): two row gathers, the differences, and the gradient reusing the differences' memory (so the
 backward is one scaling, no second gather). The same few tensor ops serve every device; working memory is a
-chunk of anchors within the memory budget.
+chunk of anchors within the memory budget. On the CPU (float32/float64 rows, finite distances) the compiled
+loop of :mod:`.native` (``csrc/chosen_triplets.c``) computes the same sums in one pass over the anchors and
+one over the chosen rows, with no temporaries but 2 N coefficients.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import budget
+from . import budget, native
 from .distance import acc_dtype, add_rows
 
 INF = math.inf
@@ -83,6 +85,13 @@ def chosen_triplet_stats_fwd(x, valid, r, p, n, kind, margin, smooth, low, high,
         if ref.shape[0] == 0:
             # no reference rows (an empty memory): no anchor has a triplet, the indices point nowhere
             return torch.stack([s_total, c_total]), gx, gr_parts
+        if dev.type == "cpu" and x.dtype == acc and ref.dtype == acc:
+            # the compiled loop (native.py): both passes in C; None: not built, or a case for the ops below
+            g = gx[0] if need_grad else None
+            stats = native.chosen_triplets(x.contiguous(), ref.contiguous(), p.contiguous(), n.contiguous(),
+                                           valid.contiguous(), kind, margin, smooth, low, high, g, gcol)  # fmt: skip
+            if stats is not None:
+                return stats, gx, gr_parts
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
             xa = x[s:e].to(acc)

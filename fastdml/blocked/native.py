@@ -1,0 +1,251 @@
+"""Compiled helpers for the blocked CPU path's batch-hard step: the row scan (mining) and the chosen-triplet
+loss.
+
+Why: both are short chains of small eager ops whose cost is dispatch and extra passes, not arithmetic.
+
+* ``row_hardest_scan`` (``csrc/row_scan.c``): finding each anchor's farthest positive and nearest negative in
+  a (b, M) score block takes about a dozen ATen ops per block in torch (gather the positives, ``max`` with
+  its index, fill them with +inf, chunked ``amin``, ``min`` with its index, ...), and ``torch.max/min`` along
+  a dimension are scalar loops on the CPU. One pass of the C scan over a 512 x 1024 block: 0.11 ms.
+* ``chosen_triplets`` (``csrc/chosen_triplets.c``): the loss of one triplet per anchor and its gradient (two
+  row gathers, differences, norms, the coefficients, the gradient rows and two ``index_add_``: about 35 ops)
+  in one pass over the anchors and one over the chosen rows.
+
+Measured on the 2-core development VM (batch-hard step, N = 1024, D = 128, fp32, forward+backward, with and
+without them alternating call by call in one process): figures in ``bench/RESULTS.md``.
+
+How: the C sources ship with the package and are compiled on first use with the system C compiler (``$CC``,
+else ``cc``; ``-O3 -march=native``) into a cache directory (``FASTDML_CACHE_DIR``, else
+``$XDG_CACHE_HOME/fastdml``, else ``~/.cache/fastdml``), one file per sources, flags, compiler and CPU, so a
+machine builds it once (about half a second) and later processes only load it. They are called through
+``ctypes`` (which releases the GIL for the call); single-threaded, so results are the same run to run. Without
+a compiler, when the build fails, or with ``FASTDML_NATIVE=0`` in the environment, the functions here decline
+(``False`` / ``None``) and the callers run their torch ops instead: the same picks and values within rounding
+(``tests/test_blocked_native.py``), only slower. :func:`status` says which, and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("row_scan.c", "chosen_triplets.c")]
+_VERSION = 2  # fastdml_row_scan_version() of the C sources this module calls
+# -march=native is not known to every compiler; -fopenmp-simd only enables the sources' `omp simd` loops
+_FLAG_SETS = (("-O3", "-march=native", "-fopenmp-simd"), ("-O3", "-fopenmp-simd"), ("-O3",))
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": the loaded library or None, "why": the reason when None
+_disabled: list[bool] = []  # the `disabled()` context manager's stack
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and feature flags (Linux), else the platform's name."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            keep = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(keep)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FASTDML_CACHE_DIR")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "fastdml")
+    return Path(root) / "native"
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    """Compile (or find in the cache) and load the library: ``(lib, "")`` or ``(None, why)``."""
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        return None, f"no C compiler: {cc!r} is not on PATH (set CC to one)"
+    source = b"\0".join(path.read_bytes() for path in _SOURCES)
+    version = _compiler_version(cc)
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_id().encode()]))
+        target = _cache_dir() / f"fastdml_native-{key.hexdigest()[:20]}.so"
+        if not target.exists():
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                # build under a unique name, then rename: processes building at once never load a partial file
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+                os.close(fd)
+                cmd = [cc, *flags, "-std=c11", "-shared", "-fPIC", "-o", tmp, *map(str, _SOURCES)]
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                if done.returncode != 0:
+                    os.unlink(tmp)
+                    errors.append(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+                    continue
+                os.replace(tmp, target)
+            except (OSError, subprocess.SubprocessError) as exc:
+                errors.append(f"building {target} failed: {exc}")
+                continue
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError as exc:
+            errors.append(f"loading {target} failed: {exc}")
+            continue
+        lib.fastdml_row_scan_version.restype = ctypes.c_int64
+        if lib.fastdml_row_scan_version() != _VERSION:
+            errors.append(f"{target} has interface version {lib.fastdml_row_scan_version()}, not {_VERSION}")
+            continue
+        for name in ("fastdml_row_hardest_f32", "fastdml_row_hardest_f64"):
+            fn = getattr(lib, name)
+            fn.restype = ctypes.c_int64
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                           ctypes.c_void_p]  # fmt: skip
+        for name in ("fastdml_chosen_triplets_f32", "fastdml_chosen_triplets_f64"):
+            fn = getattr(lib, name)
+            fn.restype = ctypes.c_int64
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_double,
+                           ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p,
+                           ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
+        return lib, ""
+    return None, "; ".join(errors)
+
+
+def _library() -> ctypes.CDLL | None:
+    if _disabled and _disabled[-1]:
+        return None
+    if os.environ.get("FASTDML_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                _state["lib"], _state["why"] = _build()
+    return _state["lib"]
+
+
+def enabled() -> bool:
+    """True when the compiled functions will run (the library is built and loaded, and not switched off)."""
+    return _library() is not None
+
+
+def status() -> str:
+    """Whether the compiled helpers are in use, and if not, why (for error reports and the docs)."""
+    if _disabled and _disabled[-1]:
+        return "off: inside fastdml.blocked.native.disabled()"
+    if os.environ.get("FASTDML_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "off: FASTDML_NATIVE=" + os.environ["FASTDML_NATIVE"]
+    if _library() is None:
+        return "unavailable: " + _state["why"]
+    return "on"
+
+
+@contextlib.contextmanager
+def disabled(flag: bool = True):
+    """Within the block the compiled functions decline (``flag=True``) and callers use their torch ops."""
+    _disabled.append(bool(flag))
+    try:
+        yield
+    finally:
+        _disabled.pop()
+
+
+def label_codes(y: torch.Tensor, z: torch.Tensor, dtype: torch.dtype):
+    """``(y, z)`` as contiguous CPU label arrays of the scan's label type: int64 as they are, or int32 (the
+    float32 scan's lanes) when every label fits, else their ranks among the distinct labels (equal labels
+    get equal codes, so the scan compares the same pairs)."""
+    if dtype == torch.float64:
+        return y.contiguous(), z.contiguous()
+    both = torch.cat([y, z])
+    if both.numel() and (int(both.min()) < -(2**31) or int(both.max()) >= 2**31):
+        both = torch.unique(both, return_inverse=True)[1]
+    both = both.to(torch.int32)
+    return both[: y.numel()], both[y.numel() :]
+
+
+def row_hardest_scan(t, y, z, excl, diag: int, pv, pi, nv, ni) -> bool:
+    """For each row i of the (b, M) score block ``t``: ``pv[i], pi[i]`` = the largest score over the positive
+    columns (``z[j] == y[i]``) and its lowest column, ``nv[i], ni[i]`` = the smallest over the negatives,
+    skipping column ``excl[i]`` (``excl``: (b,) int64, -1 for none) or, with ``excl=None``, column
+    ``diag + i`` (``diag < 0``: none). No positive: ``pv = -inf, pi = M``; no negative: ``nv = +inf, ni = M``.
+
+    ``y``, ``z``: label codes from :func:`label_codes`. Writes the four (b,) outputs (contiguous, the dtype of
+    ``t`` for values, int64 for indices) and returns True. Returns False when the library is unavailable (see
+    :func:`status`; nothing written) or a kept score is NaN (the outputs are then unspecified: torch's max/min
+    propagate NaN, the scan compares it as unordered, so the caller must compute them with torch).
+    """
+    lib = _library()
+    if lib is None:
+        return False
+    b, M = t.shape
+    if t.dtype == torch.float32:
+        fn, label_dtype = lib.fastdml_row_hardest_f32, torch.int32
+        if M >= 2**31:
+            return False
+    elif t.dtype == torch.float64:
+        fn, label_dtype = lib.fastdml_row_hardest_f64, torch.int64
+    else:
+        return False
+    # the C code reads raw memory: every shape, dtype, device and layout is checked here, not assumed
+    for name, a, n, dt in (("y", y, b, label_dtype), ("z", z, M, label_dtype), ("pv", pv, b, t.dtype),
+                           ("pi", pi, b, torch.int64), ("nv", nv, b, t.dtype), ("ni", ni, b, torch.int64),
+                           ("excl", excl, b, torch.int64)):  # fmt: skip
+        if a is None and name == "excl":
+            continue
+        if a.shape != (n,) or a.dtype != dt or a.device.type != "cpu" or not a.is_contiguous():
+            raise ValueError(f"row_hardest_scan: {name} must be a contiguous ({n},) {dt} CPU tensor, got "
+                             f"{tuple(a.shape)} {a.dtype} on {a.device}")  # fmt: skip
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("row_hardest_scan: t must be a contiguous CPU tensor")
+    nan_rows = fn(t.data_ptr(), b, M, y.data_ptr(), z.data_ptr(), 0 if excl is None else excl.data_ptr(), diag,
+                  pv.data_ptr(), pi.data_ptr(), nv.data_ptr(), ni.data_ptr())  # fmt: skip
+    return nan_rows == 0
+
+
+_KIND_CODES = {"l2": 0, "sql2": 1, "dot": 2}
+
+
+def chosen_triplets(x, ref, p, n, valid, kind, margin, smooth, low, high, gx, gcol):
+    """The chosen-triplet loss of :mod:`.chosen` (see its docstring and ``csrc/chosen_triplets.c``) in one
+    call: ``S = sum term_i`` and ``C = #counted`` as a float64 ``[S, C]`` tensor; writes ``gx`` (N, D) when
+    given and adds the column parts to ``gcol`` (M, D; may be ``gx``: the square case) when given.
+
+    ``x`` (N, D) and ``ref`` (M, D): contiguous CPU tensors of one dtype, float32 or float64; ``p``, ``n``
+    (N,) int64; ``valid`` (N,) bool. Returns None (nothing written) when the library is unavailable, the
+    dtype is another, a distance or term is not finite (the caller's torch ops follow torch's NaN rules), or
+    an index is out of range (the caller's torch ops raise the error).
+    """
+    lib = _library()
+    if lib is None or x.dtype not in (torch.float32, torch.float64):
+        return None
+    N, D = x.shape
+    M = ref.shape[0]
+    for name, a, shape, dt in (("x", x, (N, D), x.dtype), ("ref", ref, (M, D), x.dtype), ("p", p, (N,), torch.int64),
+                               ("n", n, (N,), torch.int64), ("valid", valid, (N,), torch.bool),
+                               ("gx", gx, (N, D), x.dtype), ("gcol", gcol, (M, D), x.dtype)):  # fmt: skip
+        if a is None and name in ("gx", "gcol"):
+            continue
+        if a.shape != shape or a.dtype != dt or a.device.type != "cpu" or not a.is_contiguous():
+            raise ValueError(f"chosen_triplets: {name} must be a contiguous {shape} {dt} CPU tensor, got "
+                             f"{tuple(a.shape)} {a.dtype} on {a.device}")  # fmt: skip
+    fn = lib.fastdml_chosen_triplets_f32 if x.dtype == torch.float32 else lib.fastdml_chosen_triplets_f64
+    coef = torch.empty(2 * N, dtype=x.dtype)
+    stats = torch.empty(2, dtype=torch.float64)
+    code = fn(x.data_ptr(), N, D, ref.data_ptr(), M, p.data_ptr(), n.data_ptr(), valid.data_ptr(), _KIND_CODES[kind],
+              float(margin), int(bool(smooth)), float(low), float(high), 0 if gx is None else gx.data_ptr(),
+              0 if gcol is None else gcol.data_ptr(), coef.data_ptr(), stats.data_ptr())  # fmt: skip
+    return stats if code == 0 else None
