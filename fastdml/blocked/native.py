@@ -7,6 +7,10 @@ Why: both are short chains of small eager ops whose cost is dispatch and extra p
   a (b, M) score block takes about a dozen ATen ops per block in torch (gather the positives, ``max`` with
   its index, fill them with +inf, chunked ``amin``, ``min`` with its index, ...), and ``torch.max/min`` along
   a dimension are scalar loops on the CPU. One pass of the C scan over a 512 x 1024 block: 0.11 ms.
+* ``row_hardest_strip`` (same file): the square case from the upper triangle only, each entry
+  ``x_a . x_c`` read once for anchor a and once for anchor c, so the GEMM shrinks to the strips
+  ``x[s:e] x[s:]^T``; the column direction needs running extremes per anchor across strips, which in torch
+  ops would cost more than the GEMM saves (a column ``min`` with its index is a strided scalar loop).
 * ``chosen_triplets`` (``csrc/chosen_triplets.c``): the loss of one triplet per anchor and its gradient (two
   row gathers, differences, norms, the coefficients, the gradient rows and two ``index_add_``: about 35 ops)
   in one pass over the anchors and one over the chosen rows.
@@ -40,7 +44,7 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("row_scan.c", "chosen_triplets.c")]
-_VERSION = 2  # fastdml_row_scan_version() of the C sources this module calls
+_VERSION = 3  # fastdml_row_scan_version() of the C sources this module calls
 # -march=native is not known to every compiler; -fopenmp-simd only enables the sources' `omp simd` loops
 _FLAG_SETS = (("-O3", "-march=native", "-fopenmp-simd"), ("-O3", "-fopenmp-simd"), ("-O3",))
 
@@ -114,6 +118,12 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             fn.restype = ctypes.c_int64
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                           ctypes.c_void_p]  # fmt: skip
+        for name in ("fastdml_row_hardest_strip_f32", "fastdml_row_hardest_strip_f64"):
+            fn = getattr(lib, name)
+            fn.restype = ctypes.c_int64
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                           ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                            ctypes.c_void_p]  # fmt: skip
         for name in ("fastdml_chosen_triplets_f32", "fastdml_chosen_triplets_f64"):
             fn = getattr(lib, name)
@@ -213,6 +223,44 @@ def row_hardest_scan(t, y, z, excl, diag: int, pv, pi, nv, ni) -> bool:
         raise ValueError("row_hardest_scan: t must be a contiguous CPU tensor")
     nan_rows = fn(t.data_ptr(), b, M, y.data_ptr(), z.data_ptr(), 0 if excl is None else excl.data_ptr(), diag,
                   pv.data_ptr(), pi.data_ptr(), nv.data_ptr(), ni.data_ptr())  # fmt: skip
+    return nan_rows == 0
+
+
+def index_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The strip scan's column-number type for scores of ``dtype``: int32 beside float32 lanes, else int64."""
+    return torch.int32 if dtype == torch.float32 else torch.int64
+
+
+def row_hardest_strip(G, s: int, off, scale: float, y, bp, bpi, bn, bni) -> bool:
+    """One strip of the square case's upper triangle (see ``csrc/row_scan.c``): ``G`` (b, W) holds
+    ``x_a . x_c`` for the anchors ``a = s .. s+b-1`` and the columns ``c = s .. s+W-1 = N-1``; the score of
+    anchor a against c is ``off[c] + scale * x_a . x_c``. Updates the running extremes ``bp``/``bpi``
+    (farthest positive) and ``bn``/``bni`` (nearest negative) of every anchor the strip touches: its own
+    rows against every column from s on, and the later anchors against its rows.
+
+    ``off``, ``bp``, ``bn``: (N,) of G's dtype; ``bpi``, ``bni``: (N,) of :func:`index_dtype`; ``y``: (N,)
+    label codes from :func:`label_codes`. Returns True; False when the library is unavailable or a score is
+    NaN (the extremes are then unspecified: the caller computes them with torch).
+    """
+    lib = _library()
+    if lib is None or G.dtype not in (torch.float32, torch.float64):
+        return False
+    b, W = G.shape
+    N = s + W
+    if G.dtype == torch.float32 and N >= 2**31:
+        return False
+    fn = lib.fastdml_row_hardest_strip_f32 if G.dtype == torch.float32 else lib.fastdml_row_hardest_strip_f64
+    idt, ydt = index_dtype(G.dtype), (torch.int32 if G.dtype == torch.float32 else torch.int64)
+    for name, a, dt in (("off", off, G.dtype), ("y", y, ydt), ("bp", bp, G.dtype), ("bpi", bpi, idt),
+                        ("bn", bn, G.dtype), ("bni", bni, idt)):  # fmt: skip
+        if a.shape != (N,) or a.dtype != dt or a.device.type != "cpu" or not a.is_contiguous():
+            raise ValueError(f"row_hardest_strip: {name} must be a contiguous ({N},) {dt} CPU tensor, got "
+                             f"{tuple(a.shape)} {a.dtype} on {a.device}")  # fmt: skip
+    if G.device.type != "cpu" or not G.is_contiguous() or not 0 < b <= W:
+        raise ValueError(f"row_hardest_strip: G must be a contiguous (b, W) CPU tensor with 0 < b <= W, got "
+                         f"{tuple(G.shape)} on {G.device}")  # fmt: skip
+    nan_rows = fn(G.data_ptr(), b, W, s, off.data_ptr(), float(scale), y.data_ptr(), bp.data_ptr(),
+                  bpi.data_ptr(), bn.data_ptr(), bni.data_ptr())  # fmt: skip
     return nan_rows == 0
 
 
