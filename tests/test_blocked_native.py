@@ -179,7 +179,7 @@ def test_native_scan_rejects_mismatched_arguments_by_name():
         native.row_hardest_scan(t, yc, zc, None, 0, outs[0], outs[1].int(), outs[2], outs[3])
     with pytest.raises(ValueError, match="excl must be"):
         native.row_hardest_scan(t, yc, zc, torch.zeros(3, dtype=torch.int64), -1, *outs)
-    with pytest.raises(ValueError, match="t must be"):
+    with pytest.raises(ValueError, match="t must be a contiguous"):
         native.row_hardest_scan(torch.randn(9, 4).t(), yc, zc, None, 0, *outs)
 
 

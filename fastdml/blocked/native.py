@@ -48,6 +48,15 @@ _VERSION = 3  # fastdml_row_scan_version() of the C sources this module calls
 # -march=native is not known to every compiler; -fopenmp-simd only enables the sources' `omp simd` loops
 _FLAG_SETS = (("-O3", "-march=native", "-fopenmp-simd"), ("-O3", "-fopenmp-simd"), ("-O3",))
 
+# the C functions' arguments (pointers, int64 sizes and flags, doubles); each exists as <name>_f32 and _f64,
+# and returns an int64 status
+_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+_SIGNATURES = {
+    "fastdml_row_hardest": [_P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P],
+    "fastdml_row_hardest_strip": [_P, _I, _I, _I, _P, _D, _P, _P, _P, _P, _P],
+    "fastdml_chosen_triplets": [_P, _I, _I, _P, _I, _P, _P, _P, _I, _D, _I, _D, _D, _P, _P, _P, _P],
+}
+
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library or None, "why": the reason when None
 _disabled: list[bool] = []  # the `disabled()` context manager's stack
@@ -113,25 +122,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         if lib.fastdml_row_scan_version() != _VERSION:
             errors.append(f"{target} has interface version {lib.fastdml_row_scan_version()}, not {_VERSION}")
             continue
-        for name in ("fastdml_row_hardest_f32", "fastdml_row_hardest_f64"):
-            fn = getattr(lib, name)
-            fn.restype = ctypes.c_int64
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                           ctypes.c_void_p]  # fmt: skip
-        for name in ("fastdml_row_hardest_strip_f32", "fastdml_row_hardest_strip_f64"):
-            fn = getattr(lib, name)
-            fn.restype = ctypes.c_int64
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                           ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                           ctypes.c_void_p]  # fmt: skip
-        for name in ("fastdml_chosen_triplets_f32", "fastdml_chosen_triplets_f64"):
-            fn = getattr(lib, name)
-            fn.restype = ctypes.c_int64
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_double,
-                           ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p,
-                           ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
+        for name, argtypes in _SIGNATURES.items():
+            for suffix in ("_f32", "_f64"):
+                fn = getattr(lib, name + suffix)
+                fn.restype, fn.argtypes = ctypes.c_int64, argtypes
         return lib, ""
     return None, "; ".join(errors)
 
@@ -174,6 +168,13 @@ def disabled(flag: bool = True):
         _disabled.pop()
 
 
+def _check(fn: str, name: str, a: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
+    """The C code reads raw memory: every argument's shape, dtype, device and layout is checked, not assumed."""
+    if tuple(a.shape) != shape or a.dtype != dtype or a.device.type != "cpu" or not a.is_contiguous():
+        raise ValueError(f"{fn}: {name} must be a contiguous {shape} {dtype} CPU tensor, got {tuple(a.shape)} "
+                         f"{a.dtype} on {a.device}{'' if a.is_contiguous() else ' (not contiguous)'}")  # fmt: skip
+
+
 def label_codes(y: torch.Tensor, z: torch.Tensor, dtype: torch.dtype):
     """``(y, z)`` as contiguous CPU label arrays of the scan's label type: int64 as they are, or int32 (the
     float32 scan's lanes) when every label fits, else their ranks among the distinct labels (equal labels
@@ -210,17 +211,12 @@ def row_hardest_scan(t, y, z, excl, diag: int, pv, pi, nv, ni) -> bool:
         fn, label_dtype = lib.fastdml_row_hardest_f64, torch.int64
     else:
         return False
-    # the C code reads raw memory: every shape, dtype, device and layout is checked here, not assumed
+    _check("row_hardest_scan", "t", t, (b, M), t.dtype)
     for name, a, n, dt in (("y", y, b, label_dtype), ("z", z, M, label_dtype), ("pv", pv, b, t.dtype),
                            ("pi", pi, b, torch.int64), ("nv", nv, b, t.dtype), ("ni", ni, b, torch.int64),
                            ("excl", excl, b, torch.int64)):  # fmt: skip
-        if a is None and name == "excl":
-            continue
-        if a.shape != (n,) or a.dtype != dt or a.device.type != "cpu" or not a.is_contiguous():
-            raise ValueError(f"row_hardest_scan: {name} must be a contiguous ({n},) {dt} CPU tensor, got "
-                             f"{tuple(a.shape)} {a.dtype} on {a.device}")  # fmt: skip
-    if t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError("row_hardest_scan: t must be a contiguous CPU tensor")
+        if a is not None or name != "excl":
+            _check("row_hardest_scan", name, a, (n,), dt)
     nan_rows = fn(t.data_ptr(), b, M, y.data_ptr(), z.data_ptr(), 0 if excl is None else excl.data_ptr(), diag,
                   pv.data_ptr(), pi.data_ptr(), nv.data_ptr(), ni.data_ptr())  # fmt: skip
     return nan_rows == 0
@@ -251,14 +247,12 @@ def row_hardest_strip(G, s: int, off, scale: float, y, bp, bpi, bn, bni) -> bool
         return False
     fn = lib.fastdml_row_hardest_strip_f32 if G.dtype == torch.float32 else lib.fastdml_row_hardest_strip_f64
     idt, ydt = index_dtype(G.dtype), (torch.int32 if G.dtype == torch.float32 else torch.int64)
+    if not 0 < b <= W:
+        raise ValueError(f"row_hardest_strip: G must be (b, W) with 0 < b <= W, got {tuple(G.shape)}")
+    _check("row_hardest_strip", "G", G, (b, W), G.dtype)
     for name, a, dt in (("off", off, G.dtype), ("y", y, ydt), ("bp", bp, G.dtype), ("bpi", bpi, idt),
                         ("bn", bn, G.dtype), ("bni", bni, idt)):  # fmt: skip
-        if a.shape != (N,) or a.dtype != dt or a.device.type != "cpu" or not a.is_contiguous():
-            raise ValueError(f"row_hardest_strip: {name} must be a contiguous ({N},) {dt} CPU tensor, got "
-                             f"{tuple(a.shape)} {a.dtype} on {a.device}")  # fmt: skip
-    if G.device.type != "cpu" or not G.is_contiguous() or not 0 < b <= W:
-        raise ValueError(f"row_hardest_strip: G must be a contiguous (b, W) CPU tensor with 0 < b <= W, got "
-                         f"{tuple(G.shape)} on {G.device}")  # fmt: skip
+        _check("row_hardest_strip", name, a, (N,), dt)
     nan_rows = fn(G.data_ptr(), b, W, s, off.data_ptr(), float(scale), y.data_ptr(), bp.data_ptr(),
                   bpi.data_ptr(), bn.data_ptr(), bni.data_ptr())  # fmt: skip
     return nan_rows == 0
@@ -285,11 +279,8 @@ def chosen_triplets(x, ref, p, n, valid, kind, margin, smooth, low, high, gx, gc
     for name, a, shape, dt in (("x", x, (N, D), x.dtype), ("ref", ref, (M, D), x.dtype), ("p", p, (N,), torch.int64),
                                ("n", n, (N,), torch.int64), ("valid", valid, (N,), torch.bool),
                                ("gx", gx, (N, D), x.dtype), ("gcol", gcol, (M, D), x.dtype)):  # fmt: skip
-        if a is None and name in ("gx", "gcol"):
-            continue
-        if a.shape != shape or a.dtype != dt or a.device.type != "cpu" or not a.is_contiguous():
-            raise ValueError(f"chosen_triplets: {name} must be a contiguous {shape} {dt} CPU tensor, got "
-                             f"{tuple(a.shape)} {a.dtype} on {a.device}")  # fmt: skip
+        if a is not None or name not in ("gx", "gcol"):
+            _check("chosen_triplets", name, a, shape, dt)
     fn = lib.fastdml_chosen_triplets_f32 if x.dtype == torch.float32 else lib.fastdml_chosen_triplets_f64
     coef = torch.empty(2 * N, dtype=x.dtype)
     stats = torch.empty(2, dtype=torch.float64)
