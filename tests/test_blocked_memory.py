@@ -212,3 +212,30 @@ def test_bad_miner_options_raise():
         blocked.row_extreme(x, y, None, None, None, "l2", "pos", "max", -INF, INF, torch.zeros(4), "")
     with pytest.raises(ValueError, match="thr must be"):
         blocked.row_extreme(x, y, None, None, None, "l2", "pos", "max", -INF, INF, torch.zeros(3), "gt")
+
+
+@pytest.mark.usefixtures("native_path")
+def test_batch_hard_runs_are_bitwise_deterministic_and_unchanged_by_deterministic_mode():
+    # row_hardest (square: the upper-triangle strips over several blocks; rectangular) and the chosen-triplet
+    # loss with its gradient, twice, then again under torch.use_deterministic_algorithms(True)
+    from fastdml.blocked.chosen import chosen_triplet_stats_fwd
+
+    x, y, r, z, excl = make_inputs(70, 9, torch.float32, False, seed=23)
+
+    def run():
+        with memory_budget(0.02):
+            sq = blocked.row_hardest(x, y, None, None, None, "l2")
+            rc = blocked.row_hardest(x, y, r, z, excl, "l2")
+        valid = sq[2] & sq[5]
+        ch = chosen_triplet_stats_fwd(x, valid, None, sq[1], sq[4], "l2", 0.2, False, -INF, INF, True)
+        return [*sq, *rc, *ch]
+
+    first = run()
+    assert all(torch.equal(u, v) for u, v in zip(first, run()))
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = run()
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert all(torch.equal(u, v) for u, v in zip(first, det))

@@ -181,7 +181,8 @@ def test_empty_inputs_give_zero_stats():
 @pytest.mark.parametrize("config", ["avgnonzero", "mean", "band_threshold"])
 def test_contrastive_square_tiles_with_and_without_active_negatives_match_reference(kind, config):
     """The square case sweeps tiles on and above the diagonal; clusters far apart make some tiles have no
-    active negative (that branch is skipped there) while others have many: same stats and gradients."""
+    active negative (that branch is skipped there; with AvgNonZero, a tile whose pairs all lie beyond the
+    margin skips it on the row minima alone) while others have many: same stats and gradients."""
     g = torch.Generator().manual_seed(21)
     n, d = 173, 5
     centers = torch.randn(4, d, generator=g, dtype=torch.float64) * 40.0

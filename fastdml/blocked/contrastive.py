@@ -458,7 +458,10 @@ def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
 
     For l2 the masks are taken on q and sqrt (a slow instruction) runs on the positive rectangles and, only
     when some negative is active, on the tile; a tile without an active negative skips that branch's
-    arithmetic and GEMMs altogether (its terms and weights are all 0).
+    arithmetic and GEMMs altogether (its terms and weights are all 0), and when no pair of the tile lies
+    inside the active window at all (and counted = active), it skips the branch's masks too: measured on the
+    development VM (N = 1024, D = 128, random data, where no pair is within the default margin), 0.5 ms less
+    per ``ContrastiveLoss`` step of 5.8-8.8 ms.
     """
     pc, pa, nc, na = iv
     qpc, qpa, qnc, qna = qiv
@@ -467,7 +470,8 @@ def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
     h, w = ei - si, ej - sj
     bq, ba, bb, bc, bd = work.views(h, w)
     l2 = P.kind == "l2"
-    q, flagged = distances(P, si, ei, root=False, cols=(sj, ej), out=bq)
+    mins = []  # (l2/sql2: the row minima of q, the diagonal left out)
+    q, flagged = distances(P, si, ei, root=False, cols=(sj, ej), out=bq, row_min=mins)
     d = None if l2 else q  # d' of the tile, computed on demand for l2
     rects = _tile_rects(runs, si, ei, sj, ej)
     use_rects = len(rects) <= MAX_RECTS
@@ -520,6 +524,12 @@ def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
         del Aa
 
     # ---------------- negatives (the whole tile, positives and the diagonal zeroed)
+    # A tile in which no pair at all lies inside the active window (q >= its upper end everywhere: the row
+    # minima the near-duplicate check already took, no flagged entry) has no active negative, and when the
+    # counted window is the active one, none counted: the branch is skipped without a pass over the tile.
+    if (mins and qna[0] == -INF and qnc == qna and flagged is None and qna[1] != INF
+            and bool(mins[0].amin() >= qna[1])):  # fmt: skip
+        return
     An = _interval_mask(q, qna, out=ba, tmp=bc)
     Nc = An if qnc == qna else _interval_mask(q, qnc, out=bc, tmp=None)
     masks = [An] if Nc is An else [An, Nc]

@@ -275,7 +275,7 @@ def canonical_columns(P: Problem):
     return None if P._canon is False else P._canon
 
 
-def distances(P: Problem, s: int, e: int, root: bool = True, cols=None, out=None):
+def distances(P: Problem, s: int, e: int, root: bool = True, cols=None, out=None, row_min=None):
     """d' of block rows s:e against the references (all, or the column range ``cols = (c0, c1)``):
     ``(d (b, w) in P.acc, flagged)``.
 
@@ -286,6 +286,8 @@ def distances(P: Problem, s: int, e: int, root: bool = True, cols=None, out=None
     A column range is not allowed when the references hold exact duplicates (:func:`canonical_columns`
     copies a duplicate's column from its first copy, which may lie outside the range). ``out``: an optional
     contiguous (b, w) buffer the GEMM writes into (reused across blocks: fresh memory costs page faults).
+    ``row_min``: an optional list; for l2/sql2 the near-duplicate pre-check's row minima of q (the square
+    diagonal left out; before flagged entries are recomputed) are appended to it.
     """
     xb = P.x[s:e]
     c0, c1 = (0, P.M) if cols is None else cols
@@ -310,7 +312,13 @@ def distances(P: Problem, s: int, e: int, root: bool = True, cols=None, out=None
     if P.square:
         diag = q.diagonal(s - c0)  # global diagonal i == j inside this block (empty when it misses)
         diag.fill_(math.inf)
-    rows = torch.nonzero(q.amin(1) <= thr).flatten() if q.shape[1] else q.new_zeros(0, dtype=torch.long)
+    if q.shape[1]:
+        mins = q.amin(1)
+        rows = torch.nonzero(mins <= thr).flatten()
+        if row_min is not None:
+            row_min.append(mins)
+    else:
+        rows = q.new_zeros(0, dtype=torch.long)
     if P.square:
         diag.zero_()
     if rows.numel():
