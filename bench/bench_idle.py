@@ -19,6 +19,7 @@ rounds) of the miner, the loss forward, the backward and the whole step, per cas
     python bench/bench_idle.py                  # every case, torch's default thread count
     python bench/bench_idle.py --threads 1 --cases none,pml,sleep
     python bench/bench_idle.py --series 30      # back-to-back steps only: the median of every 50, for 30 s
+    python bench/bench_idle.py --call contrastive   # ContrastiveLoss() instead (no miner: its part reads 0)
 
 ``--series`` shows the machine's own speed changing under a steady load (no other work in between).
 """
@@ -39,17 +40,38 @@ def _median_ms(values) -> float:
 CASES = ("none", "pml", "pml+small", "pml+gemm", "pml+spin", "read", "sleep", "alloc")
 
 
-def _batch_hard():
-    """The timed step's inputs and fastdml objects: ``(x, y, loss_fn, miner)``, seeded."""
+CALLS = ("batch_hard", "contrastive")
+
+
+def _objects(call: str, lib):
+    """``(loss_fn, miner or None)`` of ``call`` from ``lib``'s losses and miners modules."""
+    losses, miners = lib
+    if call == "contrastive":
+        return losses.ContrastiveLoss(), None
+    return losses.TripletMarginLoss(), miners.BatchHardMiner()
+
+
+def _setup(call: str = "batch_hard"):
+    """The timed step's inputs and fastdml objects: ``(x, y, loss_fn, miner or None)``, seeded."""
     from fastdml import losses, miners
 
+    if call not in CALLS:
+        raise ValueError(f"unknown call {call!r}; choose from {CALLS}")
     torch.manual_seed(0)
     x = torch.randn(1024, 128, requires_grad=True)
     y = torch.randint(0, 10, (1024,))
-    return x, y, losses.TripletMarginLoss(), miners.BatchHardMiner()
+    return (x, y, *_objects(call, (losses, miners)))
 
 
-def run(cases, rounds: int = 40, warmup: int = 5) -> dict:
+def _mine(miner, x, y):
+    return None if miner is None else miner(x, y)
+
+
+def _loss(loss_fn, x, y, mined):
+    return loss_fn(x, y) if mined is None else loss_fn(x, y, mined)
+
+
+def run(cases, rounds: int = 40, warmup: int = 5, call: str = "batch_hard") -> dict:
     """``{case: {part: median ms}}`` over ``rounds`` interleaved rounds (see the module docstring)."""
     import random
 
@@ -59,8 +81,8 @@ def run(cases, rounds: int = 40, warmup: int = 5) -> dict:
     for case in cases:
         if case not in CASES:
             raise ValueError(f"unknown case {case!r}; choose from {CASES}")
-    x, y, loss_fn, miner = _batch_hard()
-    pml_loss, pml_miner = pml_losses.TripletMarginLoss(), pml_miners.BatchHardMiner()
+    x, y, loss_fn, miner = _setup(call)
+    pml_loss, pml_miner = _objects(call, (pml_losses, pml_miners))
 
     xs = torch.randn(64, 128, requires_grad=True)
     ys = torch.randint(0, 10, (64,))
@@ -68,11 +90,11 @@ def run(cases, rounds: int = 40, warmup: int = 5) -> dict:
 
     def before(case):
         if case.startswith("pml"):
-            pml_loss(x, y, pml_miner(x, y)).backward()
+            _loss(pml_loss, x, y, _mine(pml_miner, x, y)).backward()
             x.grad = None
         if case == "pml+small":
             # the same fastdml call on a 64-row batch: the same code paths, little of the same data
-            loss_fn(xs, ys, miner(xs, ys)).backward()
+            _loss(loss_fn, xs, ys, _mine(miner, xs, ys)).backward()
             xs.grad = None
         elif case == "pml+gemm":
             torch.mm(x.detach(), x.detach().t())
@@ -96,9 +118,9 @@ def run(cases, rounds: int = 40, warmup: int = 5) -> dict:
         for case in order:
             before(case)
             t0 = time.perf_counter()
-            mined = miner(x, y)
+            mined = _mine(miner, x, y)
             t1 = time.perf_counter()
-            loss = loss_fn(x, y, mined)
+            loss = _loss(loss_fn, x, y, mined)
             t2 = time.perf_counter()
             loss.backward()
             t3 = time.perf_counter()
@@ -109,12 +131,12 @@ def run(cases, rounds: int = 40, warmup: int = 5) -> dict:
     return {case: {k: _median_ms(v) for k, v in p.items()} for case, p in parts.items()}
 
 
-def series(seconds: float, per: int = 50) -> list:
-    """Back-to-back batch-hard steps for ``seconds``: the median of every ``per`` steps (ms), in order."""
-    x, y, loss_fn, miner = _batch_hard()
+def series(seconds: float, per: int = 50, call: str = "batch_hard") -> list:
+    """Back-to-back steps for ``seconds``: the median of every ``per`` steps (ms), in order."""
+    x, y, loss_fn, miner = _setup(call)
 
     def step():
-        loss_fn(x, y, miner(x, y)).backward()
+        _loss(loss_fn, x, y, _mine(miner, x, y)).backward()
         x.grad = None
 
     for _ in range(10):
@@ -136,16 +158,17 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--rounds", type=int, default=40, help="timed rounds (each runs every case once)")
     ap.add_argument("--series", type=float, default=0.0, help="seconds of back-to-back steps instead (see above)")
+    ap.add_argument("--call", default="batch_hard", choices=CALLS, help="the timed step (contrastive: no miner)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    head = f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.call} step, N=1024, D=128"
     if args.series > 0:
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch-hard step, N=1024, D=128, "
-              "back to back, median of every 50 steps (ms):")
-        print(" ".join(f"{v:.2f}" for v in series(args.series)))
+        print(f"{head}, back to back, median of every 50 steps (ms):")
+        print(" ".join(f"{v:.2f}" for v in series(args.series, call=args.call)))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch-hard step, N=1024, D=128, medians (ms)")
-    for case, r in run(args.cases.split(","), args.rounds).items():
+    print(f"{head}, medians (ms)")
+    for case, r in run(args.cases.split(","), args.rounds, call=args.call).items():
         print(f"after {case:9s}  " + "  ".join(f"{k} {v:6.2f}" for k, v in r.items()))
 
 
