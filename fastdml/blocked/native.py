@@ -1,7 +1,8 @@
-"""Compiled helpers for the blocked CPU path's batch-hard step: the row scan (mining) and the chosen-triplet
+"""Compiled helpers for the blocked CPU path's batch-hard step: the row scans (mining) and the chosen-triplet
 loss.
 
-Why: both are short chains of small eager ops whose cost is dispatch and extra passes, not arithmetic.
+Why: each replaces a chain of small eager ops whose cost is dispatch and extra passes, not arithmetic (or, for
+the strips, lets the GEMM shrink).
 
 * ``row_hardest_scan`` (``csrc/row_scan.c``): finding each anchor's farthest positive and nearest negative in
   a (b, M) score block takes about a dozen ATen ops per block in torch (gather the positives, ``max`` with
@@ -20,8 +21,8 @@ without them alternating call by call in one process): figures in ``bench/RESULT
 
 How: the C sources ship with the package and are compiled on first use with the system C compiler (``$CC``,
 else ``cc``; ``-O3 -march=native``) into a cache directory (``FASTDML_CACHE_DIR``, else
-``$XDG_CACHE_HOME/fastdml``, else ``~/.cache/fastdml``), one file per sources, flags, compiler and CPU, so a
-machine builds it once (about half a second) and later processes only load it. They are called through
+``$XDG_CACHE_HOME/fastdml``, else ``~/.cache/fastdml``), one library file per set of sources, flags, compiler
+and CPU, so a machine builds it once (about half a second) and later processes only load it. They are called through
 ``ctypes`` (which releases the GIL for the call); single-threaded, so results are the same run to run. Without
 a compiler, when the build fails, or with ``FASTDML_NATIVE=0`` in the environment, the functions here decline
 (``False`` / ``None``) and the callers run their torch ops instead: the same picks and values within rounding
