@@ -148,6 +148,12 @@ def _first_min(t: torch.Tensor, value: torch.Tensor, index: torch.Tensor) -> Non
     index.copy_(idx)
 
 
+def _score_aux(P: Problem) -> torch.Tensor:
+    """What :func:`_score_block` adds to the GEMM: ``-r`` (dot: t = x.(-r) = d' exactly), else the norms
+    ``|r|^2`` as a row (l2/sql2: t = |r|^2 - 2 x.r, q without the row constant |x_i|^2)."""
+    return -P.r if P.kind == "dot" else P.rn[None, :]
+
+
 def _score_block(P: Problem, s: int, e: int, aux: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The (b, M) scores of rows s:e: ``x.(-r)`` (dot; ``aux = -r``), ``|r|^2 - 2 x.r`` (l2/sql2; ``aux`` =
     the norms as a row, one GEMM accumulating onto them), or q by direct differences (D <= 4). ``out``: the
@@ -193,7 +199,7 @@ def _block_rows(P: Problem, per_entry: float) -> int:
     return max(1, min(rows, target // max(1, P.M * P.esize)))
 
 
-def _sweep_native(P: Problem, aux, canon, out) -> bool:
+def _sweep_native(P: Problem, canon, out) -> bool:
     """Every block's extremes by the compiled row scan (:mod:`.native`: one pass over the block). Returns
     False when the scan is not available, or when a kept score is NaN (torch's max/min propagate NaN, the scan
     would skip it): then :func:`_sweep_torch` redoes the whole call. Rows without a positive keep
@@ -203,6 +209,7 @@ def _sweep_native(P: Problem, aux, canon, out) -> bool:
     if _square_strips(P, canon):
         return _sweep_native_square(P, out)
     pv, pi, _, nv, ni, _ = out
+    aux = _score_aux(P)
     y, z = native.label_codes(P.y, P.z, P.acc)
     excl = None
     if not P.square:
@@ -259,11 +266,12 @@ def _sweep_native_square(P: Problem, out) -> bool:
     return True
 
 
-def _sweep_torch(P: Problem, aux, canon, out) -> torch.Tensor:
+def _sweep_torch(P: Problem, canon, out) -> torch.Tensor:
     """Every block's extremes by torch ops (see the module docstring: gather the positives, scatter +inf over
     them, first row minimum). Returns the rows that have a positive (the others' ``pv`` is arbitrary)."""
     N, M, dev = P.N, P.M, P.device
     pv, pi, pf, nv, ni, nf = out
+    aux = _score_aux(P)
     cols_of = _PositiveColumns(P)
     K = cols_of.K
     # rows without any positive (rectangular only) must not fill +inf onto a negative
@@ -325,11 +333,9 @@ def row_hardest(x, y, r, z, excl, kind):
         out = (pv, pi, pf, nv, ni, nf)
         if N == 0 or M == 0:
             return out
-        # dot: t = x.(-r) = d' exactly; l2/sql2: t = |r|^2 - 2 x.r, q without the row constant |x_i|^2
-        aux = -P.r if P.kind == "dot" else P.rn[None, :]
         canon = canonical_columns(P)
         # the compiled scan when it is there, else (or after a NaN score) the torch ops; the same results
-        has_pos = None if _sweep_native(P, aux, canon, out) else _sweep_torch(P, aux, canon, out)
+        has_pos = None if _sweep_native(P, canon, out) else _sweep_torch(P, canon, out)
         torch.ne(pv, -INF, out=pf)
         if has_pos is not None:
             pf &= has_pos

@@ -131,10 +131,17 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     return None, "; ".join(errors)
 
 
-def _library() -> ctypes.CDLL | None:
+def _switched_off() -> str | None:
+    """Why the helpers are switched off (``disabled()``, ``FASTDML_NATIVE=0``), or None when they are not."""
     if _disabled and _disabled[-1]:
-        return None
+        return "inside fastdml.blocked.native.disabled()"
     if os.environ.get("FASTDML_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "FASTDML_NATIVE=" + os.environ["FASTDML_NATIVE"]
+    return None
+
+
+def _library() -> ctypes.CDLL | None:
+    if _switched_off() is not None:
         return None
     if "lib" not in _state:
         with _lock:
@@ -150,10 +157,9 @@ def enabled() -> bool:
 
 def status() -> str:
     """Whether the compiled helpers are in use, and if not, why (for error reports and the docs)."""
-    if _disabled and _disabled[-1]:
-        return "off: inside fastdml.blocked.native.disabled()"
-    if os.environ.get("FASTDML_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-        return "off: FASTDML_NATIVE=" + os.environ["FASTDML_NATIVE"]
+    off = _switched_off()
+    if off is not None:
+        return "off: " + off
     if _library() is None:
         return "unavailable: " + _state["why"]
     return "on"
