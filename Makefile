@@ -33,7 +33,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m bench.report
 
 lint: $(VENV)/.installed
-	$(BIN)/python -m ruff check fastdml kernels tests bench
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
 
 gpu-check:
 	bash bench/gpu_check.sh bench/out/gpu

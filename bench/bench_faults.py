@@ -52,12 +52,16 @@ def main() -> None:
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--calls", type=int, default=20)
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; N={TARGET_N}, D={TARGET_D}, fp32, "
-          f"medians of {args.calls} calls (ms, minor page faults)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; N={TARGET_N}, D={TARGET_D}, fp32, "
+        f"medians of {args.calls} calls (ms, minor page faults)"
+    )
     for name in args.targets.split(","):
         r = measure(name, args.calls)
-        print(f"{name:18s} workspace kept: {r['kept'][0]:7.2f} ms {r['kept'][1]:7.0f} faults   "
-              f"released: {r['released'][0]:7.2f} ms {r['released'][1]:7.0f} faults")
+        print(
+            f"{name:18s} workspace kept: {r['kept'][0]:7.2f} ms {r['kept'][1]:7.0f} faults   "
+            f"released: {r['released'][0]:7.2f} ms {r['released'][1]:7.0f} faults"
+        )
 
 
 if __name__ == "__main__":

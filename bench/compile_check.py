@@ -26,8 +26,16 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 import fastdml  # noqa: E402,F401  (aliases kernels/ as fastdml.kernels)
 
 TARGET = GPUTarget("cuda", 90, 32)
-_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-       torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.bool: "i1"}
+_DT = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.bool: "i1",
+}
 seen: dict = {}
 scratch_kernels: list = []
 
@@ -67,9 +75,13 @@ def _compile(fn, args, kwargs):
             sig[name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: cannot type argument {name}={v!r}")
-    key = (fn.__name__, tuple(sorted((k, str(v)) for k, v in sig.items())),
-           tuple(sorted((k, str(v)) for k, v in const.items())), tuple(sorted(attrs)),
-           tuple(sorted(opts.items())))
+    key = (
+        fn.__name__,
+        tuple(sorted((k, str(v)) for k, v in sig.items())),
+        tuple(sorted((k, str(v)) for k, v in const.items())),
+        tuple(sorted(attrs)),
+        tuple(sorted(opts.items())),
+    )
     if key in seen:
         return
     t = time.time()
@@ -81,8 +93,11 @@ def _compile(fn, args, kwargs):
     scratch = getattr(md, "global_scratch_size", 0) or 0
     if scratch:
         scratch_kernels.append(f"{fn.__name__} {shown}: {scratch} B")
-    print(f"  ok {fn.__name__:28s} {time.time() - t:5.1f}s smem={getattr(md, 'shared', '?')} {_usage(k)} "
-          f"warps={opts.get('num_warps', '?')} {shown}", flush=True)
+    print(
+        f"  ok {fn.__name__:28s} {time.time() - t:5.1f}s smem={getattr(md, 'shared', '?')} {_usage(k)} "
+        f"warps={opts.get('num_warps', '?')} {shown}",
+        flush=True,
+    )
 
 
 def _usage(k) -> str:
@@ -99,8 +114,9 @@ def _usage(k) -> str:
         f.write(cubin)
         f.flush()
         try:
-            txt = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                                 timeout=60).stdout
+            txt = subprocess.run(
+                [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60
+            ).stdout
         except Exception:
             return ""
     reg = re.search(r"REG:(\d+)", txt)
@@ -124,19 +140,19 @@ def _calls(K, x, y, r, z, kind):
     """(name, thunk) for every launcher on these inputs."""
     inf = float("inf")
     return [
-        ("contrastive", lambda: K.contrastive_stats_fwd(x, y, r, z, None, kind, 0.1, 1.0, -inf, inf,
-                                                        0.0, inf, True)),
-        ("contrastive-nograd", lambda: K.contrastive_stats_fwd(x, y, r, z, None, kind, 0.1, 1.0,
-                                                               -inf, inf, 0.0, inf, False)),
-        ("triplet", lambda: K.triplet_stats_fwd(x, y, r, z, None, kind, 0.1, False, -inf, inf, 0.0,
-                                                inf, True)),
-        ("triplet-smooth", lambda: K.triplet_stats_fwd(x, y, r, z, None, kind, 0.1, True, -inf,
-                                                       inf, 0.0, inf, False)),
+        ("contrastive", lambda: K.contrastive_stats_fwd(x, y, r, z, None, kind, 0.1, 1.0, -inf, inf, 0.0, inf, True)),
+        (
+            "contrastive-nograd",
+            lambda: K.contrastive_stats_fwd(x, y, r, z, None, kind, 0.1, 1.0, -inf, inf, 0.0, inf, False),
+        ),
+        ("triplet", lambda: K.triplet_stats_fwd(x, y, r, z, None, kind, 0.1, False, -inf, inf, 0.0, inf, True)),
+        ("triplet-smooth", lambda: K.triplet_stats_fwd(x, y, r, z, None, kind, 0.1, True, -inf, inf, 0.0, inf, False)),
         ("semihard", lambda: K.semihard_stats_fwd(x, y, r, z, None, kind, 0.1, True)),
-        ("row_extreme", lambda: K.row_extreme(x, y, r, z, None, kind, "pos", "max", -inf, inf,
-                                              None, "")),
-        ("row_extreme-thr", lambda: K.row_extreme(x, y, r, z, None, kind, "neg", "min", -inf, inf,
-                                                  torch.zeros(40), "gt")),
+        ("row_extreme", lambda: K.row_extreme(x, y, r, z, None, kind, "pos", "max", -inf, inf, None, "")),
+        (
+            "row_extreme-thr",
+            lambda: K.row_extreme(x, y, r, z, None, kind, "neg", "min", -inf, inf, torch.zeros(40), "gt"),
+        ),
         ("pair_list", lambda: K.pair_list(x, y, r, z, None, kind, -inf, inf)),
         ("triplet_list", lambda: K.triplet_list(x, y, r, z, None, kind, -inf, inf)),
     ] + ([("row_hardest", lambda: K.row_hardest(x, y, r, z, None, kind))] if hasattr(K, "row_hardest") else [])

@@ -162,8 +162,10 @@ def write_outputs(out: str, rows: list, meta: dict) -> None:
         if ref and r.get("ms") and r["impl"] != "fastdml":
             ratio = f"{r['ms'] / ref['ms']:.2f}x"
         loss = "-" if r.get("loss") is None else f"{r['loss']:.6g}"
-        lines.append(f"| {r['family']} | {r['n']} | {r['labels']} | {r['impl']} | {fmt_ms(r.get('ms'))} | "
-                     f"{fmt_mb(r.get('peak'))} | {loss} | {ratio} | {r.get('note', '')} |")
+        lines.append(
+            f"| {r['family']} | {r['n']} | {r['labels']} | {r['impl']} | {fmt_ms(r.get('ms'))} | "
+            f"{fmt_mb(r.get('peak'))} | {loss} | {ratio} | {r.get('note', '')} |"
+        )
     with open(os.path.join(out, "timing.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -183,8 +185,12 @@ def main(argv=None) -> int:
     import triton
 
     dev = torch.device("cuda")
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     total_mem = torch.cuda.get_device_properties(0).total_memory
     families = [f for f in args.families.split(",") if f]
     # N = 65,536 (fastdml only: the memory headline) runs right after 4096, before 8192, so that a short
@@ -227,8 +233,9 @@ def main(argv=None) -> int:
             x = torch.randn(n, D, generator=g).to(dev).requires_grad_(True)
             y = labels_for(pattern, n, dev)
             signal.alarm(int(min(args.case_s, max(5, args.budget_s - elapsed + 30))))
-            ms, peak, value, first = time_case(fn, x, y, repeats=1 if args.quick else 5,
-                                               budget_s=min(10.0, args.case_s / 3))
+            ms, peak, value, first = time_case(
+                fn, x, y, repeats=1 if args.quick else 5, budget_s=min(10.0, args.case_s / 3)
+            )
             signal.alarm(0)
             row.update(ms=ms, peak=peak, loss=value, first_s=first)
             if impl == "fastdml":
@@ -237,8 +244,11 @@ def main(argv=None) -> int:
                 row["note"] = f"backend={dispatch.backend_for(x)}"
             if not math.isfinite(value):
                 row["note"] = "non-finite loss"
-            print(f"{row['family']:12s} N={n:6d} {pattern:8s} {impl:8s} {fmt_ms(ms):>9s} ms "
-                  f"peak {fmt_mb(peak):>9s} MB loss {value:.6g} (first call {first:.2f} s)", flush=True)
+            print(
+                f"{row['family']:12s} N={n:6d} {pattern:8s} {impl:8s} {fmt_ms(ms):>9s} ms "
+                f"peak {fmt_mb(peak):>9s} MB loss {value:.6g} (first call {first:.2f} s)",
+                flush=True,
+            )
         except LookupError as exc:
             signal.alarm(0)
             row["note"] = f"n/a: {exc}"

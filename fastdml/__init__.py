@@ -36,8 +36,7 @@ class _KernelsFinder:
         init = os.path.join(folder, "__init__.py")
         if not os.path.exists(init):
             return None
-        return importlib.util.spec_from_file_location("fastdml.kernels", init,
-                                                      submodule_search_locations=[folder])
+        return importlib.util.spec_from_file_location("fastdml.kernels", init, submodule_search_locations=[folder])
 
 
 if not any(getattr(f, "__name__", "") == "_KernelsFinder" for f in sys.meta_path):

@@ -167,8 +167,11 @@ def _per_query(same: torch.Tensor, r: torch.Tensor) -> dict[str, torch.Tensor]:
 def _relevant_counts(query_labels, reference_labels, ref_includes_query, compare):
     """``R_i`` for every query (the number of references matching query i, itself excluded)."""
     unique, inverse = torch.unique(query_labels, return_inverse=True)
-    counts = torch.stack([compare(u[None], reference_labels).sum() for u in unique]) if compare is not None \
+    counts = (
+        torch.stack([compare(u[None], reference_labels).sum() for u in unique])
+        if compare is not None
         else (unique[:, None] == reference_labels[None, :]).sum(dim=1)
+    )
     r = counts[inverse].to(torch.int64)
     if ref_includes_query:
         own = compare(unique, unique) if compare is not None else torch.ones_like(unique, dtype=torch.bool)
@@ -186,8 +189,20 @@ def _average(values: torch.Tensor, labels: torch.Tensor, avg_of_avgs: bool, retu
     return values.mean().item()
 
 
-def _evaluate(query, query_labels, reference, reference_labels, ref_includes_query, names, k,
-              knn_func=None, compare=None, avg_of_avgs=False, return_per_class=False, memory_budget=None):
+def _evaluate(
+    query,
+    query_labels,
+    reference,
+    reference_labels,
+    ref_includes_query,
+    names,
+    k,
+    knn_func=None,
+    compare=None,
+    avg_of_avgs=False,
+    return_per_class=False,
+    memory_budget=None,
+):
     """The named kNN metrics; ``k`` retrieved neighbours per query (None: as many as needed)."""
     r = _relevant_counts(query_labels, reference_labels, ref_includes_query, compare)
     keep = r > 0  # lone queries (no other reference of their class) are skipped
@@ -198,8 +213,11 @@ def _evaluate(query, query_labels, reference, reference_labels, ref_includes_que
     available = len(reference) - int(ref_includes_query)
     if k is None:
         need = {"mean_average_precision", "mean_reciprocal_rank"} & set(names)
-        k = available if need else max(1, int(r.max()) if {"r_precision", "mean_average_precision_at_r"}
-                                        & set(names) else 1)
+        k = (
+            available
+            if need
+            else max(1, int(r.max()) if {"r_precision", "mean_average_precision_at_r"} & set(names) else 1)
+        )
     k = min(k, available)
     values = {name: torch.empty(len(query), dtype=torch.float64, device=query.device) for name in names}
 
@@ -207,8 +225,7 @@ def _evaluate(query, query_labels, reference, reference_labels, ref_includes_que
         _, indices = knn_func(query, k, reference, ref_includes_query)
         blocks = [(0, indices.to(query.device))]
     else:
-        blocks = ((start, idx) for start, _, idx in _iter_knn(query, reference, k, ref_includes_query,
-                                                                memory_budget))
+        blocks = ((start, idx) for start, _, idx in _iter_knn(query, reference, k, ref_includes_query, memory_budget))
     for start, indices in blocks:
         stop = start + len(indices)
         neighbour_labels = reference_labels[indices]
@@ -217,14 +234,14 @@ def _evaluate(query, query_labels, reference, reference_labels, ref_includes_que
         per_query = _per_query(same.bool(), r[start:stop])
         for name in names:
             values[name][start:stop] = per_query[name]
-    return {name: _average(values[name][keep], query_labels[keep], avg_of_avgs, return_per_class)
-            for name in names}
+    return {name: _average(values[name][keep], query_labels[keep], avg_of_avgs, return_per_class) for name in names}
 
 
 def _prepare(query, query_labels, reference, reference_labels, ref_includes_query, device=None):
     query = _check_embeddings(_as_tensor(query, "query", device), "query")
-    query_labels = _check_labels(_as_tensor(query_labels, "query_labels", query.device), len(query),
-                                 "query_labels", "query")
+    query_labels = _check_labels(
+        _as_tensor(query_labels, "query_labels", query.device), len(query), "query_labels", "query"
+    )
     if reference is None:
         if reference_labels is not None:
             raise ValueError("reference_labels given without reference")
@@ -233,22 +250,35 @@ def _prepare(query, query_labels, reference, reference_labels, ref_includes_quer
         if reference_labels is None:
             raise ValueError("reference given without reference_labels")
         reference = _check_embeddings(_as_tensor(reference, "reference", query.device), "reference")
-        reference_labels = _check_labels(_as_tensor(reference_labels, "reference_labels", query.device),
-                                         len(reference), "reference_labels", "reference")
+        reference_labels = _check_labels(
+            _as_tensor(reference_labels, "reference_labels", query.device),
+            len(reference),
+            "reference_labels",
+            "reference",
+        )
     if query.shape[1] != reference.shape[1]:
         raise ValueError(f"query has dimension {query.shape[1]} but reference has {reference.shape[1]}")
     if ref_includes_query:
         n = len(query)
-        if len(reference) < n or not (torch.equal(reference[:n].to(query.dtype), query)
-                                      and torch.equal(reference_labels[:n], query_labels)):
-            raise ValueError("ref_includes_query=True needs the first len(query) rows of reference (and "
-                             "reference_labels) to equal query (and query_labels)")
+        if len(reference) < n or not (
+            torch.equal(reference[:n].to(query.dtype), query) and torch.equal(reference_labels[:n], query_labels)
+        ):
+            raise ValueError(
+                "ref_includes_query=True needs the first len(query) rows of reference (and "
+                "reference_labels) to equal query (and query_labels)"
+            )
     return query, query_labels, reference, reference_labels, ref_includes_query
 
 
 # --------------------------------------------------------------------------------------- public metrics
-def retrieval_metrics(query, query_labels, reference=None, reference_labels=None,
-                      ref_includes_query: bool = False, memory_budget: int | None = None) -> dict[str, float]:
+def retrieval_metrics(
+    query,
+    query_labels,
+    reference=None,
+    reference_labels=None,
+    ref_includes_query: bool = False,
+    memory_budget: int | None = None,
+) -> dict[str, float]:
     """precision@1, R-precision and MAP@R (module docstring) of ``query`` against ``reference``.
 
     Without ``reference``: the queries against themselves, leave-one-out (the demo's test-set figures).
@@ -281,9 +311,18 @@ class AccuracyCalculator:
     The clustering metrics NMI and AMI (k-means) are not provided.
     """
 
-    def __init__(self, include: Sequence[str] = (), exclude: Sequence[str] = (), avg_of_avgs: bool = False,
-                 return_per_class: bool = False, k=None, label_comparison_fn: Callable | None = None,
-                 device=None, knn_func: Callable | None = None, memory_budget: int | None = None) -> None:
+    def __init__(
+        self,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        avg_of_avgs: bool = False,
+        return_per_class: bool = False,
+        k=None,
+        label_comparison_fn: Callable | None = None,
+        device=None,
+        knn_func: Callable | None = None,
+        memory_budget: int | None = None,
+    ) -> None:
         self._check_names(include, "include")
         self._check_names(exclude, "exclude")
         if avg_of_avgs and return_per_class:
@@ -304,8 +343,10 @@ class AccuracyCalculator:
             raise TypeError(f"{argument} must be a tuple or list of metric names, got {type(names).__name__}")
         for name in names:
             if name in _CLUSTERING:
-                raise ValueError(f"{argument}: {name} needs k-means clustering, which fastdml's "
-                                 "AccuracyCalculator does not provide; use pytorch-metric-learning's with faiss")
+                raise ValueError(
+                    f"{argument}: {name} needs k-means clustering, which fastdml's "
+                    "AccuracyCalculator does not provide; use pytorch-metric-learning's with faiss"
+                )
             if name not in METRICS:
                 raise ValueError(f"{argument}: unknown metric {name!r}; metrics are {METRICS}")
 
@@ -321,19 +362,36 @@ class AccuracyCalculator:
             return max(1, r_max)
         return min(self.k, available)
 
-    def get_accuracy(self, query, query_labels, reference=None, reference_labels=None,
-                     ref_includes_query: bool = False, include: Sequence[str] = (),
-                     exclude: Sequence[str] = ()) -> dict:
+    def get_accuracy(
+        self,
+        query,
+        query_labels,
+        reference=None,
+        reference_labels=None,
+        ref_includes_query: bool = False,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+    ) -> dict:
         """``{metric: value}`` of ``query`` against ``reference`` (None: the queries themselves, leave-one-out)."""
         self._check_names(include, "include")
         self._check_names(exclude, "exclude")
-        q, ql, r, rl, inc = _prepare(query, query_labels, reference, reference_labels, ref_includes_query,
-                                     self.device)
+        q, ql, r, rl, inc = _prepare(query, query_labels, reference, reference_labels, ref_includes_query, self.device)
         names = self.get_curr_metrics(include, exclude)
         if not names:
             return {}
         counts = _relevant_counts(ql, rl, inc, self.label_comparison_fn)
         k = self._determine_k(int(counts.max()), len(r) - int(inc))
-        return _evaluate(q, ql, r, rl, inc, names, k, knn_func=self.knn_func, compare=self.label_comparison_fn,
-                         avg_of_avgs=self.avg_of_avgs, return_per_class=self.return_per_class,
-                         memory_budget=self.memory_budget)
+        return _evaluate(
+            q,
+            ql,
+            r,
+            rl,
+            inc,
+            names,
+            k,
+            knn_func=self.knn_func,
+            compare=self.label_comparison_fn,
+            avg_of_avgs=self.avg_of_avgs,
+            return_per_class=self.return_per_class,
+            memory_budget=self.memory_budget,
+        )

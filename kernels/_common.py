@@ -123,8 +123,20 @@ def prepare(x, y, r, z, excl, kind):
     xn = x.float().pow(2).sum(1).contiguous()
     rn = xn if square else r.float().pow(2).sum(1).contiguous()
     return SimpleNamespace(
-        x=x, y=y, r=r, z=z, excl=excl_t, kind=kind, kind_id=kind_id, square=square,
-        n=n, m=m, d=d, xn=xn, rn=rn, device=dev,
+        x=x,
+        y=y,
+        r=r,
+        z=z,
+        excl=excl_t,
+        kind=kind,
+        kind_id=kind_id,
+        square=square,
+        n=n,
+        m=m,
+        d=d,
+        xn=xn,
+        rn=rn,
+        device=dev,
         upcast=_upcast(x.dtype),
     )
 
@@ -180,8 +192,7 @@ def load_rows(ptr, rows, rmask, k0, D, BK: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def direct_q(x_ptr, r_ptr, rows, rmask, cols, cmask, D,
-             BM: tl.constexpr, BN: tl.constexpr, SUBK: tl.constexpr):
+def direct_q(x_ptr, r_ptr, rows, rmask, cols, cmask, D, BM: tl.constexpr, BN: tl.constexpr, SUBK: tl.constexpr):
     """sum_k (x_ik - r_jk)^2 for a (BM, BN) tile by direct differences, in fp32 (exact for near-duplicates)."""
     q = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, D, SUBK):
@@ -195,9 +206,24 @@ def direct_q(x_ptr, r_ptr, rows, rmask, cols, cmask, D,
 
 
 @triton.jit
-def dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D,
-                KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                SUBK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def dprime_tile(
+    x_ptr,
+    r_ptr,
+    xn_ptr,
+    rn_ptr,
+    rows,
+    rmask,
+    cols,
+    cmask,
+    D,
+    KIND: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SUBK: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """The (BM, BN) tile of d' and the mask of its "near" entries (recomputed by direct differences).
 
     Out-of-range rows/columns hold garbage and must be masked by the caller.
@@ -228,7 +254,6 @@ def dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D,
     return dp, near
 
 
-
 @triton.jit
 def query_rows(pid, N, y_ptr, excl_ptr, BM: tl.constexpr):
     """The block of query rows program ``pid`` owns (int64 offsets), their mask, labels and excluded
@@ -241,17 +266,36 @@ def query_rows(pid, N, y_ptr, excl_ptr, BM: tl.constexpr):
 
 
 @triton.jit
-def labelled_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, z_ptr, rows, rmask, yl, ex, j0, M, D,
-                  KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  SUBK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def labelled_tile(
+    x_ptr,
+    r_ptr,
+    xn_ptr,
+    rn_ptr,
+    z_ptr,
+    rows,
+    rmask,
+    yl,
+    ex,
+    j0,
+    M,
+    D,
+    KIND: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SUBK: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """One (BM, BN) tile of a row-owned sweep of queries ``rows`` (labels ``yl``, excluded reference ``ex``)
     over references ``j0 .. j0 + BN``: ``(cols, d', valid, same)`` where ``valid`` marks in-range pairs other
     than the query's excluded one and ``same`` the pairs whose labels agree."""
     cols = j0 + tl.arange(0, BN).to(tl.int64)
     cmask = cols < M
     zl = tl.load(z_ptr + cols, mask=cmask, other=0)
-    dp, near = dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D,
-                           KIND, BM, BN, BK, SUBK, PREC, UPCAST)
+    dp, near = dprime_tile(
+        x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D, KIND, BM, BN, BK, SUBK, PREC, UPCAST
+    )
     ok = rmask[:, None] & cmask[None, :] & (ex[:, None] != cols[None, :])
     same = yl[:, None] == zl[None, :]
     return cols, dp, ok, same
@@ -306,9 +350,27 @@ def pair_coef(g, dp, KIND: tl.constexpr):
 
 
 @triton.jit
-def grad_tile(acc, rs, c, near, own_ptr, oth_ptr, near_ptr, rows, rmask, cols, cmask, g0, D,
-              KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr,
-              SUBK: tl.constexpr, PREC: tl.constexpr):
+def grad_tile(
+    acc,
+    rs,
+    c,
+    near,
+    own_ptr,
+    oth_ptr,
+    near_ptr,
+    rows,
+    rmask,
+    cols,
+    cmask,
+    g0,
+    D,
+    KIND: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BG: tl.constexpr,
+    SUBK: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Accumulate one tile's gradient contribution to the owned rows, D group [g0, g0 + BG).
 
     l2/sql2: out_i = sum_j c_ij (own_i - oth_j): the far entries go through ``rs += rowsum(c)`` and
@@ -330,10 +392,12 @@ def grad_tile(acc, rs, c, near, own_ptr, oth_ptr, near_ptr, rows, rmask, cols, c
             for k0 in range(0, BG, SUBK):
                 k2 = g0 + k0 + tl.arange(0, SUBK)
                 km = k2 < D
-                a = tl.load(own_ptr + rows[:, None] * D + k2[None, :], mask=rmask[:, None] & km[None, :],
-                            other=0.0).to(tl.float32)
-                b = tl.load(oth_ptr + cols[:, None] * D + k2[None, :], mask=cmask[:, None] & km[None, :],
-                            other=0.0).to(tl.float32)
+                a = tl.load(own_ptr + rows[:, None] * D + k2[None, :], mask=rmask[:, None] & km[None, :], other=0.0).to(
+                    tl.float32
+                )
+                b = tl.load(oth_ptr + cols[:, None] * D + k2[None, :], mask=cmask[:, None] & km[None, :], other=0.0).to(
+                    tl.float32
+                )
                 part = tl.sum(cn[:, :, None] * (a[:, None, :] - b[None, :, :]), axis=1)
                 nptr = near_ptr + rows[:, None] * D + k2[None, :]
                 nm = rmask[:, None] & km[None, :]
@@ -344,8 +408,22 @@ def grad_tile(acc, rs, c, near, own_ptr, oth_ptr, near_ptr, rows, rmask, cols, c
 
 
 @triton.jit
-def grad_finish(acc, rs, own_ptr, near_ptr, out_ptr, rows, rmask, g0, D, scale,
-                KIND: tl.constexpr, BG: tl.constexpr, HAS_NEAR: tl.constexpr, ACCUM: tl.constexpr = False):
+def grad_finish(
+    acc,
+    rs,
+    own_ptr,
+    near_ptr,
+    out_ptr,
+    rows,
+    rmask,
+    g0,
+    D,
+    scale,
+    KIND: tl.constexpr,
+    BG: tl.constexpr,
+    HAS_NEAR: tl.constexpr,
+    ACCUM: tl.constexpr = False,
+):
     """out[rows, group] (+)= scale * (rs * own - acc + near) (l2/sql2) or scale * (-acc) (dot).
 
     With ``ACCUM`` the result is added to what ``out`` holds (an earlier launch wrote it: stream order).

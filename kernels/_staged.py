@@ -47,9 +47,22 @@ def config(d):
 
 @triton.jit(do_not_specialize=["A0", "CH", "M"])
 def stage_dist_kernel(
-    x_ptr, r_ptr, xn_ptr, rn_ptr, buf_ptr, A0, CH, M, D,
-    KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SUBK: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    x_ptr,
+    r_ptr,
+    xn_ptr,
+    rn_ptr,
+    buf_ptr,
+    A0,
+    CH,
+    M,
+    D,
+    KIND: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SUBK: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """buf[i, j] = d'(x[A0 + i], r[j]) for i < CH, j < M.
 
@@ -62,17 +75,37 @@ def stage_dist_kernel(
     rows = A0 + loc
     cols = (pid % nb) * BN + tl.arange(0, BN).to(tl.int64)
     cmask = cols < M
-    dp, near = dprime_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, rows, lmask, cols, cmask, D,
-                           KIND, BM, BN, BK, SUBK, PREC, UPCAST)
+    dp, near = dprime_tile(
+        x_ptr, r_ptr, xn_ptr, rn_ptr, rows, lmask, cols, cmask, D, KIND, BM, BN, BK, SUBK, PREC, UPCAST
+    )
     tl.store(buf_ptr + loc[:, None] * M + cols[None, :], dp, mask=lmask[:, None] & cmask[None, :])
 
 
 @triton.jit(do_not_specialize=["N_OWN", "N_OTH", "OWN0", "OTH0", "S_OWN", "S_OTH"])
 def wpass_kernel(
-    own_ptr, oth_ptr, ownn_ptr, othn_ptr, buf_ptr, w_ptr, near_ptr, out_ptr,
-    N_OWN, N_OTH, OWN0, OTH0, S_OWN, S_OTH, D, scale,
-    KIND: tl.constexpr, ACCUM: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr, SUBK: tl.constexpr, PREC: tl.constexpr,
+    own_ptr,
+    oth_ptr,
+    ownn_ptr,
+    othn_ptr,
+    buf_ptr,
+    w_ptr,
+    near_ptr,
+    out_ptr,
+    N_OWN,
+    N_OTH,
+    OWN0,
+    OTH0,
+    S_OWN,
+    S_OTH,
+    D,
+    scale,
+    KIND: tl.constexpr,
+    ACCUM: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BG: tl.constexpr,
+    SUBK: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """out[own rows] (+)= scale * sum_j c_ij (own_i - oth_j) over the staged chunk (dot: -sum_j w_ij oth_j).
 
@@ -105,8 +138,27 @@ def wpass_kernel(
             else:
                 q = dp
             near = inb & (q < 1e-2 * (ownn[:, None] + othn[None, :]))
-        acc, rs = grad_tile(acc, rs, pair_coef(w, dp, KIND), near, own_ptr, oth_ptr, near_ptr,
-                            rows, lmask, cols, cmask, g0, D, KIND, BM, BN, BG, SUBK, PREC)
+        acc, rs = grad_tile(
+            acc,
+            rs,
+            pair_coef(w, dp, KIND),
+            near,
+            own_ptr,
+            oth_ptr,
+            near_ptr,
+            rows,
+            lmask,
+            cols,
+            cmask,
+            g0,
+            D,
+            KIND,
+            BM,
+            BN,
+            BG,
+            SUBK,
+            PREC,
+        )
     grad_finish(acc, rs, own_ptr, near_ptr, out_ptr, rows, lmask, g0, D, scale, KIND, BG, KIND != 2, ACCUM)
 
 
@@ -150,9 +202,23 @@ class Stager:
             if p.m > 0:
                 self.buf.fill_(float("nan"))
                 stage_dist_kernel[(triton.cdiv(ch, c["BM"]) * triton.cdiv(p.m, c["BN"]),)](
-                    p.x, p.r, p.xn, p.rn, self.buf, a0, ch, p.m, p.d,
-                    KIND=p.kind_id, BM=c["BM"], BN=c["BN"], BK=c["BK"], SUBK=c["SUBK"],
-                    PREC=self.prec, UPCAST=p.upcast, num_warps=c["num_warps"],
+                    p.x,
+                    p.r,
+                    p.xn,
+                    p.rn,
+                    self.buf,
+                    a0,
+                    ch,
+                    p.m,
+                    p.d,
+                    KIND=p.kind_id,
+                    BM=c["BM"],
+                    BN=c["BN"],
+                    BK=c["BK"],
+                    SUBK=c["SUBK"],
+                    PREC=self.prec,
+                    UPCAST=p.upcast,
+                    num_warps=c["num_warps"],
                 )
             if self.need_grad:
                 self.w.zero_()
@@ -162,19 +228,52 @@ class Stager:
         """Turn the chunk's weights into gradients: gx rows [a0, a0 + ch) written, gr (all M rows) added."""
         p, c = self.p, self.cfg
         groups = triton.cdiv(p.d, c["BG"])
-        common = dict(KIND=p.kind_id, BM=c["BM"], BN=c["BN"], BG=c["BG"], SUBK=c["SUBK"], PREC=self.prec,
-                      num_warps=c["num_warps"])
+        common = dict(
+            KIND=p.kind_id, BM=c["BM"], BN=c["BN"], BG=c["BG"], SUBK=c["SUBK"], PREC=self.prec, num_warps=c["num_warps"]
+        )
         wpass_kernel[(triton.cdiv(ch, c["BM"]), groups)](
-            p.x, p.r, p.xn, p.rn, self.buf, self.w, self.near_x, gx,
-            ch, p.m, a0, 0, self.buf.shape[1], 1, p.d, 1.0, ACCUM=False, **common,
+            p.x,
+            p.r,
+            p.xn,
+            p.rn,
+            self.buf,
+            self.w,
+            self.near_x,
+            gx,
+            ch,
+            p.m,
+            a0,
+            0,
+            self.buf.shape[1],
+            1,
+            p.d,
+            1.0,
+            ACCUM=False,
+            **common,
         )
         if p.m == 0 or not self.need_grad_r:
             return
         if self.near_r is not self.buf:
             self.near_r.zero_()
         wpass_kernel[(triton.cdiv(p.m, c["BM"]), groups)](
-            p.r, p.x, p.rn, p.xn, self.buf, self.w, self.near_r, gr,
-            p.m, ch, 0, a0, 1, self.buf.shape[1], p.d, 1.0, ACCUM=not first, **common,
+            p.r,
+            p.x,
+            p.rn,
+            p.xn,
+            self.buf,
+            self.w,
+            self.near_r,
+            gr,
+            p.m,
+            ch,
+            0,
+            a0,
+            1,
+            self.buf.shape[1],
+            p.d,
+            1.0,
+            ACCUM=not first,
+            **common,
         )
 
     def grads(self):
@@ -196,5 +295,7 @@ class Stager:
 
 
 def empty_parts(p):
-    return (torch.empty((0, p.n, p.d), device=p.device, dtype=torch.float32),
-            torch.empty((0, 0 if p.square else p.m, p.d), device=p.device, dtype=torch.float32))
+    return (
+        torch.empty((0, p.n, p.d), device=p.device, dtype=torch.float32),
+        torch.empty((0, 0 if p.square else p.m, p.d), device=p.device, dtype=torch.float32),
+    )

@@ -39,13 +39,39 @@ from ._common import (
 
 @triton.jit(do_not_specialize=["N_OWN", "N_OTH"])
 def contrastive_kernel(
-    own_ptr, oth_ptr, ownn_ptr, othn_ptr, ylab_ptr, zlab_ptr, excl_ptr,
-    stats_ptr, gp_ptr, gn_ptr, nearp_ptr, nearn_ptr,
-    N_OWN, N_OTH, D,
-    pos_margin, neg_margin, pos_lo, neg_hi, low, high, scale,
-    KIND: tl.constexpr, COLMODE: tl.constexpr, STATS: tl.constexpr, NEED_GRAD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BG: tl.constexpr, SUBK: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    own_ptr,
+    oth_ptr,
+    ownn_ptr,
+    othn_ptr,
+    ylab_ptr,
+    zlab_ptr,
+    excl_ptr,
+    stats_ptr,
+    gp_ptr,
+    gn_ptr,
+    nearp_ptr,
+    nearn_ptr,
+    N_OWN,
+    N_OTH,
+    D,
+    pos_margin,
+    neg_margin,
+    pos_lo,
+    neg_hi,
+    low,
+    high,
+    scale,
+    KIND: tl.constexpr,
+    COLMODE: tl.constexpr,
+    STATS: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BG: tl.constexpr,
+    SUBK: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g0 = tl.program_id(1).to(tl.int64) * BG
@@ -66,8 +92,9 @@ def contrastive_kernel(
         cols = j0 + tl.arange(0, BN).to(tl.int64)
         cmask = cols < N_OTH
         zl = tl.load(zlab_ptr + cols, mask=cmask, other=0)
-        dp, near = dprime_tile(own_ptr, oth_ptr, ownn_ptr, othn_ptr, rows, rmask, cols, cmask, D,
-                               KIND, BM, BN, BK, SUBK, PREC, UPCAST)
+        dp, near = dprime_tile(
+            own_ptr, oth_ptr, ownn_ptr, othn_ptr, rows, rmask, cols, cmask, D, KIND, BM, BN, BK, SUBK, PREC, UPCAST
+        )
         valid = rmask[:, None] & cmask[None, :]
         if COLMODE == 0:
             valid = valid & (ex[:, None] != cols[None, :])
@@ -92,10 +119,48 @@ def contrastive_kernel(
         if NEED_GRAD:
             wp = tl.where(cntp & (dp - pos_margin > 0), 1.0, 0.0)
             wn = tl.where(cntn & (neg_margin - dp > 0), -1.0, 0.0)
-            accp, rsp = grad_tile(accp, rsp, pair_coef(wp, dp, KIND), near, own_ptr, oth_ptr, nearp_ptr,
-                                  rows, rmask, cols, cmask, g0, D, KIND, BM, BN, BG, SUBK, PREC)
-            accn, rsn = grad_tile(accn, rsn, pair_coef(wn, dp, KIND), near, own_ptr, oth_ptr, nearn_ptr,
-                                  rows, rmask, cols, cmask, g0, D, KIND, BM, BN, BG, SUBK, PREC)
+            accp, rsp = grad_tile(
+                accp,
+                rsp,
+                pair_coef(wp, dp, KIND),
+                near,
+                own_ptr,
+                oth_ptr,
+                nearp_ptr,
+                rows,
+                rmask,
+                cols,
+                cmask,
+                g0,
+                D,
+                KIND,
+                BM,
+                BN,
+                BG,
+                SUBK,
+                PREC,
+            )
+            accn, rsn = grad_tile(
+                accn,
+                rsn,
+                pair_coef(wn, dp, KIND),
+                near,
+                own_ptr,
+                oth_ptr,
+                nearn_ptr,
+                rows,
+                rmask,
+                cols,
+                cmask,
+                g0,
+                D,
+                KIND,
+                BM,
+                BN,
+                BG,
+                SUBK,
+                PREC,
+            )
     if STATS:
         if g0 == 0:
             # row k of the (4, N) partials at k * N + rows, formed as int64 (rows is int64)
@@ -117,16 +182,13 @@ def _config(d):
     return dict(BM=32, BN=16, BK=16, BG=min(64, grad_group(d)), SUBK=1, num_warps=4)
 
 
-def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, need_grad, margins, scale,
-           allow_tf32):
+def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, need_grad, margins, scale, allow_tf32):
     cfg = _config(p.d)
     dev = p.device
     k = 2 if need_grad else 0
     parts = poison((k, n_own, p.d), dev)
-    near = torch.zeros((k, n_own, p.d), device=dev, dtype=torch.float32) if (need_grad and p.kind_id != 2) \
-        else parts
-    st = poison((4, n_own), dev, torch.float64) if stats else torch.empty((4, 1), device=dev,
-                                                                           dtype=torch.float64)
+    near = torch.zeros((k, n_own, p.d), device=dev, dtype=torch.float32) if (need_grad and p.kind_id != 2) else parts
+    st = poison((4, n_own), dev, torch.float64) if stats else torch.empty((4, 1), device=dev, dtype=torch.float64)
     if n_own == 0:
         return st, parts
     groups = triton.cdiv(p.d, cfg["BG"]) if need_grad else 1
@@ -136,16 +198,52 @@ def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, ne
     nn_ = near[1] if need_grad and p.kind_id != 2 else parts
     num_warps = cfg.pop("num_warps")
     contrastive_kernel[(triton.cdiv(n_own, cfg["BM"]), groups)](
-        own, oth, ownn, othn, ylab, zlab, p.excl, st, gp, gn, np_, nn_,
-        n_own, n_oth, p.d, *margins, scale,
-        KIND=p.kind_id, COLMODE=colmode, STATS=stats, NEED_GRAD=need_grad,
-        PREC=precision(allow_tf32), UPCAST=p.upcast, num_warps=num_warps, **cfg,
+        own,
+        oth,
+        ownn,
+        othn,
+        ylab,
+        zlab,
+        p.excl,
+        st,
+        gp,
+        gn,
+        np_,
+        nn_,
+        n_own,
+        n_oth,
+        p.d,
+        *margins,
+        scale,
+        KIND=p.kind_id,
+        COLMODE=colmode,
+        STATS=stats,
+        NEED_GRAD=need_grad,
+        PREC=precision(allow_tf32),
+        UPCAST=p.upcast,
+        num_warps=num_warps,
+        **cfg,
     )
     return st, parts
 
 
-def contrastive_stats_fwd(x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo, neg_hi, low, high,
-                          need_grad, need_grad_r=True, allow_tf32=False):
+def contrastive_stats_fwd(
+    x,
+    y,
+    r,
+    z,
+    excl,
+    kind,
+    pos_margin,
+    neg_margin,
+    pos_lo,
+    neg_hi,
+    low,
+    high,
+    need_grad,
+    need_grad_r=True,
+    allow_tf32=False,
+):
     """Contrastive statistics ``[S+, C+, S-, C-]`` (float64) and their gradient parts.
 
     Returns ``(stats (4,) float64, gx_parts (2, N, D) float32, gr_parts (2, M, D) float32)``; the parts are
@@ -158,12 +256,19 @@ def contrastive_stats_fwd(x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo
     p = prepare(x, y, r, z, excl, kind)
     margins = tuple(
         check_float(nm, v)
-        for nm, v in (("pos_margin", pos_margin), ("neg_margin", neg_margin), ("pos_lo", pos_lo),
-                      ("neg_hi", neg_hi), ("low", low), ("high", high))
+        for nm, v in (
+            ("pos_margin", pos_margin),
+            ("neg_margin", neg_margin),
+            ("pos_lo", pos_lo),
+            ("neg_hi", neg_hi),
+            ("low", low),
+            ("high", high),
+        )
     )
     need_grad = bool(need_grad)
-    st, gx = _sweep(p, p.x, p.r, p.xn, p.rn, p.y, p.z, p.n, p.m, 0, True, need_grad, margins,
-                    2.0 if p.square else 1.0, allow_tf32)
+    st, gx = _sweep(
+        p, p.x, p.r, p.xn, p.rn, p.y, p.z, p.n, p.m, 0, True, need_grad, margins, 2.0 if p.square else 1.0, allow_tf32
+    )
     stats = st.sum(1) if p.n > 0 else torch.zeros(4, device=p.device, dtype=torch.float64)
     if p.square:
         gr = torch.empty((0, 0, p.d), device=p.device, dtype=torch.float32)

@@ -35,12 +35,32 @@ _THR_OPS = {"": 0, "gt": 1, "lt": 2}
 
 @triton.jit(do_not_specialize=["N", "M"])
 def row_extreme_kernel(
-    x_ptr, r_ptr, xn_ptr, rn_ptr, y_ptr, z_ptr, excl_ptr, thr_ptr,
-    val_ptr, idx_ptr, found_ptr,
-    N, M, D, lo, hi,
-    KIND: tl.constexpr, SIDE: tl.constexpr, MODE: tl.constexpr, THR_OP: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SUBK: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    x_ptr,
+    r_ptr,
+    xn_ptr,
+    rn_ptr,
+    y_ptr,
+    z_ptr,
+    excl_ptr,
+    thr_ptr,
+    val_ptr,
+    idx_ptr,
+    found_ptr,
+    N,
+    M,
+    D,
+    lo,
+    hi,
+    KIND: tl.constexpr,
+    SIDE: tl.constexpr,
+    MODE: tl.constexpr,
+    THR_OP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SUBK: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     rows, rmask, yl, ex = query_rows(tl.program_id(0), N, y_ptr, excl_ptr, BM)
     if THR_OP != 0:
@@ -52,8 +72,9 @@ def row_extreme_kernel(
     bidx = tl.zeros((BM,), tl.int64)
     found = rows < 0
     for j0 in range(0, M, BN):
-        cols, dp, ok, same = labelled_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, z_ptr, rows, rmask, yl, ex, j0, M, D,
-                                              KIND, BM, BN, BK, SUBK, PREC, UPCAST)
+        cols, dp, ok, same = labelled_tile(
+            x_ptr, r_ptr, xn_ptr, rn_ptr, z_ptr, rows, rmask, yl, ex, j0, M, D, KIND, BM, BN, BK, SUBK, PREC, UPCAST
+        )
         if SIDE == 0:
             ok = ok & same
         else:
@@ -93,8 +114,11 @@ def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op, allow_t
         if thr_op == "":
             _fail(ValueError, "thr is given but thr_op is ''; use 'gt' or 'lt'")
         if not isinstance(thr, torch.Tensor) or thr.shape != (p.n,):
-            _fail(ValueError, f"thr must be a tensor of shape ({p.n},), got "
-                              f"{tuple(thr.shape) if isinstance(thr, torch.Tensor) else type(thr).__name__}")
+            _fail(
+                ValueError,
+                f"thr must be a tensor of shape ({p.n},), got "
+                f"{tuple(thr.shape) if isinstance(thr, torch.Tensor) else type(thr).__name__}",
+            )
         if thr.device != p.device:
             _fail(ValueError, f"thr is on {thr.device} but x is on {p.device}")
         if not thr.is_floating_point():
@@ -104,9 +128,28 @@ def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op, allow_t
     if p.n > 0:
         cfg = extreme_config(p.d)
         row_extreme_kernel[(triton.cdiv(p.n, cfg["BM"]),)](
-            p.x, p.r, p.xn, p.rn, p.y, p.z, p.excl, thr_t, val, idx, found,
-            p.n, p.m, p.d, lo, hi,
-            KIND=p.kind_id, SIDE=_SIDES[side], MODE=_MODES[mode], THR_OP=_THR_OPS[thr_op],
-            PREC=precision(allow_tf32), UPCAST=p.upcast, **cfg,
+            p.x,
+            p.r,
+            p.xn,
+            p.rn,
+            p.y,
+            p.z,
+            p.excl,
+            thr_t,
+            val,
+            idx,
+            found,
+            p.n,
+            p.m,
+            p.d,
+            lo,
+            hi,
+            KIND=p.kind_id,
+            SIDE=_SIDES[side],
+            MODE=_MODES[mode],
+            THR_OP=_THR_OPS[thr_op],
+            PREC=precision(allow_tf32),
+            UPCAST=p.upcast,
+            **cfg,
         )
     return val, idx, found == 1

@@ -24,11 +24,29 @@ from ._common import extreme_config, extreme_outputs, labelled_tile, precision, 
 
 @triton.jit(do_not_specialize=["N", "M"])
 def row_hardest_kernel(
-    x_ptr, r_ptr, xn_ptr, rn_ptr, y_ptr, z_ptr, excl_ptr,
-    pval_ptr, pidx_ptr, pfound_ptr, nval_ptr, nidx_ptr, nfound_ptr,
-    N, M, D,
-    KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SUBK: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    x_ptr,
+    r_ptr,
+    xn_ptr,
+    rn_ptr,
+    y_ptr,
+    z_ptr,
+    excl_ptr,
+    pval_ptr,
+    pidx_ptr,
+    pfound_ptr,
+    nval_ptr,
+    nidx_ptr,
+    nfound_ptr,
+    N,
+    M,
+    D,
+    KIND: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SUBK: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     rows, rmask, yl, ex = query_rows(tl.program_id(0), N, y_ptr, excl_ptr, BM)
     pbest = tl.full((BM,), float("-inf"), tl.float32)
@@ -38,8 +56,9 @@ def row_hardest_kernel(
     pfound = rows < 0
     nfound = rows < 0
     for j0 in range(0, M, BN):
-        cols, dp, ok, same = labelled_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, z_ptr, rows, rmask, yl, ex, j0, M, D,
-                                              KIND, BM, BN, BK, SUBK, PREC, UPCAST)
+        cols, dp, ok, same = labelled_tile(
+            x_ptr, r_ptr, xn_ptr, rn_ptr, z_ptr, rows, rmask, yl, ex, j0, M, D, KIND, BM, BN, BK, SUBK, PREC, UPCAST
+        )
         # the farthest positive and the nearest negative
         pbest, pidx, pfound = running_extreme(ok & same, dp, cols, pbest, pidx, pfound, M, True)
         nbest, nidx, nfound = running_extreme(ok & (~same), dp, cols, nbest, nidx, nfound, M, False)
@@ -59,9 +78,21 @@ def row_hardest(x, y, r, z, excl, kind, allow_tf32=False):
     if p.n > 0:
         cfg = extreme_config(p.d)
         row_hardest_kernel[(triton.cdiv(p.n, cfg["BM"]),)](
-            p.x, p.r, p.xn, p.rn, p.y, p.z, p.excl, *outs,
-            p.n, p.m, p.d,
-            KIND=p.kind_id, PREC=precision(allow_tf32), UPCAST=p.upcast, **cfg,
+            p.x,
+            p.r,
+            p.xn,
+            p.rn,
+            p.y,
+            p.z,
+            p.excl,
+            *outs,
+            p.n,
+            p.m,
+            p.d,
+            KIND=p.kind_id,
+            PREC=precision(allow_tf32),
+            UPCAST=p.upcast,
+            **cfg,
         )
     pv, pi, pf, nv, ni, nf = outs
     return pv, pi, pf == 1, nv, ni, nf == 1

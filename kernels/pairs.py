@@ -17,12 +17,32 @@ from ._common import block_d, check_float, interpreting, labelled_tile, precisio
 
 @triton.jit(do_not_specialize=["N", "M"])
 def pair_list_kernel(
-    x_ptr, r_ptr, xn_ptr, rn_ptr, y_ptr, z_ptr, excl_ptr,
-    cnt_ptr, off_ptr, a1_ptr, p_ptr, a2_ptr, n_ptr,
-    N, M, D, pos_lo, neg_hi,
-    WRITE: tl.constexpr, KIND: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SUBK: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    x_ptr,
+    r_ptr,
+    xn_ptr,
+    rn_ptr,
+    y_ptr,
+    z_ptr,
+    excl_ptr,
+    cnt_ptr,
+    off_ptr,
+    a1_ptr,
+    p_ptr,
+    a2_ptr,
+    n_ptr,
+    N,
+    M,
+    D,
+    pos_lo,
+    neg_hi,
+    WRITE: tl.constexpr,
+    KIND: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SUBK: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     rows, rmask, yl, ex = query_rows(tl.program_id(0), N, y_ptr, excl_ptr, BM)
     if WRITE:
@@ -32,8 +52,9 @@ def pair_list_kernel(
         runp = tl.zeros((BM,), tl.int64)
         runn = tl.zeros((BM,), tl.int64)
     for j0 in range(0, M, BN):
-        cols, dp, ok, same = labelled_tile(x_ptr, r_ptr, xn_ptr, rn_ptr, z_ptr, rows, rmask, yl, ex, j0, M, D,
-                                              KIND, BM, BN, BK, SUBK, PREC, UPCAST)
+        cols, dp, ok, same = labelled_tile(
+            x_ptr, r_ptr, xn_ptr, rn_ptr, z_ptr, rows, rmask, yl, ex, j0, M, D, KIND, BM, BN, BK, SUBK, PREC, UPCAST
+        )
         selp = (ok & same & (dp > pos_lo)).to(tl.int32)
         seln = (ok & (~same) & (dp < neg_hi)).to(tl.int32)
         if WRITE:
@@ -73,14 +94,54 @@ def pair_list(x, y, r, z, excl, kind, pos_lo, neg_hi, allow_tf32=False):
     common = dict(KIND=p.kind_id, PREC=precision(allow_tf32), UPCAST=p.upcast, **cfg)
     cnt = torch.full((2, p.n), -1, device=dev, dtype=torch.int64)
     dummy = torch.empty(1, device=dev, dtype=torch.int64)
-    pair_list_kernel[grid](p.x, p.r, p.xn, p.rn, p.y, p.z, p.excl, cnt, cnt, dummy, dummy, dummy, dummy,
-                           p.n, p.m, p.d, pos_lo, neg_hi, WRITE=False, **common)
+    pair_list_kernel[grid](
+        p.x,
+        p.r,
+        p.xn,
+        p.rn,
+        p.y,
+        p.z,
+        p.excl,
+        cnt,
+        cnt,
+        dummy,
+        dummy,
+        dummy,
+        dummy,
+        p.n,
+        p.m,
+        p.d,
+        pos_lo,
+        neg_hi,
+        WRITE=False,
+        **common,
+    )
     off = torch.cumsum(cnt, dim=1) - cnt  # exclusive prefix sums, int64
     tp, tn = (int(v) for v in cnt.sum(1).tolist())
     # poisoned with -1 (every entry must be written); at least one element so no pointer is null
     a1, pp = (torch.full((max(tp, 1),), -1, device=dev, dtype=torch.int64) for _ in range(2))
     a2, nn = (torch.full((max(tn, 1),), -1, device=dev, dtype=torch.int64) for _ in range(2))
     off = off.contiguous()
-    pair_list_kernel[grid](p.x, p.r, p.xn, p.rn, p.y, p.z, p.excl, cnt, off, a1, pp, a2, nn,
-                           p.n, p.m, p.d, pos_lo, neg_hi, WRITE=True, **common)
+    pair_list_kernel[grid](
+        p.x,
+        p.r,
+        p.xn,
+        p.rn,
+        p.y,
+        p.z,
+        p.excl,
+        cnt,
+        off,
+        a1,
+        pp,
+        a2,
+        nn,
+        p.n,
+        p.m,
+        p.d,
+        pos_lo,
+        neg_hi,
+        WRITE=True,
+        **common,
+    )
     return a1[:tp], pp[:tp], a2[:tn], nn[:tn]

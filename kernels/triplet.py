@@ -76,9 +76,27 @@ def _in_band(dap, dan, pm, nm, band_lo, band_hi):
 
 @triton.jit(do_not_specialize=["A0", "M", "LD"])
 def triplet_anchor_kernel(
-    buf_ptr, w_ptr, y_ptr, z_ptr, excl_ptr, perm_ptr, plo_ptr, phi_ptr, part_ptr,
-    A0, M, LD, margin, band_lo, band_hi, low, high,
-    SMOOTH: tl.constexpr, NEED_GRAD: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr,
+    buf_ptr,
+    w_ptr,
+    y_ptr,
+    z_ptr,
+    excl_ptr,
+    perm_ptr,
+    plo_ptr,
+    phi_ptr,
+    part_ptr,
+    A0,
+    M,
+    LD,
+    margin,
+    band_lo,
+    band_hi,
+    low,
+    high,
+    SMOOTH: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    BP: tl.constexpr,
+    BT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     ya, ex, lo, hi = _anchor_setup(y_ptr, excl_ptr, plo_ptr, phi_ptr, A0, pid, M)
@@ -122,9 +140,22 @@ def triplet_anchor_kernel(
 
 @triton.jit(do_not_specialize=["A0", "M", "LD"])
 def semihard_anchor_kernel(
-    buf_ptr, w_ptr, y_ptr, z_ptr, excl_ptr, perm_ptr, plo_ptr, phi_ptr, part_ptr,
-    A0, M, LD, margin,
-    NEED_GRAD: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr,
+    buf_ptr,
+    w_ptr,
+    y_ptr,
+    z_ptr,
+    excl_ptr,
+    perm_ptr,
+    plo_ptr,
+    phi_ptr,
+    part_ptr,
+    A0,
+    M,
+    LD,
+    margin,
+    NEED_GRAD: tl.constexpr,
+    BP: tl.constexpr,
+    BT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     ya, ex, lo, hi = _anchor_setup(y_ptr, excl_ptr, plo_ptr, phi_ptr, A0, pid, M)
@@ -179,9 +210,26 @@ def semihard_anchor_kernel(
 
 @triton.jit(do_not_specialize=["A0", "M", "LD"])
 def triplet_list_kernel(
-    buf_ptr, y_ptr, z_ptr, excl_ptr, perm_ptr, plo_ptr, phi_ptr, cnt_ptr, off_ptr, a_ptr, p_ptr, n_ptr,
-    A0, M, LD, band_lo, band_hi,
-    WRITE: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr,
+    buf_ptr,
+    y_ptr,
+    z_ptr,
+    excl_ptr,
+    perm_ptr,
+    plo_ptr,
+    phi_ptr,
+    cnt_ptr,
+    off_ptr,
+    a_ptr,
+    p_ptr,
+    n_ptr,
+    A0,
+    M,
+    LD,
+    band_lo,
+    band_hi,
+    WRITE: tl.constexpr,
+    BP: tl.constexpr,
+    BT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     ya, ex, lo, hi = _anchor_setup(y_ptr, excl_ptr, plo_ptr, phi_ptr, A0, pid, M)
@@ -241,8 +289,9 @@ def _stats_run(p, need_grad, allow_tf32, launch, need_grad_r=True):
     return stats, gx_parts, gr_parts
 
 
-def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad,
-                      need_grad_r=True, allow_tf32=False):
+def triplet_stats_fwd(
+    x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad, need_grad_r=True, allow_tf32=False
+):
     """All-triplet statistics ``[S, C]`` (float64) and the gradient part dS/d(x, r).
 
     S = sum of counted terms relu(v) (softplus(v) if ``smooth``), v = d'_ip - d'_in + margin, over triplets
@@ -251,18 +300,34 @@ def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, 
     empty/square shapes and ``need_grad_r``).
     """
     p = prepare(x, y, r, z, excl, kind)
-    vals = [check_float(nm, v) for nm, v in (("margin", margin), ("band_lo", band_lo), ("band_hi", band_hi),
-                                             ("low", low), ("high", high))]
+    vals = [
+        check_float(nm, v)
+        for nm, v in (("margin", margin), ("band_lo", band_lo), ("band_hi", band_hi), ("low", low), ("high", high))
+    ]
     smooth = bool(smooth)
     need_grad = bool(need_grad)
 
     def launch(st, a0, ch, part):
         if p.m == 0:
-            part[a0:a0 + ch].zero_()
+            part[a0 : a0 + ch].zero_()
             return
         triplet_anchor_kernel[(ch,)](
-            st.buf, st.w, p.y, p.z, p.excl, st.perm, st.plo, st.phi, part,
-            a0, p.m, st.buf.shape[1], *vals, SMOOTH=smooth, NEED_GRAD=need_grad, **_grid_cfg(st),
+            st.buf,
+            st.w,
+            p.y,
+            p.z,
+            p.excl,
+            st.perm,
+            st.plo,
+            st.phi,
+            part,
+            a0,
+            p.m,
+            st.buf.shape[1],
+            *vals,
+            SMOOTH=smooth,
+            NEED_GRAD=need_grad,
+            **_grid_cfg(st),
         )
 
     return _stats_run(p, need_grad, allow_tf32, launch, bool(need_grad_r))
@@ -281,11 +346,24 @@ def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, need_grad_r=Tr
 
     def launch(st, a0, ch, part):
         if p.m == 0:
-            part[a0:a0 + ch].zero_()
+            part[a0 : a0 + ch].zero_()
             return
         semihard_anchor_kernel[(ch,)](
-            st.buf, st.w, p.y, p.z, p.excl, st.perm, st.plo, st.phi, part,
-            a0, p.m, st.buf.shape[1], margin, NEED_GRAD=need_grad, **_grid_cfg(st),
+            st.buf,
+            st.w,
+            p.y,
+            p.z,
+            p.excl,
+            st.perm,
+            st.plo,
+            st.phi,
+            part,
+            a0,
+            p.m,
+            st.buf.shape[1],
+            margin,
+            NEED_GRAD=need_grad,
+            **_grid_cfg(st),
         )
 
     return _stats_run(p, need_grad, allow_tf32, launch, bool(need_grad_r))
@@ -308,8 +386,25 @@ def triplet_list(x, y, r, z, excl, kind, band_lo, band_hi, allow_tf32=False):
     # far less than the compares, and the budget holds one chunk at a time)
     for a0, ch in st.chunks():
         triplet_list_kernel[(ch,)](
-            st.buf, p.y, p.z, p.excl, st.perm, st.plo, st.phi, cnt, dummy, dummy, dummy, dummy,
-            a0, p.m, st.buf.shape[1], band_lo, band_hi, WRITE=False, **_grid_cfg(st),
+            st.buf,
+            p.y,
+            p.z,
+            p.excl,
+            st.perm,
+            st.plo,
+            st.phi,
+            cnt,
+            dummy,
+            dummy,
+            dummy,
+            dummy,
+            a0,
+            p.m,
+            st.buf.shape[1],
+            band_lo,
+            band_hi,
+            WRITE=False,
+            **_grid_cfg(st),
         )
         chunks.append((a0, ch))
     off = (torch.cumsum(cnt, 0) - cnt).contiguous()
@@ -319,7 +414,24 @@ def triplet_list(x, y, r, z, excl, kind, band_lo, band_hi, allow_tf32=False):
     out = [torch.full((max(total, 1),), -1, device=dev, dtype=torch.int64) for _ in range(3)]
     for a0, ch in st.chunks():
         triplet_list_kernel[(ch,)](
-            st.buf, p.y, p.z, p.excl, st.perm, st.plo, st.phi, cnt, off, out[0], out[1], out[2],
-            a0, p.m, st.buf.shape[1], band_lo, band_hi, WRITE=True, **_grid_cfg(st),
+            st.buf,
+            p.y,
+            p.z,
+            p.excl,
+            st.perm,
+            st.plo,
+            st.phi,
+            cnt,
+            off,
+            out[0],
+            out[1],
+            out[2],
+            a0,
+            p.m,
+            st.buf.shape[1],
+            band_lo,
+            band_hi,
+            WRITE=True,
+            **_grid_cfg(st),
         )
     return tuple(o[:total] for o in out)

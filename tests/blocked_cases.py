@@ -23,8 +23,6 @@ INF = math.inf
 KINDS = ("l2", "sql2", "dot")
 
 
-
-
 def make_inputs(n, d, dtype, square=True, pattern="random", m=None, seed=0, scale=1.0):
     """(x, y, r, z, excl) with x in ``dtype``; rectangular: r (m, d), z, and excl with some -1."""
     g = torch.Generator().manual_seed(seed)

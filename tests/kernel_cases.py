@@ -33,8 +33,9 @@ def kernel_device() -> str | None:
 DEVICE = kernel_device()
 needs_kernels = pytest.mark.skipif(DEVICE is None, reason="needs CUDA or TRITON_INTERPRET=1")
 # CUDA-only tests carry both marks: @pytest.mark.cuda (selected by bench/gpu_check.sh) and @cuda_only
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
-                               reason="needs a CUDA device and compiled (not interpreted) kernels")
+cuda_only = pytest.mark.skipif(
+    not torch.cuda.is_available() or interpreting(), reason="needs a CUDA device and compiled (not interpreted) kernels"
+)
 
 
 def labels(pattern: str, n: int, g: torch.Generator) -> torch.Tensor:

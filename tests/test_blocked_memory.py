@@ -88,7 +88,10 @@ def measure(which, op, n=3000, d=16, mb=8.0):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(
         [sys.executable, "-c", _MEASURE, which, op, str(n), str(d), str(mb)],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -187,19 +190,35 @@ def test_deterministic_algorithms_mode_is_honoured():
         (lambda a: a.update(r=torch.zeros(6, 2), z=torch.zeros(6, dtype=torch.int64)), "r has dimension 2"),
         (lambda a: a.update(r=torch.zeros(6, 3)), "r and z must be given together"),
         (lambda a: a.update(r=torch.zeros(6, 3), z=torch.zeros(5, dtype=torch.int64)), "z has 5 labels"),
-        (lambda a: a.update(r=torch.zeros(6, 3), z=torch.zeros(6, dtype=torch.int64),
-                            excl=torch.full((5,), 7)), "excl holds an index"),
+        (
+            lambda a: a.update(r=torch.zeros(6, 3), z=torch.zeros(6, dtype=torch.int64), excl=torch.full((5,), 7)),
+            "excl holds an index",
+        ),
     ],
 )
 def test_bad_inputs_raise_clear_errors(mutate, match):
     args = dict(x=torch.zeros(5, 3), y=torch.zeros(5, dtype=torch.int64), r=None, z=None, excl=None, kind="l2")
     mutate(args)
     with pytest.raises((ValueError, TypeError), match=match):
-        blocked.triplet_stats_fwd(args["x"], args["y"], args["r"], args["z"], args["excl"], args["kind"],
-                                  0.1, False, -INF, INF, 0.0, INF, True)
+        blocked.triplet_stats_fwd(
+            args["x"],
+            args["y"],
+            args["r"],
+            args["z"],
+            args["excl"],
+            args["kind"],
+            0.1,
+            False,
+            -INF,
+            INF,
+            0.0,
+            INF,
+            True,
+        )
     with pytest.raises((ValueError, TypeError), match=match):
-        blocked.row_extreme(args["x"], args["y"], args["r"], args["z"], args["excl"], args["kind"],
-                            "pos", "max", -INF, INF, None, "")
+        blocked.row_extreme(
+            args["x"], args["y"], args["r"], args["z"], args["excl"], args["kind"], "pos", "max", -INF, INF, None, ""
+        )
 
 
 def test_bad_miner_options_raise():

@@ -139,8 +139,11 @@ def test_identical_points_give_finite_gradients(op):
             continue
         stats = check_stats(op, x, y, None, None, None, kind, args)
         assert torch.isfinite(stats).all()
-        _, gx, _ = {"contrastive": blocked.contrastive_stats_fwd, "triplet": blocked.triplet_stats_fwd,
-                    "semihard": blocked.semihard_stats_fwd}[op](x.float(), y, None, None, None, kind, *args, True)
+        _, gx, _ = {
+            "contrastive": blocked.contrastive_stats_fwd,
+            "triplet": blocked.triplet_stats_fwd,
+            "semihard": blocked.semihard_stats_fwd,
+        }[op](x.float(), y, None, None, None, kind, *args, True)
         assert torch.isfinite(gx).all()
 
 

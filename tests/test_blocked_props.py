@@ -18,15 +18,27 @@ INF = math.inf
 
 bounds = st.one_of(st.just(-INF), st.floats(-1.0, 1.0))
 uppers = st.one_of(st.just(INF), st.floats(0.0, 2.0))
-shapes = st.tuples(st.integers(1, 23), st.integers(1, 6), st.booleans(),
-                   st.sampled_from(["random", "one", "distinct", "imbalanced", "pk"]),
-                   st.sampled_from(["l2", "sql2", "dot"]), st.integers(0, 2**16),
-                   st.sampled_from([0.002, 0.02, 64.0]))
+shapes = st.tuples(
+    st.integers(1, 23),
+    st.integers(1, 6),
+    st.booleans(),
+    st.sampled_from(["random", "one", "distinct", "imbalanced", "pk"]),
+    st.sampled_from(["l2", "sql2", "dot"]),
+    st.integers(0, 2**16),
+    st.sampled_from([0.002, 0.02, 64.0]),
+)
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=shapes, pm=st.floats(-0.5, 1.0), nm=st.floats(0.0, 2.5), pos_lo=bounds, neg_hi=uppers,
-       low=st.one_of(st.just(-INF), st.just(0.0), st.floats(0.0, 0.5)), high=uppers)
+@given(
+    shape=shapes,
+    pm=st.floats(-0.5, 1.0),
+    nm=st.floats(0.0, 2.5),
+    pos_lo=bounds,
+    neg_hi=uppers,
+    low=st.one_of(st.just(-INF), st.just(0.0), st.floats(0.0, 0.5)),
+    high=uppers,
+)
 def test_contrastive_property(shape, pm, nm, pos_lo, neg_hi, low, high):
     n, d, square, pattern, kind, seed, mb = shape
     x, y, r, z, excl = make_inputs(n, d, torch.float64, square, pattern, seed=seed)
@@ -35,8 +47,15 @@ def test_contrastive_property(shape, pm, nm, pos_lo, neg_hi, low, high):
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=shapes, margin=st.floats(0.0, 1.0), smooth=st.booleans(), band_lo=bounds, band_hi=uppers,
-       low=st.one_of(st.just(-INF), st.just(0.0), st.floats(0.0, 0.5)), high=uppers)
+@given(
+    shape=shapes,
+    margin=st.floats(0.0, 1.0),
+    smooth=st.booleans(),
+    band_lo=bounds,
+    band_hi=uppers,
+    low=st.one_of(st.just(-INF), st.just(0.0), st.floats(0.0, 0.5)),
+    high=uppers,
+)
 def test_triplet_property(shape, margin, smooth, band_lo, band_hi, low, high):
     n, d, square, pattern, kind, seed, mb = shape
     x, y, r, z, excl = make_inputs(n, d, torch.float64, square, pattern, seed=seed)

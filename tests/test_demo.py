@@ -9,8 +9,21 @@ import torch
 from fastdml.demo.__main__ import build_parser, main
 from fastdml.demo.sampler import PKSampler, RandomSampler
 
-SMALL = ["--train-subset", "300", "--test-subset", "200", "--epochs", "1", "--classes-per-batch", "10",
-         "--samples-per-class", "6", "--no-progress", "--device", "cpu"]
+SMALL = [
+    "--train-subset",
+    "300",
+    "--test-subset",
+    "200",
+    "--epochs",
+    "1",
+    "--classes-per-batch",
+    "10",
+    "--samples-per-class",
+    "6",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 def _read_png(path):
@@ -25,8 +38,9 @@ def _read_png(path):
     return image
 
 
-@pytest.mark.parametrize("loss, mining", [("contrastive", None), ("triplet", None), ("triplet", "semi-hard"),
-                                          ("paired-contrastive", None)])
+@pytest.mark.parametrize(
+    "loss, mining", [("contrastive", None), ("triplet", None), ("triplet", "semi-hard"), ("paired-contrastive", None)]
+)
 def test_demo_smoke_run_writes_valid_outputs(tmp_path, capsys, loss, mining):
     out = tmp_path / "run"
     argv = SMALL + ["--loss", loss, "--out", str(out)] + (["--mining", mining] if mining else [])
@@ -70,12 +84,15 @@ def test_help_documents_every_option(capsys):
             assert option in text
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--loss", "contrastive", "--mining", "semi-hard"], "mining"),
-    (["--loss", "quadruplet"], "invalid choice"),
-    (["--epochs", "0"], "--epochs must be >= 1"),
-    (["--loss", "paired-contrastive", "--positive-weight", "1.5"], "positive_weight"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--loss", "contrastive", "--mining", "semi-hard"], "mining"),
+        (["--loss", "quadruplet"], "invalid choice"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--loss", "paired-contrastive", "--positive-weight", "1.5"], "positive_weight"),
+    ],
+)
 def test_bad_options_exit_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)

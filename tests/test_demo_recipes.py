@@ -39,8 +39,9 @@ def test_paired_contrastive_recipe_is_the_library_loss_on_the_two_halves(tol):
     y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
     recipe = build_recipe("paired-contrastive", margin=1.5, positive_weight=0.3)
     half = len(x) // 2
-    criterion = losses.PairedContrastiveLoss(distance=distances.LpDistance(normalize_embeddings=False),
-                                             margin=1.5, positive_weight=0.3)
+    criterion = losses.PairedContrastiveLoss(
+        distance=distances.LpDistance(normalize_embeddings=False), margin=1.5, positive_weight=0.3
+    )
     want = criterion(x[:half], x[half:], y[:half], y[half:]) / half
     torch.testing.assert_close(recipe(x, y), want, **tol[torch.float64])
 

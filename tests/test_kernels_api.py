@@ -38,7 +38,8 @@ def kernels_backend():
 LOSSES = {
     "contrastive": lambda: losses.ContrastiveLoss(pos_margin=0.2, neg_margin=0.9),
     "contrastive_sql2_raw": lambda: losses.ContrastiveLoss(
-        pos_margin=0.5, neg_margin=6.0, distance=distances.LpDistance(normalize_embeddings=False, power=2)),
+        pos_margin=0.5, neg_margin=6.0, distance=distances.LpDistance(normalize_embeddings=False, power=2)
+    ),
     "triplet_all": lambda: losses.TripletMarginLoss(margin=0.3),
     "triplet_dot": lambda: losses.TripletMarginLoss(margin=0.3, distance=distances.DotProductSimilarity()),
     "batch_all": lambda: losses.BatchAllTripletLoss(),
@@ -102,8 +103,7 @@ def test_loss_on_kernels_matches_reference(name, dtype, n, d, classes):
 
 MINERS = {
     "triplet_all": lambda dist: miners.TripletMarginMiner(margin=0.7, type_of_triplets="all", distance=dist),
-    "triplet_semihard": lambda dist: miners.TripletMarginMiner(margin=0.7, type_of_triplets="semihard",
-                                                               distance=dist),
+    "triplet_semihard": lambda dist: miners.TripletMarginMiner(margin=0.7, type_of_triplets="semihard", distance=dist),
     # margins off the lattice's distances sqrt(k) / 2 (a boundary case is not the point; GPU sqrt may be
     # approximate)
     "pair_margin": lambda dist: miners.PairMarginMiner(pos_margin=1.6, neg_margin=2.6, distance=dist),

@@ -74,8 +74,7 @@ def test_triplet_stats_and_gradient_match_reference(scenario, kind, dtype, tol):
     n, m, d, pattern, case = scenario
     x, y, r, z, excl = make_inputs(n, m, d, pattern, case, dtype, seed=n + d)
     variant = ("plain", "smooth", "band")[(n + d) % 3]
-    _check(triplet_stats_fwd, "triplet_stats", x, y, r, z, excl, kind, _triplet_args(x, r, kind, variant),
-           tol, dtype)
+    _check(triplet_stats_fwd, "triplet_stats", x, y, r, z, excl, kind, _triplet_args(x, r, kind, variant), tol, dtype)
 
 
 @pytest.mark.parametrize(("scenario", "kind", "dtype"), grid(SCENARIOS))
@@ -92,8 +91,7 @@ def test_triplet_ops_with_a_class_larger_than_a_positive_tile(case, tol):
     x, y, r, z, excl = make_inputs(70, 50, 2, "imbalanced", case, torch.float32, seed=11)
     args = _triplet_args(x, r, "l2", "plain")
     _check(triplet_stats_fwd, "triplet_stats", x, y, r, z, excl, "l2", args, tol, torch.float32, nograd=True)
-    _check(semihard_stats_fwd, "semihard_stats", x, y, r, z, excl, "l2", args[:1], tol, torch.float32,
-           nograd=True)
+    _check(semihard_stats_fwd, "semihard_stats", x, y, r, z, excl, "l2", args[:1], tol, torch.float32, nograd=True)
 
 
 @pytest.mark.parametrize("kind", ["l2", "dot"])

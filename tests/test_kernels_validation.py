@@ -18,13 +18,16 @@ def _ok():
 
 
 CALLS = {
-    "contrastive": lambda x, y, r, z, e, kind="l2": K.contrastive_stats_fwd(x, y, r, z, e, kind, 0.0, 1.0, -INF, INF,
-                                                                            0.0, INF, True),
-    "triplet": lambda x, y, r, z, e, kind="l2": K.triplet_stats_fwd(x, y, r, z, e, kind, 0.1, False, -INF, INF, 0.0,
-                                                                    INF, True),
+    "contrastive": lambda x, y, r, z, e, kind="l2": K.contrastive_stats_fwd(
+        x, y, r, z, e, kind, 0.0, 1.0, -INF, INF, 0.0, INF, True
+    ),
+    "triplet": lambda x, y, r, z, e, kind="l2": K.triplet_stats_fwd(
+        x, y, r, z, e, kind, 0.1, False, -INF, INF, 0.0, INF, True
+    ),
     "semihard": lambda x, y, r, z, e, kind="l2": K.semihard_stats_fwd(x, y, r, z, e, kind, 0.1, True),
-    "row_extreme": lambda x, y, r, z, e, kind="l2": K.row_extreme(x, y, r, z, e, kind, "pos", "max", -INF, INF,
-                                                                  None, ""),
+    "row_extreme": lambda x, y, r, z, e, kind="l2": K.row_extreme(
+        x, y, r, z, e, kind, "pos", "max", -INF, INF, None, ""
+    ),
     "pair_list": lambda x, y, r, z, e, kind="l2": K.pair_list(x, y, r, z, e, kind, -INF, INF),
     "triplet_list": lambda x, y, r, z, e, kind="l2": K.triplet_list(x, y, r, z, e, kind, -INF, INF),
 }

@@ -96,18 +96,21 @@ def test_accuracy_calculator_with_reference_that_includes_the_queries():
     ref, ref_labels = torch.cat([q, r]), torch.cat([ql, rl])
     ours = AccuracyCalculator(memory_budget=TINY_BUDGET).get_accuracy(q, ql, ref, ref_labels, True)
     want = PMLAccuracyCalculator(include=METRICS, knn_func=brute_knn, device=torch.device("cpu")).get_accuracy(
-        q, ql, ref, ref_labels, True)
+        q, ql, ref, ref_labels, True
+    )
     for name in METRICS:
         assert ours[name] == close(name, want[name]), name
 
 
 def test_include_exclude_and_custom_knn_func():
     q, ql, _, _ = make(30, 1, 2, "balanced", seed=5)
-    calc = AccuracyCalculator(include=("precision_at_1", "r_precision"), exclude=("r_precision",),
-                              knn_func=BlockedKNN(TINY_BUDGET))
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "r_precision"), exclude=("r_precision",), knn_func=BlockedKNN(TINY_BUDGET)
+    )
     got = calc.get_accuracy(q, ql)
-    want = PMLAccuracyCalculator(include=("precision_at_1",), knn_func=brute_knn,
-                                 device=torch.device("cpu")).get_accuracy(q, ql)
+    want = PMLAccuracyCalculator(
+        include=("precision_at_1",), knn_func=brute_knn, device=torch.device("cpu")
+    ).get_accuracy(q, ql)
     assert list(got) == ["precision_at_1"]
     assert got["precision_at_1"] == pytest.approx(want["precision_at_1"], abs=1e-12)
     assert list(calc.get_accuracy(q, ql, include=("mean_reciprocal_rank",))) == ["mean_reciprocal_rank"]
@@ -120,8 +123,9 @@ def test_label_comparison_fn_matches_pml():
         return (a % 2) == (b % 2)
 
     got = AccuracyCalculator(label_comparison_fn=same_parity, memory_budget=TINY_BUDGET).get_accuracy(q, ql, r, rl)
-    want = PMLAccuracyCalculator(include=METRICS, label_comparison_fn=same_parity, knn_func=brute_knn,
-                                 device=torch.device("cpu")).get_accuracy(q, ql, r, rl)
+    want = PMLAccuracyCalculator(
+        include=METRICS, label_comparison_fn=same_parity, knn_func=brute_knn, device=torch.device("cpu")
+    ).get_accuracy(q, ql, r, rl)
     for name in METRICS:
         assert got[name] == close(name, want[name]), name
 
@@ -130,8 +134,12 @@ def test_label_comparison_fn_matches_pml():
 def test_retrieval_metrics_leave_one_out_match_pml(d):
     q, ql, _, _ = make(150, 1, d, "imbalanced", seed=d)
     got = retrieval_metrics(q, ql, memory_budget=TINY_BUDGET)
-    want = PMLAccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
-                                 k="max_bin_count", knn_func=brute_knn, device=torch.device("cpu")).get_accuracy(q, ql)
+    want = PMLAccuracyCalculator(
+        include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+        k="max_bin_count",
+        knn_func=brute_knn,
+        device=torch.device("cpu"),
+    ).get_accuracy(q, ql)
     assert set(got) == set(want)
     for name, value in want.items():
         assert got[name] == pytest.approx(value, rel=1e-12, abs=1e-12), name

@@ -48,8 +48,9 @@ def test_committed_train_split_reads():
     assert np.bincount(split.labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 
-@pytest.mark.parametrize("dtype, code", [(np.uint8, 0x08), (np.int16, 0x0B), (np.int32, 0x0C),
-                                         (np.float32, 0x0D), (np.float64, 0x0E)])
+@pytest.mark.parametrize(
+    "dtype, code", [(np.uint8, 0x08), (np.int16, 0x0B), (np.int32, 0x0C), (np.float32, 0x0D), (np.float64, 0x0E)]
+)
 def test_parse_idx_round_trips_every_type(dtype, code):
     array = (np.arange(2 * 3 * 5).reshape(2, 3, 5) * 3 - 7).astype(dtype)
     if dtype == np.uint8:

@@ -202,8 +202,18 @@ def _block_grad(P, s, A, d, r0, r1, c0, c1, gx_k, gr_k, sign, zero_invalid, symm
     """:func:`_pair_grad` on rows ``s + r0 : s + r1`` x columns ``c0:c1`` of a row block (square fallback:
     symmetric weights, the row side counted twice)."""
     gj = None if (symmetric or gr_k is None) else gr_k[c0:c1]
-    _pair_grad(P, P.x[s + r0 : s + r1], P.r[c0:c1], gx_k[s + r0 : s + r1], gj, A, d, sign,
-               2.0 if symmetric else 1.0, zero_invalid)
+    _pair_grad(
+        P,
+        P.x[s + r0 : s + r1],
+        P.r[c0:c1],
+        gx_k[s + r0 : s + r1],
+        gj,
+        A,
+        d,
+        sign,
+        2.0 if symmetric else 1.0,
+        zero_invalid,
+    )
 
 
 def _bytes_per_entry(P: Problem, need_grad: bool) -> int:
@@ -280,8 +290,21 @@ def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
             sums[0] += torch.linalg.vecdot(Aa, sub - pm, dim=1).sum(dtype=torch.float64)
             sums[1] += Ac.sum(1).sum(dtype=torch.float64)
             if need_grad:
-                _block_grad(P, s, Aa, sub, r0, r1, c0, c1, gx[0], _part(gr, 0), 1.0,
-                            lambda C, r0=r0, c0=c0: zero_flagged_in(C, r0, c0), symmetric)
+                _block_grad(
+                    P,
+                    s,
+                    Aa,
+                    sub,
+                    r0,
+                    r1,
+                    c0,
+                    c1,
+                    gx[0],
+                    _part(gr, 0),
+                    1.0,
+                    lambda C, r0=r0, c0=c0: zero_flagged_in(C, r0, c0),
+                    symmetric,
+                )
     else:
         same = torch.eq(P.y[s:e, None], P.z[None, :], out=torch.empty_like(d))
         if ex is not None:
@@ -292,8 +315,9 @@ def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
         sums[1] += Ac.sum(1).sum(dtype=torch.float64)
         del Ac
         if need_grad:
-            _block_grad(P, s, Aa, d, 0, b, 0, m, gx[0], _part(gr, 0), 1.0,
-                        lambda C: zero_flagged_in(C, 0, 0), symmetric)
+            _block_grad(
+                P, s, Aa, d, 0, b, 0, m, gx[0], _part(gr, 0), 1.0, lambda C: zero_flagged_in(C, 0, 0), symmetric
+            )
         del Aa
 
     # ---------------- negatives (the whole block, positives and excluded pairs zeroed)
@@ -309,8 +333,7 @@ def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
     sums[3] += Nc.sum(1).sum(dtype=torch.float64)
     del Nc, masks
     if need_grad:
-        _block_grad(P, s, An, d, 0, b, 0, m, gx[1], _part(gr, 1), -1.0,
-                    lambda C: zero_flagged_in(C, 0, 0), symmetric)
+        _block_grad(P, s, An, d, 0, b, 0, m, gx[1], _part(gr, 1), -1.0, lambda C: zero_flagged_in(C, 0, 0), symmetric)
         del An
         if fl is not None:
             gcol = None if (symmetric or not gr.shape[0]) else gr
@@ -507,8 +530,18 @@ def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
             acc.add(1, wt, Ac.sum(1))
             if need_grad:
                 gj = None if diagonal else gx[0, sj + c0 : sj + c1]
-                _pair_grad(P, xi[r0:r1], xj[c0:c1], gx[0, si + r0 : si + r1], gj, Aa, sub, 1.0, 2.0,
-                           lambda C, r0=r0, c0=c0: zero_invalid(C, r0, c0))
+                _pair_grad(
+                    P,
+                    xi[r0:r1],
+                    xj[c0:c1],
+                    gx[0, si + r0 : si + r1],
+                    gj,
+                    Aa,
+                    sub,
+                    1.0,
+                    2.0,
+                    lambda C, r0=r0, c0=c0: zero_invalid(C, r0, c0),
+                )
     else:
         if d is None:
             d = torch.sqrt(q, out=bd)

@@ -356,8 +356,18 @@ def new_parts(P: Problem, k: int, need_grad: bool, need_grad_r: bool = True):
     return gx, gr
 
 
-def accumulate_grad(P: Problem, s: int, e: int, d, flagged, G: torch.Tensor, gx, gr, symmetric: bool = False,
-                    scratch: torch.Tensor | None = None):
+def accumulate_grad(
+    P: Problem,
+    s: int,
+    e: int,
+    d,
+    flagged,
+    G: torch.Tensor,
+    gx,
+    gr,
+    symmetric: bool = False,
+    scratch: torch.Tensor | None = None,
+):
     """Add ``dS_k/dx`` (rows s:e, row side) and ``dS_k/dr`` (column side) of one block into gx, gr.
 
     ``G`` (k, b, M): pair weights ``dS_k/dd'_ij`` of the block (0 on pairs outside the loss; it is consumed:

@@ -345,13 +345,18 @@ def triplet_stats_fwd(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, 
             n_b = len(lowers) + len(uppers) + (active_extra is not None)
             rows = budget.rows_per_block(P.N, P.M, _bytes_per_entry_triplet(P, need_grad, n_b))
         if smooth:
+
             def block(s, e, d, neg, kmax):
-                return _smooth_block(P, s, e, d, neg, layout, kmax, margin, band_lo, band_hi, low, high, need_grad,
-                                     sums)
+                return _smooth_block(
+                    P, s, e, d, neg, layout, kmax, margin, band_lo, band_hi, low, high, need_grad, sums
+                )
         else:
+
             def block(s, e, d, neg, kmax):
-                return _relu_block(P, s, e, d, neg, layout, kmax, margin, (lowers, uppers), active_extra, need_grad,
-                                   sums)
+                return _relu_block(
+                    P, s, e, d, neg, layout, kmax, margin, (lowers, uppers), active_extra, need_grad, sums
+                )
+
         _sweep(P, layout, rows, block, need_grad, gx, gr)
         return sums, gx, gr
 
@@ -424,6 +429,13 @@ def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, need_grad_r=Tr
         layout = PositiveLayout(P)
         per_entry = 5 * P.esize + 8 + 8 * 4  # d, masks, bins (int64), the scatter values, G, C
         rows = budget.rows_per_block(P.N, P.M, per_entry)
-        _sweep(P, layout, rows, lambda s, e, d, neg, kmax: _semihard_block(P, s, e, d, neg, layout, kmax, margin,
-                                                                          need_grad, sums), need_grad, gx, gr)
+        _sweep(
+            P,
+            layout,
+            rows,
+            lambda s, e, d, neg, kmax: _semihard_block(P, s, e, d, neg, layout, kmax, margin, need_grad, sums),
+            need_grad,
+            gx,
+            gr,
+        )
         return sums, gx, gr

@@ -46,47 +46,87 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     g = parser.add_argument_group("loss")
-    g.add_argument("--loss", choices=LOSSES, default="contrastive",
-                   help="contrastive: all pairs of a batch (Hadsell et al. 2006, batch form); paired-contrastive: "
-                   "the write-up's siamese pairs (i, i + B/2); triplet: margin triplet loss on mined triplets")
-    g.add_argument("--mining", default=None,
-                   help="pair/triplet selection; " + "; ".join(f"{loss}: {'|'.join(MININGS[loss])}"
-                                                              for loss in LOSSES)
-                   + " (default: the first of each list). none/batch-all: every pair/triplet of the batch")
-    g.add_argument("--margin", type=float, default=None,
-                   help="contrastive: neg_margin; paired-contrastive: margin; triplet: margin (default per loss: "
-                   + per_loss("margin") + ")")
-    g.add_argument("--pos-margin", type=float, default=None,
-                   help="contrastive only: pos_margin, positive pairs closer than this cost nothing (default "
-                   f"{DEFAULTS['contrastive']['pos_margin']})")
-    g.add_argument("--positive-weight", type=float, default=None,
-                   help="paired-contrastive only: weight of the positive term, 1 - it on the negative term "
-                   f"(default {DEFAULTS['paired-contrastive']['positive_weight']})")
+    g.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="contrastive",
+        help="contrastive: all pairs of a batch (Hadsell et al. 2006, batch form); paired-contrastive: "
+        "the write-up's siamese pairs (i, i + B/2); triplet: margin triplet loss on mined triplets",
+    )
+    g.add_argument(
+        "--mining",
+        default=None,
+        help="pair/triplet selection; "
+        + "; ".join(f"{loss}: {'|'.join(MININGS[loss])}" for loss in LOSSES)
+        + " (default: the first of each list). none/batch-all: every pair/triplet of the batch",
+    )
+    g.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help="contrastive: neg_margin; paired-contrastive: margin; triplet: margin (default per loss: "
+        + per_loss("margin")
+        + ")",
+    )
+    g.add_argument(
+        "--pos-margin",
+        type=float,
+        default=None,
+        help="contrastive only: pos_margin, positive pairs closer than this cost nothing (default "
+        f"{DEFAULTS['contrastive']['pos_margin']})",
+    )
+    g.add_argument(
+        "--positive-weight",
+        type=float,
+        default=None,
+        help="paired-contrastive only: weight of the positive term, 1 - it on the negative term "
+        f"(default {DEFAULTS['paired-contrastive']['positive_weight']})",
+    )
     g = parser.add_argument_group("model and optimisation")
     g.add_argument("--dim", type=int, default=2, help="embedding dimension")
     g.add_argument("--width", type=int, default=16, help="channels of the first conv block (then 2x, 4x)")
     g.add_argument("--hidden", type=int, default=512, help="width of the hidden layer before the projection")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default per loss: " + per_loss("epochs") + ")")
-    g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate of AdamW's one-cycle schedule (default per loss: " + per_loss("lr") + ")")
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate of AdamW's one-cycle schedule (default per loss: " + per_loss("lr") + ")",
+    )
     g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    g.add_argument("--classes-per-batch", type=int, default=None,
-                   help="P of the class-balanced P x K batches; paired-contrastive draws shuffled batches of "
-                   "P * K images instead (default per loss: " + per_loss("p") + ")")
-    g.add_argument("--samples-per-class", type=int, default=None,
-                   help="K of the P x K batches (default per loss: " + per_loss("k") + ")")
-    g.add_argument("--shift", type=int, default=0,
-                   help="augmentation: translate each training image by up to +-SHIFT pixels (0: off; costs time)")
+    g.add_argument(
+        "--classes-per-batch",
+        type=int,
+        default=None,
+        help="P of the class-balanced P x K batches; paired-contrastive draws shuffled batches of "
+        "P * K images instead (default per loss: " + per_loss("p") + ")",
+    )
+    g.add_argument(
+        "--samples-per-class",
+        type=int,
+        default=None,
+        help="K of the P x K batches (default per loss: " + per_loss("k") + ")",
+    )
+    g.add_argument(
+        "--shift",
+        type=int,
+        default=0,
+        help="augmentation: translate each training image by up to +-SHIFT pixels (0: off; costs time)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batch order")
     g = parser.add_argument_group("data and run")
-    g.add_argument("--data-dir", default=None,
-                   help="folder with the four MNIST IDX files (.gz or not); default: the project's data/mnist, "
-                   "then the cache ($FASTDML_DATA_DIR or ~/.cache/fastdml/mnist), then a download")
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the four MNIST IDX files (.gz or not); default: the project's data/mnist, "
+        "then the cache ($FASTDML_DATA_DIR or ~/.cache/fastdml/mnist), then a download",
+    )
     g.add_argument("--no-download", action="store_true", help="never download the data")
     g.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     g.add_argument("--test-subset", type=int, default=None, help="use only the first N test images")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: cuda when available, else cpu")
+    g.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available, else cpu"
+    )
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--out", default=None, help="output folder (default: runs/<UTC timestamp>)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (the per-epoch lines remain)")
@@ -123,8 +163,21 @@ def _positive(parser, args, names) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _positive(parser, args, ("dim", "width", "hidden", "epochs", "classes_per_batch", "samples_per_class",
-                             "train_subset", "test_subset", "threads"))
+    _positive(
+        parser,
+        args,
+        (
+            "dim",
+            "width",
+            "hidden",
+            "epochs",
+            "classes_per_batch",
+            "samples_per_class",
+            "train_subset",
+            "test_subset",
+            "threads",
+        ),
+    )
 
     import torch
 
@@ -145,10 +198,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     config = TrainConfig(
-        epochs=args.epochs or d["epochs"], lr=args.lr if args.lr is not None else d["lr"],
-        weight_decay=args.weight_decay, p=args.classes_per_batch or d["p"], k=args.samples_per_class or d["k"],
-        width=args.width, hidden=args.hidden, dim=args.dim, seed=args.seed, device=device,
-        sampler="random" if args.loss == "paired-contrastive" else "pk", progress=not args.no_progress,
+        epochs=args.epochs or d["epochs"],
+        lr=args.lr if args.lr is not None else d["lr"],
+        weight_decay=args.weight_decay,
+        p=args.classes_per_batch or d["p"],
+        k=args.samples_per_class or d["k"],
+        width=args.width,
+        hidden=args.hidden,
+        dim=args.dim,
+        seed=args.seed,
+        device=device,
+        sampler="random" if args.loss == "paired-contrastive" else "pk",
+        progress=not args.no_progress,
         shift=args.shift,
     )
     out = Path(args.out or os.path.join("runs", _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")))
@@ -167,9 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     x_test = to_tensor(test_split.images[:n_test], device)
     y_test = torch.from_numpy(test_split.labels[:n_test]).to(device)
 
-    print(f"fastdml-demo: loss {recipe.loss}, mining {recipe.mining}, margin {recipe.margin}, dim {config.dim}, "
-          f"{config.epochs} epochs of {n_train} images in {_batch_label(config)} batches, device {device}, "
-          f"{torch.get_num_threads()} threads -> {out}", flush=True)
+    print(
+        f"fastdml-demo: loss {recipe.loss}, mining {recipe.mining}, margin {recipe.margin}, dim {config.dim}, "
+        f"{config.epochs} epochs of {n_train} images in {_batch_label(config)} batches, device {device}, "
+        f"{torch.get_num_threads()} threads -> {out}",
+        flush=True,
+    )
     result = train(recipe, x_train, y_train, config, log=lambda line: print(line, flush=True))
 
     e_train, e_test = embed(result.model, x_train), embed(result.model, x_test)
@@ -205,17 +269,29 @@ def main(argv: list[str] | None = None) -> int:
         "command": "fastdml-demo " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
-    torch.save({"state_dict": result.model.state_dict(), "config": vars(config), "metrics": record},
-               out / "model.pt")
-    summary = (f"P@1 {metrics['precision_at_1']:.2%}  R-precision {metrics['r_precision']:.2%}  "
-               f"MAP@R {metrics['mean_average_precision_at_r']:.2%}  1-NN acc {metrics['knn_accuracy']:.2%}")
-    plot_embedding(e_test.cpu().numpy(), y_test.cpu().numpy(), out / "embedding.png",
-                   title=f"MNIST test set, {recipe.loss} loss ({_mining_label(recipe.mining)}), dim {config.dim}",
-                   subtitle=summary)
-    plot_loss(result.losses, out / "loss.png", steps_per_epoch=max(1, result.steps // max(config.epochs, 1)),
-              title=f"{recipe.loss} loss ({_mining_label(recipe.mining)})")
-    print(f"{recipe.loss}/{recipe.mining}: {summary}  train {result.train_seconds:.1f} s "
-          f"({config.epochs} epochs, {device})  -> {out}", flush=True)
+    torch.save({"state_dict": result.model.state_dict(), "config": vars(config), "metrics": record}, out / "model.pt")
+    summary = (
+        f"P@1 {metrics['precision_at_1']:.2%}  R-precision {metrics['r_precision']:.2%}  "
+        f"MAP@R {metrics['mean_average_precision_at_r']:.2%}  1-NN acc {metrics['knn_accuracy']:.2%}"
+    )
+    plot_embedding(
+        e_test.cpu().numpy(),
+        y_test.cpu().numpy(),
+        out / "embedding.png",
+        title=f"MNIST test set, {recipe.loss} loss ({_mining_label(recipe.mining)}), dim {config.dim}",
+        subtitle=summary,
+    )
+    plot_loss(
+        result.losses,
+        out / "loss.png",
+        steps_per_epoch=max(1, result.steps // max(config.epochs, 1)),
+        title=f"{recipe.loss} loss ({_mining_label(recipe.mining)})",
+    )
+    print(
+        f"{recipe.loss}/{recipe.mining}: {summary}  train {result.train_seconds:.1f} s "
+        f"({config.epochs} epochs, {device})  -> {out}",
+        flush=True,
+    )
     return 0
 
 

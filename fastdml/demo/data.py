@@ -138,8 +138,10 @@ def _read_bytes(path: Path) -> bytes:
                 return f.read()
         return path.read_bytes()
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
-        raise MnistDataError(f"{path}: cannot decompress ({type(exc).__name__}: {exc}); the file is "
-                             "corrupt or truncated, delete it or pass another --data-dir") from exc
+        raise MnistDataError(
+            f"{path}: cannot decompress ({type(exc).__name__}: {exc}); the file is "
+            "corrupt or truncated, delete it or pass another --data-dir"
+        ) from exc
 
 
 def read_idx(path: str | os.PathLike, sha256: str | None = None, size: int | None = None) -> np.ndarray:
@@ -153,15 +155,12 @@ def read_idx(path: str | os.PathLike, sha256: str | None = None, size: int | Non
         raise MnistDataError(f"{path}: no such file")
     data = _read_bytes(path)
     if size is not None and len(data) != size:
-        raise MnistDataError(
-            f"{path}: decompressed size {len(data)} bytes, expected {size} (truncated or wrong file)"
-        )
+        raise MnistDataError(f"{path}: decompressed size {len(data)} bytes, expected {size} (truncated or wrong file)")
     if sha256 is not None:
         digest = hashlib.sha256(data).hexdigest()
         if digest != sha256:
             raise MnistDataError(
-                f"{path}: SHA-256 of the decompressed content is {digest}, expected {sha256} "
-                "(corrupt or wrong file)"
+                f"{path}: SHA-256 of the decompressed content is {digest}, expected {sha256} (corrupt or wrong file)"
             )
     return parse_idx(data, str(path))
 

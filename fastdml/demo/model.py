@@ -1,10 +1,10 @@
 """The demo's embedding network: a small CNN with batch norm, a hidden layer, then a linear map to ``dim``.
 
-    x (n, 1, 28, 28)
-    -> [conv3x3 -> BN -> ReLU -> maxpool2] x 3   (channels c, 2c, 4c; 28 -> 14 -> 7 -> 3)
-    -> flatten (4c * 3 * 3) -> linear -> BN -> ReLU (hidden)
-    -> linear (dim), no activation: the embedding may use the whole plane (an activation or a normalization
-       there would confine a 2-D embedding to a quadrant or a circle).
+x (n, 1, 28, 28)
+-> [conv3x3 -> BN -> ReLU -> maxpool2] x 3   (channels c, 2c, 4c; 28 -> 14 -> 7 -> 3)
+-> flatten (4c * 3 * 3) -> linear -> BN -> ReLU (hidden)
+-> linear (dim), no activation: the embedding may use the whole plane (an activation or a normalization
+   there would confine a 2-D embedding to a quadrant or a circle).
 """
 
 from __future__ import annotations

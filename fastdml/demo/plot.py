@@ -34,14 +34,22 @@ def _two_d(embeddings: np.ndarray) -> tuple[np.ndarray, str]:
     return centred @ vt[:2].T, " (first two principal components)"
 
 
-def plot_embedding(embeddings, labels, path: str | os.PathLike, title: str = "", subtitle: str = "",
-                   max_points: int | None = None, seed: int = 0) -> str:
+def plot_embedding(
+    embeddings,
+    labels,
+    path: str | os.PathLike,
+    title: str = "",
+    subtitle: str = "",
+    max_points: int | None = None,
+    seed: int = 0,
+) -> str:
     """Scatter ``embeddings`` (n, d) coloured by ``labels`` (0-9) into the PNG ``path``; returns the path."""
     embeddings = np.asarray(embeddings, dtype=np.float64)
     labels = np.asarray(labels)
     if embeddings.ndim != 2 or len(embeddings) != len(labels):
-        raise ValueError(f"embeddings must be (n, d) with n = len(labels); got {embeddings.shape} and "
-                         f"{len(labels)} labels")
+        raise ValueError(
+            f"embeddings must be (n, d) with n = len(labels); got {embeddings.shape} and {len(labels)} labels"
+        )
     if max_points is not None and len(labels) > max_points:
         keep = np.random.default_rng(seed).choice(len(labels), size=max_points, replace=False)
         embeddings, labels = embeddings[keep], labels[keep]
@@ -55,8 +63,16 @@ def plot_embedding(embeddings, labels, path: str | os.PathLike, title: str = "",
     classes = np.unique(labels)
     for c in classes:
         sel = labels == c
-        ax.scatter(points[sel, 0], points[sel, 1], s=2, color=cmap(int(c) % 10), alpha=0.6, linewidths=0,
-                   label=str(c), rasterized=True)
+        ax.scatter(
+            points[sel, 0],
+            points[sel, 1],
+            s=2,
+            color=cmap(int(c) % 10),
+            alpha=0.6,
+            linewidths=0,
+            label=str(c),
+            rasterized=True,
+        )
     ax.legend(title="digit", markerscale=5, loc="best", fontsize=8, title_fontsize=8, framealpha=0.8)
     ax.set_aspect("equal", adjustable="datalim")
     ax.set_xlabel("embedding 1" + note)

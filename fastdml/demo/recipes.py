@@ -57,12 +57,13 @@ MININGS = {
 # pos_margin > 0 lets AvgNonZero average over the positive pairs still too far apart (as it does over the
 # violating negatives), instead of over every positive pair: the loss keeps focusing on the hard ones.
 DEFAULTS = {
-    "contrastive": dict(mining="none", margin=2.0, pos_margin=0.5, positive_weight=0.5, p=10, k=25,
-                        epochs=20, lr=3e-3),
-    "paired-contrastive": dict(mining="none", margin=2.0, pos_margin=0.0, positive_weight=0.5, p=10, k=25,
-                               epochs=10, lr=3e-3),
-    "triplet": dict(mining="batch-all", margin=1.0, pos_margin=0.0, positive_weight=0.5, p=10, k=25,
-                    epochs=20, lr=3e-3),
+    "contrastive": dict(mining="none", margin=2.0, pos_margin=0.5, positive_weight=0.5, p=10, k=25, epochs=20, lr=3e-3),
+    "paired-contrastive": dict(
+        mining="none", margin=2.0, pos_margin=0.0, positive_weight=0.5, p=10, k=25, epochs=10, lr=3e-3
+    ),
+    "triplet": dict(
+        mining="batch-all", margin=1.0, pos_margin=0.0, positive_weight=0.5, p=10, k=25, epochs=20, lr=3e-3
+    ),
 }
 
 
@@ -83,8 +84,9 @@ class Recipe:
 
 def _paired_contrastive(losses, distances, margin: float, positive_weight: float):
     """The write-up's siamese loss on pairs (i, i + B/2) of a batch of B, averaged over the B/2 pairs."""
-    criterion = losses.PairedContrastiveLoss(distance=distances.LpDistance(normalize_embeddings=False),
-                                             margin=margin, positive_weight=positive_weight)
+    criterion = losses.PairedContrastiveLoss(
+        distance=distances.LpDistance(normalize_embeddings=False), margin=margin, positive_weight=positive_weight
+    )
 
     def fn(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         half = len(embeddings) // 2
@@ -95,8 +97,13 @@ def _paired_contrastive(losses, distances, margin: float, positive_weight: float
     return fn
 
 
-def build_recipe(loss: str, mining: str | None = None, margin: float | None = None,
-                 pos_margin: float | None = None, positive_weight: float | None = None) -> Recipe:
+def build_recipe(
+    loss: str,
+    mining: str | None = None,
+    margin: float | None = None,
+    pos_margin: float | None = None,
+    positive_weight: float | None = None,
+) -> Recipe:
     """Build the loss callable of ``--loss``/``--mining``/``--margin`` (None: the loss's default).
 
     - ``contrastive``: ``ContrastiveLoss(pos_margin, neg_margin=margin)`` over all pairs of the batch
@@ -135,8 +142,7 @@ def build_recipe(loss: str, mining: str | None = None, margin: float | None = No
         criterion = losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=margin, distance=dist())
         miner = {
             "none": None,
-            "pair-margin": lambda: miners.PairMarginMiner(pos_margin=pos_margin, neg_margin=margin,
-                                                          distance=dist()),
+            "pair-margin": lambda: miners.PairMarginMiner(pos_margin=pos_margin, neg_margin=margin, distance=dist()),
             "batch-hard": lambda: miners.BatchHardMiner(distance=dist()),
         }[mining]
         fn = _with_miner(criterion, miner() if miner else None)

@@ -61,8 +61,9 @@ def to_tensor(images: np.ndarray, device: str | torch.device = "cpu") -> torch.T
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator,
-                 fill: float = -MNIST_MEAN / MNIST_STD) -> torch.Tensor:
+def random_shift(
+    images: torch.Tensor, shift: int, generator: torch.Generator, fill: float = -MNIST_MEAN / MNIST_STD
+) -> torch.Tensor:
     """Translate each image (n, 1, h, w) by its own random offset in [-shift, shift]^2.
 
     Uncovered pixels get ``fill`` (default: a black pixel after normalization).
@@ -101,8 +102,7 @@ def _warm_up(recipe: Recipe, labels: torch.Tensor, dim: int, device: torch.devic
     recipe(dummy, labels[:n]).backward()
 
 
-def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
-          log=print) -> TrainResult:
+def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, log=print) -> TrainResult:
     """Train an :class:`EmbeddingNet` on ``images`` (from :func:`to_tensor`) with ``recipe``'s loss.
 
     Deterministic for a given ``config.seed`` on a given device and thread count. ``log`` gets one summary
@@ -110,8 +110,7 @@ def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: Tr
     """
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    model = EmbeddingNet(config.dim, config.width, config.hidden).to(device=device,
-                                                                     memory_format=torch.channels_last)
+    model = EmbeddingNet(config.dim, config.width, config.hidden).to(device=device, memory_format=torch.channels_last)
     labels_np = labels.cpu().numpy()
     if config.sampler == "pk":
         sampler = PKSampler(labels_np, config.p, config.k, seed=config.seed)
@@ -124,8 +123,9 @@ def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: Tr
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=max(total, 1),
-                                                   pct_start=0.25)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=max(total, 1), pct_start=0.25
+    )
     labels = labels.to(device)
     result = TrainResult(model=model)
     augment = torch.Generator().manual_seed(config.seed + 1)
@@ -162,8 +162,10 @@ def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: Tr
             bar.close()
         mean = running / max(seen, 1)
         result.epoch_losses.append(mean)
-        log(f"epoch {epoch:3d}/{config.epochs}  loss {mean:.4f}  {time.perf_counter() - epoch_start:6.1f} s  "
-            f"lr {schedule.get_last_lr()[0]:.2e}")
+        log(
+            f"epoch {epoch:3d}/{config.epochs}  loss {mean:.4f}  {time.perf_counter() - epoch_start:6.1f} s  "
+            f"lr {schedule.get_last_lr()[0]:.2e}"
+        )
     result.train_seconds = time.perf_counter() - start
     result.cpu_seconds = time.process_time() - cpu_start
     result.steps = step
