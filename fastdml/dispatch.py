@@ -1,19 +1,29 @@
-"""The one place that chooses the computation path.
+"""Every routing rule of fastdml: which implementation runs an op.
 
-Paths:
+The requested backend is ``"auto"`` unless ``FASTDML_BACKEND`` (``auto|triton|blocked|reference``) or, innermost
+first, the :func:`use_backend` context manager says otherwise. From it and the op's main input ``x``:
 
-- ``"triton"``: the fused Triton kernels (``fastdml.kernels``). The automatic choice for CUDA tensors.
-  Forced on CPU tensors it runs under ``TRITON_INTERPRET=1`` (tests).
-- ``"blocked"``: the memory-bounded PyTorch path (``fastdml.blocked``). The automatic choice for CPU tensors.
-- ``"reference"``: the materializing oracle (``fastdml.reference``), on request only.
-
-The choice is ``"auto"`` unless overridden by the environment variable ``FASTDML_BACKEND``
-(``auto|triton|blocked|reference``) or, innermost first, by the :func:`use_backend` context manager.
+=====================================  ==================================================================
+situation                              what runs
+=====================================  ==================================================================
+auto, CUDA tensor, Triton importable   ``triton``: the fused kernels (``fastdml.kernels``)
+auto, any other device                 ``blocked``: the memory-bounded torch path (``fastdml.blocked``)
+``triton`` forced on a CPU tensor      the kernels under ``TRITON_INTERPRET=1`` (an error without it)
+``reference`` requested, eager         :mod:`fastdml.reference`, called directly with plain autograd
+``reference`` requested, compiled      ``blocked``: a traced call always goes through the custom ops
+float64 on ``triton``                  ``blocked`` (the kernels take fp16/bf16/fp32 only)
+``pair_values``, ``chosen_triplet``    ``fastdml.portable`` on every device (O(T D) row gathers)
+non-finite ``x`` or ``r``, blocked     sums and counts from the reference, gradient parts from the sweep
+  stats ops                            (:func:`stats_from_reference`; mechanism in ``blocked/nonfinite.py``)
+CPU, float32/float64 rows, blocked     the compiled C helpers, unless switched off (``FASTDML_NATIVE=0``,
+  batch-hard scans, chosen triplets    ``native.disabled()``) or not built: :func:`native_helpers`
+=====================================  ==================================================================
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import threading
 
@@ -21,6 +31,9 @@ import torch
 
 BACKENDS = ("auto", "triton", "blocked", "reference")
 _local = threading.local()
+
+# ops whose one implementation is plain torch code on every device (no sweep to fuse)
+_PORTABLE = {"pair_values", "pair_values_backward", "chosen_triplet_stats_fwd"}
 
 
 def _stack() -> list[str]:
@@ -66,12 +79,8 @@ def backend_for(tensor: torch.Tensor) -> str:
     """The path used for an op whose main input is ``tensor``: ``"triton"``, ``"blocked"`` or ``"reference"``."""
     name = requested_backend()
     if name == "auto":
-        if tensor.is_cuda and triton_available():
-            return "triton"
-        if tensor.device.type == "cpu":
-            return "blocked"
-        # other devices (mps, xpu, ...): the blocked path is plain PyTorch and runs anywhere
-        return "blocked"
+        # blocked is plain PyTorch: the CPU path, and the fallback on every other device (mps, xpu, ...)
+        return "triton" if tensor.is_cuda and triton_available() else "blocked"
     if name == "triton":
         if not triton_available():
             raise RuntimeError("FASTDML_BACKEND/use_backend asked for 'triton' but triton is not importable")
@@ -80,3 +89,58 @@ def backend_for(tensor: torch.Tensor) -> str:
                 "the 'triton' backend on CPU tensors needs TRITON_INTERPRET=1 set before fastdml.kernels is imported"
             )
     return name
+
+
+def use_reference(x: torch.Tensor) -> bool:
+    """Whether an op on ``x`` calls :mod:`fastdml.reference` directly (eager calls only: a compiled call
+    always goes through the custom ops)."""
+    if torch.compiler.is_compiling():
+        return False
+    return backend_for(x) == "reference"
+
+
+def module_for(x: torch.Tensor):
+    """The module that implements the backend contract for ``x`` inside a custom op: ``fastdml.kernels`` or
+    ``fastdml.blocked`` (float64 on the kernels, and the reference inside a compiled graph, run blocked)."""
+    if backend_for(x) == "triton":
+        kernels = importlib.import_module("fastdml.kernels")
+        if x.dtype != torch.float64 or getattr(kernels, "SUPPORTS_FLOAT64", False):
+            return kernels
+    return importlib.import_module("fastdml.blocked")
+
+
+def implementation(x: torch.Tensor, name: str):
+    """The function that runs backend entry point ``name`` (``contrastive_stats_fwd``, ``row_hardest``, ...)
+    for an op whose main input is ``x``."""
+    module = importlib.import_module("fastdml.portable") if name in _PORTABLE else module_for(x)
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise NotImplementedError(f"{module.__name__} does not implement {name}; use FASTDML_BACKEND=reference")
+    return fn
+
+
+def finite(t: torch.Tensor | None) -> bool:
+    """True when every entry of ``t`` (None: no tensor) is finite."""
+    if t is None:
+        return True
+    # a finite sum means every entry is finite (NaN and inf propagate): one pass, no (M, D) temporary; a sum
+    # that overflows (large values, fp16) falls back to the exact check
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def stats_from_reference(x: torch.Tensor, r: torch.Tensor | None) -> bool:
+    """Whether a blocked stats op takes its sums and counts from the reference: when ``x`` or ``r`` holds a NaN
+    or an infinity (the blocked sums mask by multiplication, which NaN defeats)."""
+    return not (finite(x) and finite(r))
+
+
+def native_helpers(device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Whether the blocked path may call the compiled C helpers (``fastdml.blocked.native``) for tensors on
+    ``device`` of ``dtype``: CPU, float32/float64, and native's own switch on (its build, ``FASTDML_NATIVE``)."""
+    if device.type != "cpu" or (dtype is not None and dtype not in (torch.float32, torch.float64)):
+        return False
+    from .blocked import native
+
+    return native.enabled()

@@ -3,42 +3,39 @@
 Every loss and miner of fastdml reduces to a handful of primitives over the signed distance
 ``d'`` (see ``docs/ARCHITECTURE.md``)::
 
-    contrastive_stats  -> [S+, C+, S-, C-]   sums and counts of the contrastive terms
-    triplet_stats      -> [S, C]             all triplets in a band, hinge or softplus
-    semihard_stats     -> [S, C]             FaceNet / TF-Addons semi-hard triplets
-    row_extreme        -> (value, index, found) per anchor (batch-hard style mining)
-    row_hardest        -> both of batch-hard's row_extremes (pos max, neg min) from one sweep
-    pair_values        -> d' of listed pairs (exact, differentiable, O(T D))
-    chosen_triplet_stats -> [S, C] of one given triplet per anchor (batch-hard picks), O(N D)
-    triplet_list / pair_list                 listing miners (PML's index tuples)
+    contrastive_stats    -> [S+, C+, S-, C-]  sums and counts of the contrastive terms
+    triplet_stats        -> [S, C]            all triplets in a band, hinge or softplus
+    semihard_stats       -> [S, C]            FaceNet / TF-Addons semi-hard triplets
+    chosen_triplet_stats -> [S, C]            one given triplet per anchor (batch-hard picks), O(N D)
+    row_extreme          -> (value, index, found) per anchor (batch-hard style mining)
+    row_hardest          -> both of batch-hard's row_extremes (pos max, neg min) from one sweep
+    triplet_list / pair_list                  listing miners (PML's index tuples)
+    pair_values          -> d' of listed pairs (exact, differentiable, O(T D))
 
-This module is the glue between the public API and the backends. It asks :mod:`fastdml.dispatch` (the one
-place that chooses) for the path, and
+Each primitive is written once, as its public function below (signature, defaults, docstring, and a body
+that checks the op's own arguments); :func:`_stats_op` and :func:`_mining_op` derive from it the custom op
+``torch.ops.fastdml.<name>`` (schema inferred from the annotations, without defaults), its fake, its autograd
+and the eager call. :mod:`fastdml.dispatch` chooses the implementation inside the op.
 
-- ``"reference"``: calls :mod:`fastdml.reference` directly (plain autograd through a materialized matrix);
-- ``"blocked"`` / ``"triton"``: calls the custom op ``torch.ops.fastdml.<name>``, whose implementation runs
-  the backend's ``<name>_fwd`` (:mod:`fastdml.blocked` or :mod:`fastdml.kernels`). The stats ops compute their
-  gradient during the forward sweep (the parts ``dS_k/dx``), so their backward is one weighted sum, no second
-  sweep: ``dL/dx = sum_k dL/dS_k * dS_k/dx``.
-
-Eagerly the implementation behind each custom op is called directly (differentiable ones through a plain
-``autograd.Function`` with the op's own setup and backward, :func:`_call`): the dispatcher's path costs more
-than some whole ops. Under ``torch.compile`` the custom ops are called and the Python dispatch is skipped
-(Dynamo sees only the custom ops, whose fake implementations give every output's shape without
-data-dependent branches), and the backend is chosen when the op runs.
+The stats ops compute their gradient during the forward sweep (the parts ``dS_k/dx``), so their backward is
+one weighted sum: ``dL/dx = sum_k dL/dS_k * dS_k/dx``. Eagerly the implementation runs through a plain
+``autograd.Function`` with the op's own setup and backward (the dispatcher's path costs more than some whole
+ops); while ``torch.compile`` traces, the custom op itself is called, so Dynamo sees only the custom ops.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _context, dispatch
-from .blocked.distance import acc_dtype, add_rows
+from . import _context, dispatch, portable
+from .portable.rows import acc_dtype
 
 __all__ = [
     "contrastive_stats",
@@ -55,36 +52,22 @@ __all__ = [
 
 KINDS = ("l2", "sql2", "dot")
 INF = math.inf
+_EMPTY = inspect.Parameter.empty
+_OPS: dict = {}  # name -> _Op, every custom op of this module
 
 
-# ----------------------------------------------------------------------------------------------------------
-# backend selection (runs eagerly, inside the custom ops)
-# ----------------------------------------------------------------------------------------------------------
-def _backend_module(x: Tensor):
-    """The module implementing the contract for ``x``: ``fastdml.blocked`` or ``fastdml.kernels``."""
-    name = dispatch.backend_for(x)
-    if name == "triton":
-        kernels = importlib.import_module("fastdml.kernels")
-        # the kernels take fp16/bf16/fp32; float64 (tests, gradcheck) runs on the exact blocked path
-        if x.dtype == torch.float64 and not getattr(kernels, "SUPPORTS_FLOAT64", False):
-            return importlib.import_module("fastdml.blocked")
-        return kernels
-    # "reference" never reaches a custom op eagerly; under torch.compile it runs the blocked path
-    return importlib.import_module("fastdml.blocked")
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def _backend_fn(x: Tensor, name: str):
-    module = _backend_module(x)
-    fn = getattr(module, name, None)
-    if fn is None:
-        raise NotImplementedError(f"{module.__name__} does not implement {name}; use FASTDML_BACKEND=reference")
-    return _without_autocast(fn, x.device.type)
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _without_autocast(fn, device_type: str):
-    """[issue 7, mixed precision] Run ``fn`` with autocast off: the backends choose their own accumulation dtype
-    (fp32 for fp16/bf16/fp32 inputs), and an enclosing ``torch.autocast`` region would otherwise turn their fp32
-    GEMMs into bf16/fp16 ones (custom ops are not autocast-aware, the ops inside them are)."""
+    """``fn`` with autocast off: the backends choose their own accumulation dtype, and custom ops are not
+    autocast-aware (an enclosing ``torch.autocast`` would turn their fp32 GEMMs into fp16/bf16 ones)."""
 
     def call(*args, **kwargs):
         with torch.autocast(device_type=device_type, enabled=False):
@@ -93,135 +76,61 @@ def _without_autocast(fn, device_type: str):
     return call
 
 
-def _use_reference(x: Tensor) -> bool:
-    if torch.compiler.is_compiling():
-        return False
-    return dispatch.backend_for(x) == "reference"
+def _reference(name: str):
+    """:mod:`fastdml.reference`'s ``name`` with fp16/bf16 tensors upcast to float32 (the contract's
+    accumulation dtype; the upcast is differentiable) and autocast off."""
+    fn = getattr(importlib.import_module("fastdml.reference"), name)
+
+    def call(*args):
+        half = (torch.float16, torch.bfloat16)
+        up = tuple(a.float() if isinstance(a, Tensor) and a.dtype in half else a for a in args)
+        device = next((a.device.type for a in up if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*up)
+
+    return call
 
 
-def _reference():
-    return _FP32_REFERENCE
+def _backend(name: str):
+    """The implementation of backend entry point ``name`` for ``(x, *args)``, chosen by dispatch."""
+
+    def run(x, *args, **kwargs):
+        return _without_autocast(dispatch.implementation(x, name), x.device.type)(x, *args, **kwargs)
+
+    return run
 
 
-class _Fp32Reference:
-    """[issue 7, mixed precision] :mod:`fastdml.reference` with fp16/bf16 tensor arguments upcast to float32 (the
-    accumulation dtype of the contract: no overflow of squared distances, fp32-accurate sums) and autocast off;
-    the upcast is differentiable, so gradients reach the half-precision inputs in their dtype."""
+# one op: the custom op and the same implementation called eagerly
+class _Op:
+    """Custom op ``fastdml::<name>`` from ``impl`` (whose ``__signature__`` gives the schema) and ``fake``; the
+    eager call runs ``eager`` (default ``impl``) with the same ``setup_context`` and ``backward``."""
 
-    def __getattr__(self, name):
-        fn = getattr(importlib.import_module("fastdml.reference"), name)
+    def __init__(self, name, impl, fake, setup_context=None, backward=None, eager=None):
+        self.name, self.impl, self.setup_context, self.backward = name, eager or impl, setup_context, backward
+        self.op = torch.library.custom_op(f"fastdml::{name}", impl, mutates_args=())
+        self.op.register_fake(fake)
+        if backward is not None:
+            self.op.register_autograd(backward, setup_context=setup_context)
+        _OPS[name] = self
 
-        def call(*args):
-            up = tuple(
-                a.float() if isinstance(a, Tensor) and a.dtype in (torch.float16, torch.bfloat16) else a for a in args
-            )
-            device = next((a.device.type for a in up if isinstance(a, Tensor)), "cpu")
-            with torch.autocast(device_type=device, enabled=False):
-                return fn(*up)
-
-        return call
-
-
-_FP32_REFERENCE = _Fp32Reference()
-
-
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the stats ops: one custom op each, outputs (stats, gx_parts, gr_parts)
-# ----------------------------------------------------------------------------------------------------------
-def _fake_stats(x: Tensor, r: Optional[Tensor], n_stats: int, n_parts: int, need_grad: bool, need_grad_r: bool):
-    n, d = x.shape
-    k = n_parts if need_grad else 0
-    gx = x.new_empty((k, n, d), dtype=acc_dtype(x.dtype))
-    if r is None:
-        gr = x.new_empty((0, 0, d), dtype=acc_dtype(x.dtype))
-    else:
-        gr = x.new_empty((k if need_grad_r else 0, r.shape[0], d), dtype=acc_dtype(x.dtype))
-    return x.new_empty((n_stats,), dtype=torch.float64), gx, gr
-
-
-def _run_stats(x: Tensor, name: str, args: tuple, need_grad_r: bool):
-    """Run the backend's ``<name>`` on ``args`` (ending with ``need_grad``); ``need_grad_r`` goes by keyword.
-
-    [issue 7] ``need_grad_r=False`` (references that need no gradient: a detached memory queue, a detached
-    pool): the backend skips every column-side computation and returns ``gr_parts`` of shape (0, M, D).
-    """
-    stats, gx, gr = _backend_fn(x, name)(*args, need_grad_r=need_grad_r)
-    return stats, gx, gr
-
-
-def _stats_setup_context(ctx, inputs, output):
-    _, gx_parts, gr_parts = output
-    x, r = inputs[0], inputs[2]
-    ctx.save_for_backward(gx_parts, gr_parts)
-    ctx.x_dtype = x.dtype
-    # the last input is need_grad_r: without it r gets no gradient (None), its parts were never computed
-    ctx.r_dtype = None if (r is None or not inputs[-1]) else r.dtype
-    # (parts carry no gradient: the backward ignores what flows into them)
-
-
-def _make_stats_backward(sum_slots: tuple[int, ...], n_inputs: int):
-    """Backward of a stats op: ``dL/dx = sum_k dL/dS_k * dS_k/dx`` with the parts saved by the forward."""
-
-    def backward(ctx, grad_stats, _grad_gx, _grad_gr):
-        gx_parts, gr_parts = ctx.saved_tensors
-        grads: list[Optional[Tensor]] = [None] * n_inputs
-        if grad_stats is None:
-            return tuple(grads)
-        if gx_parts.shape[0] != len(sum_slots):
-            raise RuntimeError(
-                "fastdml: backward through a stats op whose forward ran without gradient parts "
-                "(was the forward run under torch.no_grad() or on inputs that did not require grad?)"
-            )
-        if len(sum_slots) == 1:
-            # one part: a scaling (no einsum, which autocast would also touch)
-            k = sum_slots[0]
-            weight = grad_stats[k : k + 1].to(gx_parts.dtype)
-            grads[0] = (gx_parts[0] * weight).to(ctx.x_dtype)
-            if ctx.r_dtype is not None:
-                grads[2] = (gr_parts[0] * weight).to(ctx.r_dtype)
-            return tuple(grads)
-        weights = grad_stats[list(sum_slots)].to(gx_parts.dtype)
-        # [issue 7, mixed precision] a backward run inside torch.autocast must not turn this sum into a bf16 GEMM
-        with torch.autocast(device_type=gx_parts.device.type, enabled=False):
-            grads[0] = torch.einsum("k,knd->nd", weights, gx_parts).to(ctx.x_dtype)
-            if ctx.r_dtype is not None:
-                grads[2] = torch.einsum("k,knd->nd", weights, gr_parts).to(ctx.r_dtype)
-        return tuple(grads)
-
-    return backward
-
-
-# ----------------------------------------------------------------------------------------------------------
-# eager calls: the same implementation, setup and backward as the custom op, without the dispatcher
-# ----------------------------------------------------------------------------------------------------------
-class _OpSpec:
-    """What an eager call of custom op ``name`` runs: its implementation and, if differentiable, the same
-    ``setup_context`` and ``backward`` that are registered with the custom op."""
-
-    def __init__(self, name, impl, setup_context=None, backward=None):
-        self.name, self.impl, self.setup_context, self.backward = name, impl, setup_context, backward
+    def __call__(self, *args):
+        """The op itself while ``torch.compile`` traces, else its implementation (same results)."""
+        if torch.compiler.is_compiling():
+            return getattr(torch.ops.fastdml, self.name)(*args)
+        if self.backward is None:
+            with torch.no_grad():
+                return self.impl(*args)
+        return _EagerOp.apply(self, *args)
 
 
 class _EagerOp(torch.autograd.Function):
-    """A custom op's autograd in eager mode. The dispatcher path of a ``torch.library`` custom op with autograd
-    costs about 170 us per forward+backward on this project's CPU (schema checks, redispatch, the Dynamo guard
-    around the implementation): 4% of a batch-hard step. Eagerly the same functions run through this plain
-    ``autograd.Function``; under ``torch.compile`` the custom op is called (see :func:`_call`)."""
+    """A custom op's autograd without the dispatcher (schema checks and redispatch cost more than small ops)."""
 
     @staticmethod
-    def forward(ctx, spec, *args):
-        out = spec.impl(*args)
-        spec.setup_context(ctx, args, out)
-        ctx.spec = spec
+    def forward(ctx, op, *args):
+        out = op.impl(*args)
+        op.setup_context(ctx, args, out)
+        ctx.op = op
         if isinstance(out, tuple):
             # a stats op's gradient parts carry no gradient (their backward ignores what flows into them)
             ctx.set_materialize_grads(False)
@@ -230,131 +139,124 @@ class _EagerOp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, *ctx.spec.backward(ctx, *grads))
+        return (None, *ctx.op.backward(ctx, *grads))
 
 
-def _call(spec: _OpSpec, *args):
-    """Run custom op ``spec.name`` on ``args``: the op itself while ``torch.compile`` traces, else its
-    implementation directly (through :class:`_EagerOp` when it is differentiable; results are the same)."""
-    if torch.compiler.is_compiling():
-        return getattr(torch.ops.fastdml, spec.name)(*args)
-    if spec.backward is None:
-        with torch.no_grad():
-            return spec.impl(*args)
-    return _EagerOp.apply(spec, *args)
+def _parameter(name: str, annotation: str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
 
 
-def _contrastive_stats_impl(
-    x: Tensor,
-    y: Tensor,
-    r: Optional[Tensor],
-    z: Optional[Tensor],
-    excl: Optional[Tensor],
-    kind: str,
-    pos_margin: float,
-    neg_margin: float,
-    pos_lo: float,
-    neg_hi: float,
-    low: float,
-    high: float,
-    need_grad: bool,
-    need_grad_r: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    args = (x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo, neg_hi, low, high, need_grad)
-    return _run_stats(x, "contrastive_stats_fwd", args, need_grad_r)
+def _op_function(name: str, run, sig: inspect.Signature, extra=(), returns=None):
+    """``run`` under the schema of ``sig`` without defaults (plus ``extra`` parameters, and ``returns``)."""
+    params = [p.replace(default=_EMPTY) for p in sig.parameters.values()]
+    params += [_parameter(n, a) for n, a in extra]
+    run.__signature__ = sig.replace(parameters=params, return_annotation=returns or sig.return_annotation)
+    run.__name__ = run.__qualname__ = f"_{name}_impl"
+    return run
 
 
-_contrastive_stats_op = torch.library.custom_op("fastdml::contrastive_stats", _contrastive_stats_impl, mutates_args=())
+class _Arguments:
+    """Binds a public function's arguments: positional fast path, casts by annotation (float, bool)."""
+
+    _CASTS = {"float": float, "bool": bool}
+
+    def __init__(self, spec):
+        self.spec, self.sig = spec, inspect.signature(spec)
+        self.names = list(self.sig.parameters)
+        self.defaults = [p.default for p in self.sig.parameters.values()]
+        self.casts = [self._CASTS.get(p.annotation) for p in self.sig.parameters.values()]
+
+    def __call__(self, args, kwargs) -> dict:
+        n = len(args)
+        args = (*args, *(kwargs.get(k, d) for k, d in zip(self.names[n:], self.defaults[n:])))
+        if n > len(self.names) or any(k not in self.names[n:] for k in kwargs) or any(a is _EMPTY for a in args):
+            self.sig.bind(*args[:n], **kwargs)  # raises the usual TypeError naming the argument
+        _check_kind(args[self.names.index("kind")])
+        a = dict(zip(self.names, args))
+        a.update(self.spec(*args) or {})  # the op's own argument checks and conversions
+        if "excl" in a:
+            # inside a pool context (distributed, cross-batch memory) each query skips its own reference row
+            a["excl"] = _context.resolve_excl(a["x"], a["r"], a["excl"])
+        for n, cast in zip(self.names, self.casts):
+            if cast is not None:
+                a[n] = cast(a[n])
+        return a
 
 
-@_contrastive_stats_op.register_fake
-def _(x, y, r, z, excl, kind, pos_margin, neg_margin, pos_lo, neg_hi, low, high, need_grad, need_grad_r):
-    return _fake_stats(x, r, 4, 2, need_grad, need_grad_r)
+# the stats ops: outputs (stats, gx_parts, gr_parts), the gradient computed in the forward
+def _stats_op(n_stats: int):
+    """Define a stats op from its public function: ``n_stats`` stats ``[S_1, C_1, S_2, C_2, ...]``, each sum
+    ``S_k`` with one gradient part. The op takes two more arguments, ``need_grad`` and ``need_grad_r``."""
+    n_parts = n_stats // 2
+
+    def define(spec):
+        name, args_of = spec.__name__, _Arguments(spec)
+        r_at, n_inputs = args_of.names.index("r"), len(args_of.names) + 2
+        fwd = _backend(f"{name}_fwd")
+
+        def impl(*args):
+            return fwd(*args[:-1], need_grad_r=args[-1])
+
+        def fake(*args):
+            x, r, need_grad, need_grad_r = args[0], args[r_at], args[-2], args[-1]
+            k = n_parts if need_grad else 0
+            gr = (0, 0) if r is None else (k if need_grad_r else 0, r.shape[0])
+            parts = [x.new_empty(shape + x.shape[1:], dtype=acc_dtype(x.dtype)) for shape in ((k, x.shape[0]), gr)]
+            return (x.new_empty((n_stats,), dtype=torch.float64), *parts)
+
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(output[1], output[2])
+            r, ctx.x_dtype = inputs[r_at], inputs[0].dtype
+            # without need_grad_r (the last input) r gets no gradient: its parts were never computed
+            ctx.r_dtype = None if (r is None or not inputs[-1]) else r.dtype
+
+        def backward(ctx, grad_stats, _grad_gx, _grad_gr):
+            gx_parts, gr_parts = ctx.saved_tensors
+            grads: list[Optional[Tensor]] = [None] * n_inputs
+            if grad_stats is None:
+                return tuple(grads)
+            if gx_parts.shape[0] != n_parts:
+                raise RuntimeError(
+                    "fastdml: backward through a stats op whose forward ran without gradient parts "
+                    "(was the forward run under torch.no_grad() or on inputs that did not require grad?)"
+                )
+            weights = grad_stats[0::2].to(gx_parts.dtype)
+            # einsum with autocast off: a backward inside torch.autocast must not become a bf16 GEMM
+            with torch.autocast(device_type=gx_parts.device.type, enabled=False):
+                grads[0] = _weighted(weights, gx_parts).to(ctx.x_dtype)
+                if ctx.r_dtype is not None:
+                    grads[r_at] = _weighted(weights, gr_parts).to(ctx.r_dtype)
+            return tuple(grads)
+
+        extra = [("need_grad", "bool"), ("need_grad_r", "bool")]
+        impl = _op_function(name, impl, args_of.sig, extra, "tuple[Tensor, Tensor, Tensor]")
+        op = _Op(name, impl, fake, setup_context, backward)
+
+        @functools.wraps(spec)
+        def public(*args, **kwargs):
+            a = args_of(args, kwargs)
+            x, r = a["x"], a["r"]
+            if dispatch.use_reference(x):
+                stats = _reference(name)(*a.values())
+            else:
+                # gradient parts only for what needs them: r (a detached memory queue or pool) often does not
+                need_grad = _needs_grad(x, r)
+                stats = op(*a.values(), need_grad, need_grad and _needs_grad(r))[0]
+            return _context.reduce_stats(stats)
+
+        return public
+
+    return define
 
 
-_CONTRASTIVE_STATS = _OpSpec(
-    "contrastive_stats", _contrastive_stats_impl, _stats_setup_context, _make_stats_backward((0, 2), 14)
-)
-_contrastive_stats_op.register_autograd(_CONTRASTIVE_STATS.backward, setup_context=_stats_setup_context)
+def _weighted(weights: Tensor, parts: Tensor) -> Tensor:
+    """``sum_k weights_k parts_k``: one part is a scaling (no einsum)."""
+    if parts.shape[0] == 1:
+        return parts[0] * weights[:1]
+    return torch.einsum("k,knd->nd", weights, parts)
 
 
-def _triplet_stats_impl(
-    x: Tensor,
-    y: Tensor,
-    r: Optional[Tensor],
-    z: Optional[Tensor],
-    excl: Optional[Tensor],
-    kind: str,
-    margin: float,
-    smooth: bool,
-    band_lo: float,
-    band_hi: float,
-    low: float,
-    high: float,
-    need_grad: bool,
-    need_grad_r: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    args = (x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad)
-    return _run_stats(x, "triplet_stats_fwd", args, need_grad_r)
-
-
-_triplet_stats_op = torch.library.custom_op("fastdml::triplet_stats", _triplet_stats_impl, mutates_args=())
-
-
-@_triplet_stats_op.register_fake
-def _(x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad, need_grad_r):
-    return _fake_stats(x, r, 2, 1, need_grad, need_grad_r)
-
-
-_TRIPLET_STATS = _OpSpec("triplet_stats", _triplet_stats_impl, _stats_setup_context, _make_stats_backward((0,), 14))
-_triplet_stats_op.register_autograd(_TRIPLET_STATS.backward, setup_context=_stats_setup_context)
-
-
-def _semihard_stats_impl(
-    x: Tensor,
-    y: Tensor,
-    r: Optional[Tensor],
-    z: Optional[Tensor],
-    excl: Optional[Tensor],
-    kind: str,
-    margin: float,
-    need_grad: bool,
-    need_grad_r: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _run_stats(x, "semihard_stats_fwd", (x, y, r, z, excl, kind, margin, need_grad), need_grad_r)
-
-
-_semihard_stats_op = torch.library.custom_op("fastdml::semihard_stats", _semihard_stats_impl, mutates_args=())
-
-
-@_semihard_stats_op.register_fake
-def _(x, y, r, z, excl, kind, margin, need_grad, need_grad_r):
-    return _fake_stats(x, r, 2, 1, need_grad, need_grad_r)
-
-
-_SEMIHARD_STATS = _OpSpec("semihard_stats", _semihard_stats_impl, _stats_setup_context, _make_stats_backward((0,), 9))
-_semihard_stats_op.register_autograd(_SEMIHARD_STATS.backward, setup_context=_stats_setup_context)
-_STATS_SPECS = {spec.name: spec for spec in (_CONTRASTIVE_STATS, _TRIPLET_STATS, _SEMIHARD_STATS)}
-
-
-def _stats(name: str, x, y, r, z, excl, kind: str, params: tuple) -> Tensor:
-    """The shared path of the stats ops: the reference (plain autograd) or the custom op ``fastdml::<name>``.
-
-    [issue 7 hook] Inside a pool context (distributed wrapper, cross-batch memory) a rectangular op skips each
-    query's own reference row and the stats are added over the ranks: see :mod:`fastdml._context`.
-    """
-    _check_kind(kind)
-    excl = _context.resolve_excl(x, r, excl)
-    if _use_reference(x):
-        stats = getattr(_reference(), name)(x, y, r, z, excl, kind, *params)
-    else:
-        # [issue 7] gradient parts only for what needs them: r (a detached memory queue or pool) often does not
-        need_grad = _needs_grad(x, r)
-        need_grad_r = need_grad and _needs_grad(r)
-        stats, _, _ = _call(_STATS_SPECS[name], x, y, r, z, excl, kind, *params, need_grad, need_grad_r)
-    return _context.reduce_stats(stats)
-
-
+@_stats_op(n_stats=4)
 def contrastive_stats(
     x: Tensor,
     y: Tensor,
@@ -376,10 +278,9 @@ def contrastive_stats(
     A term is counted iff ``low < term < high`` (the reducer's window). ``S`` sums the counted terms, ``C``
     counts them. Differentiable in ``x`` and ``r`` through ``S+`` and ``S-``.
     """
-    params = (float(pos_margin), float(neg_margin), float(pos_lo), float(neg_hi), float(low), float(high))
-    return _stats("contrastive_stats", x, y, r, z, excl, kind, params)
 
 
+@_stats_op(n_stats=2)
 def triplet_stats(
     x: Tensor,
     y: Tensor,
@@ -400,18 +301,11 @@ def triplet_stats(
     iff ``band_lo < t <= band_hi``; ``v = d'_ip - d'_in + margin``; term ``relu(v)`` (``softplus(v)`` if
     ``smooth``), counted iff ``low < term < high``. Differentiable through ``S``.
     """
-    params = (float(margin), bool(smooth), float(band_lo), float(band_hi), float(low), float(high))
-    return _stats("triplet_stats", x, y, r, z, excl, kind, params)
 
 
+@_stats_op(n_stats=2)
 def semihard_stats(
-    x: Tensor,
-    y: Tensor,
-    r: Optional[Tensor],
-    z: Optional[Tensor],
-    excl: Optional[Tensor],
-    kind: str,
-    margin: float,
+    x: Tensor, y: Tensor, r: Optional[Tensor], z: Optional[Tensor], excl: Optional[Tensor], kind: str, margin: float
 ) -> Tensor:
     """FaceNet semi-hard triplets (TF-Addons semantics): float64 ``[S, C]``.
 
@@ -419,49 +313,9 @@ def semihard_stats(
     ``d'_in > d'_ip``, else the farthest negative; ``S = sum relu(d'_ip - d'_in* + margin)``, ``C`` the number
     of such pairs. Differentiable through ``S``.
     """
-    return _stats("semihard_stats", x, y, r, z, excl, kind, (float(margin),))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# chosen_triplet_stats: one given triplet per anchor (batch-hard picks), gradient in the forward
-# ----------------------------------------------------------------------------------------------------------
-def _chosen_triplet_stats_impl(
-    x: Tensor,
-    valid: Tensor,
-    r: Optional[Tensor],
-    p: Tensor,
-    n: Tensor,
-    kind: str,
-    margin: float,
-    smooth: bool,
-    low: float,
-    high: float,
-    need_grad: bool,
-    need_grad_r: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    # O(N D) in a few tensor ops: one implementation serves every device (no sweep to fuse)
-    from .blocked.chosen import chosen_triplet_stats_fwd
-
-    fwd = _without_autocast(chosen_triplet_stats_fwd, x.device.type)
-    return fwd(x, valid, r, p, n, kind, margin, smooth, low, high, need_grad, need_grad_r)
-
-
-_chosen_triplet_stats_op = torch.library.custom_op(
-    "fastdml::chosen_triplet_stats", _chosen_triplet_stats_impl, mutates_args=()
-)
-
-
-@_chosen_triplet_stats_op.register_fake
-def _(x, valid, r, p, n, kind, margin, smooth, low, high, need_grad, need_grad_r):
-    return _fake_stats(x, r, 2, 1, need_grad, need_grad_r)
-
-
-_CHOSEN_TRIPLET_STATS = _OpSpec(
-    "chosen_triplet_stats", _chosen_triplet_stats_impl, _stats_setup_context, _make_stats_backward((0,), 12)
-)
-_chosen_triplet_stats_op.register_autograd(_CHOSEN_TRIPLET_STATS.backward, setup_context=_stats_setup_context)
-
-
+@_stats_op(n_stats=2)
 def chosen_triplet_stats(
     x: Tensor,
     valid: Tensor,
@@ -483,55 +337,51 @@ def chosen_triplet_stats(
     Differentiable in ``x`` and ``r`` through ``S``; the stats are added over the ranks inside a distributed
     wrapper (see :mod:`fastdml._context`).
     """
-    _check_kind(kind)
-    p, n = p.to(torch.int64), n.to(torch.int64)
-    valid = valid.to(torch.bool)
-    params = (float(margin), bool(smooth), float(low), float(high))
-    if _use_reference(x):
-        stats = _reference().chosen_triplet_stats(x, valid, r, p, n, kind, *params)
-    else:
-        need_grad = _needs_grad(x, r)
-        need_grad_r = need_grad and _needs_grad(r)
-        stats, _, _ = _call(_CHOSEN_TRIPLET_STATS, x, valid, r, p, n, kind, *params, need_grad, need_grad_r)
-    return _context.reduce_stats(stats)
+    return {"valid": valid.to(torch.bool), "p": p.to(torch.int64), "n": n.to(torch.int64)}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# row_extreme: mining, no gradient
-# ----------------------------------------------------------------------------------------------------------
-def _row_extreme_impl(
-    x: Tensor,
-    y: Tensor,
-    r: Optional[Tensor],
-    z: Optional[Tensor],
-    excl: Optional[Tensor],
-    kind: str,
-    side: str,
-    mode: str,
-    lo: float,
-    hi: float,
-    thr: Optional[Tensor],
-    thr_op: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    fn = _backend_fn(x, "row_extreme")
-    value, index, found = fn(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op)
-    return value, index, found
+# the mining ops: no gradient; one shared preamble (checks, exclusions, detached inputs)
+def _mining_op(fake):
+    """Define a mining op from its public function and ``fake``. Listing ops have data-dependent sizes: their
+    fakes ask for unbacked sizes (the caller enables ``capture_dynamic_output_shape_ops``, as for nonzero)."""
+
+    def define(spec):
+        name, args_of = spec.__name__, _Arguments(spec)
+        run = _backend(name)
+
+        def eager(*args):
+            return tuple(run(*args))
+
+        def impl(*args):
+            # a custom op's outputs may not alias each other or its inputs
+            return tuple(t.clone() for t in run(*args))
+
+        op = _Op(name, _op_function(name, impl, args_of.sig), fake, eager=eager)
+
+        @functools.wraps(spec)
+        def public(*args, **kwargs):
+            a = args_of(args, kwargs)
+            values = [v.detach() if isinstance(v, Tensor) else v for v in a.values()]
+            if dispatch.use_reference(values[0]):
+                return _reference(name)(*values)
+            return op(*values)
+
+        return public
+
+    return define
 
 
-_row_extreme_op = torch.library.custom_op("fastdml::row_extreme", _row_extreme_impl, mutates_args=())
-_ROW_EXTREME = _OpSpec("row_extreme", _row_extreme_impl)
+def _per_row(x: Tensor, *dtypes):
+    return tuple(x.new_empty((x.shape[0],), dtype=acc_dtype(x.dtype) if dt is None else dt) for dt in dtypes)
 
 
-@_row_extreme_op.register_fake
-def _(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op):
-    n = x.shape[0]
-    return (
-        x.new_empty((n,), dtype=acc_dtype(x.dtype)),
-        x.new_empty((n,), dtype=torch.int64),
-        x.new_empty((n,), dtype=torch.bool),
-    )
+def _listed(x: Tensor, *groups):
+    """Fake index lists of data-dependent lengths: ``groups[k]`` lists share the k-th unbacked size."""
+    sizes = [torch.library.get_ctx().new_dynamic_size() for _ in groups]
+    return tuple(x.new_empty((t,), dtype=torch.int64) for t, g in zip(sizes, groups) for _ in range(g))
 
 
+@_mining_op(lambda x, *_: _per_row(x, None, torch.int64, torch.bool))
 def row_extreme(
     x: Tensor,
     y: Tensor,
@@ -552,57 +402,17 @@ def row_extreme(
     ``d' < thr_i`` (``"lt"``). Returns ``(value, index, found)``; ties go to the lowest index; where nothing
     qualifies ``found`` is False. Not differentiable: re-evaluate the chosen pairs with :func:`pair_values`.
     """
-    _check_kind(kind)
     if side not in ("pos", "neg"):
         raise ValueError(f"side must be 'pos' or 'neg', got {side!r}")
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     if thr_op not in ("", "gt", "lt") or (thr is None) != (thr_op == ""):
         raise ValueError(f"thr_op must be 'gt' or 'lt' together with thr, or '' without; got {thr_op!r}")
-    excl = _context.resolve_excl(x, r, excl)  # [issue 7 hook] see fastdml/_context.py
-    x = x.detach()
-    r = None if r is None else r.detach()
-    if _use_reference(x):
-        return _reference().row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op)
-    thr = None if thr is None else thr.detach()
-    return _call(_ROW_EXTREME, x, y, r, z, excl, kind, side, mode, float(lo), float(hi), thr, thr_op)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# row_hardest: batch-hard mining in one sweep, no gradient
-# ----------------------------------------------------------------------------------------------------------
-def _row_hardest_impl(
-    x: Tensor,
-    y: Tensor,
-    r: Optional[Tensor],
-    z: Optional[Tensor],
-    excl: Optional[Tensor],
-    kind: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    fn = _backend_fn(x, "row_hardest")
-    return tuple(fn(x, y, r, z, excl, kind))
-
-
-_row_hardest_op = torch.library.custom_op("fastdml::row_hardest", _row_hardest_impl, mutates_args=())
-_ROW_HARDEST = _OpSpec("row_hardest", _row_hardest_impl)
-
-
-@_row_hardest_op.register_fake
-def _(x, y, r, z, excl, kind):
-    n = x.shape[0]
-    value = lambda: x.new_empty((n,), dtype=acc_dtype(x.dtype))  # noqa: E731
-    index = lambda: x.new_empty((n,), dtype=torch.int64)  # noqa: E731
-    found = lambda: x.new_empty((n,), dtype=torch.bool)  # noqa: E731
-    return value(), index(), found(), value(), index(), found()
-
-
+@_mining_op(lambda x, *_: _per_row(x, *(None, torch.int64, torch.bool) * 2))
 def row_hardest(
-    x: Tensor,
-    y: Tensor,
-    r: Optional[Tensor],
-    z: Optional[Tensor],
-    excl: Optional[Tensor],
-    kind: str,
+    x: Tensor, y: Tensor, r: Optional[Tensor], z: Optional[Tensor], excl: Optional[Tensor], kind: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Batch-hard mining in one sweep: per anchor i, ``max_{j in P(i)} d'_ij`` (farthest positive) and
     ``min_{j in Q(i)} d'_ij`` (nearest negative).
@@ -612,181 +422,9 @@ def row_hardest(
     ``(pos_value, pos_index, pos_found, neg_value, neg_index, neg_found)``. Not differentiable: re-evaluate
     the chosen pairs with :func:`pair_values`.
     """
-    _check_kind(kind)
-    excl = _context.resolve_excl(x, r, excl)  # [issue 7 hook] see fastdml/_context.py
-    x = x.detach()
-    r = None if r is None else r.detach()
-    if _use_reference(x):
-        return _reference().row_hardest(x, y, r, z, excl, kind)
-    return _call(_ROW_HARDEST, x, y, r, z, excl, kind)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# pair_values: exact d' of listed pairs, one implementation for every backend
-# ----------------------------------------------------------------------------------------------------------
-def _pair_chunk(n_pairs: int, dim: int) -> int:
-    from .config import memory_budget_bytes
-
-    # a chunk holds a (chunk, D) difference in the accumulation dtype, plus indices: stay within the budget
-    per_pair = max(1, dim) * 8 + 32
-    return max(1, min(n_pairs, memory_budget_bytes() // (4 * per_pair)))
-
-
-def _pair_values_impl(x: Tensor, r: Optional[Tensor], i: Tensor, j: Tensor, kind: str) -> Tensor:
-    ref = x if r is None else r
-    acc = acc_dtype(x.dtype)
-    out = torch.empty(i.shape[0], dtype=acc, device=x.device)
-    chunk = _pair_chunk(i.shape[0], x.shape[1])
-    for s in range(0, i.shape[0], chunk):
-        # index_select: a row gather (memcpy per row), ~6x faster on the CPU than advanced indexing x[i]
-        xi = x.index_select(0, i[s : s + chunk]).to(acc)
-        rj = ref.index_select(0, j[s : s + chunk]).to(acc)
-        if kind == "dot":
-            out[s : s + chunk] = -(xi * rj).sum(1)
-        else:
-            q = (xi - rj).square().sum(1)
-            out[s : s + chunk] = q.sqrt() if kind == "l2" else q
-    return out
-
-
-_pair_values_op = torch.library.custom_op("fastdml::pair_values", _pair_values_impl, mutates_args=())
-
-
-@_pair_values_op.register_fake
-def _(x, r, i, j, kind):
-    return x.new_empty(i.shape, dtype=acc_dtype(x.dtype))
-
-
-def _pair_values_backward_impl(
-    grad: Tensor, values: Tensor, x: Tensor, r: Optional[Tensor], i: Tensor, j: Tensor, kind: str
-) -> tuple[Tensor, Tensor]:
-    acc = acc_dtype(x.dtype)
-    gx = torch.zeros(x.shape, dtype=acc, device=x.device)
-    ref = x if r is None else r
-    gr = gx if r is None else torch.zeros(r.shape, dtype=acc, device=r.device)
-    chunk = _pair_chunk(i.shape[0], x.shape[1])
-    for s in range(0, i.shape[0], chunk):
-        ii, jj = i[s : s + chunk], j[s : s + chunk]
-        g = grad[s : s + chunk].to(acc).unsqueeze(1)
-        xi, rj = x.index_select(0, ii).to(acc), ref.index_select(0, jj).to(acc)
-        if kind == "dot":
-            # d' = -x.r : dd'/dx = -r, dd'/dr = -x
-            gxi, grj = -g * rj, -g * xi
-        else:
-            diff = xi - rj
-            if kind == "l2":
-                d = values[s : s + chunk].to(acc).unsqueeze(1)
-                # the subgradient 0 at d = 0 (PML's cdist convention), never a division by zero
-                coef = torch.where(d > 0, g / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
-            else:
-                coef = 2.0 * g
-            gxi, grj = coef * diff, -coef * diff
-        add_rows(gx, ii, gxi)
-        add_rows(gr, jj, grj)
-    if r is None:
-        return gx.to(x.dtype), x.new_empty((0, x.shape[1]))
-    return gx.to(x.dtype), gr.to(r.dtype)
-
-
-_pair_values_backward_op = torch.library.custom_op(
-    "fastdml::pair_values_backward", _pair_values_backward_impl, mutates_args=()
-)
-
-
-@_pair_values_backward_op.register_fake
-def _(grad, values, x, r, i, j, kind):
-    return torch.empty_like(x), (x.new_empty((0, x.shape[1])) if r is None else torch.empty_like(r))
-
-
-def _pair_values_setup(ctx, inputs, output):
-    x, r, i, j, kind = inputs
-    ctx.save_for_backward(output, x, r, i, j)
-    ctx.kind = kind
-    ctx.has_r = r is not None
-
-
-def _pair_values_backward(ctx, grad):
-    values, x, r, i, j = ctx.saved_tensors
-    gx, gr = _call(_PAIR_VALUES_BACKWARD, grad, values, x, r if ctx.has_r else None, i, j, ctx.kind)
-    return gx, (gr if ctx.has_r else None), None, None, None
-
-
-_pair_values_op.register_autograd(_pair_values_backward, setup_context=_pair_values_setup)
-_PAIR_VALUES = _OpSpec("pair_values", _pair_values_impl, _pair_values_setup, _pair_values_backward)
-_PAIR_VALUES_BACKWARD = _OpSpec("pair_values_backward", _pair_values_backward_impl)
-
-
-def pair_values(x: Tensor, r: Optional[Tensor], i: Tensor, j: Tensor, kind: str) -> Tensor:
-    """``d'`` of the listed pairs ``(x[i_t], r[j_t])``, computed by direct differences (exact near 0).
-
-    ``r=None`` indexes both sides into ``x``. Returns float32 for fp16/bf16/fp32 inputs (float64 for float64).
-    The L2 gradient is ``g (x_i - r_j) / d`` and 0 where ``d = 0``. Memory is O(T) plus a chunk of
-    ``(chunk, D)`` within the memory budget; the backward accumulates deterministically.
-    """
-    _check_kind(kind)
-    if _use_reference(x):
-        return _reference().pair_values(x, r, i, j, kind)
-    return _call(_PAIR_VALUES, x, r, i.to(torch.int64), j.to(torch.int64), kind)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# listing miners: data-dependent output sizes. Eagerly a direct call (:func:`_call`); while torch.compile
-# traces, custom ops whose fake implementations give the lists a size known only when the graph runs (an
-# unbacked size: the caller enables torch._dynamo.config.capture_dynamic_output_shape_ops, as for
-# torch.nonzero), copying the lists (a custom op's outputs may not alias)
-# ----------------------------------------------------------------------------------------------------------
-def _backend_call(name: str):
-    """The backend's ``name`` called on ``(x, *args)``: a listing op's eager implementation (no copies)."""
-    return lambda x, *args: _backend_fn(x, name)(x, *args)
-
-
-_TRIPLET_LIST = _OpSpec("triplet_list", _backend_call("triplet_list"))
-_PAIR_LIST = _OpSpec("pair_list", _backend_call("pair_list"))
-
-
-@torch.library.custom_op("fastdml::triplet_list", mutates_args=())
-def _triplet_list_op(
-    x: Tensor,
-    y: Tensor,
-    r: Optional[Tensor],
-    z: Optional[Tensor],
-    excl: Optional[Tensor],
-    kind: str,
-    band_lo: float,
-    band_hi: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    a, p, n = _TRIPLET_LIST.impl(x, y, r, z, excl, kind, band_lo, band_hi)
-    return a.clone(), p.clone(), n.clone()  # (a custom op's outputs may not alias each other or its inputs)
-
-
-@_triplet_list_op.register_fake
-def _(x, y, r, z, excl, kind, band_lo, band_hi):
-    t = torch.library.get_ctx().new_dynamic_size()
-    return tuple(x.new_empty((t,), dtype=torch.int64) for _ in range(3))
-
-
-@torch.library.custom_op("fastdml::pair_list", mutates_args=())
-def _pair_list_op(
-    x: Tensor,
-    y: Tensor,
-    r: Optional[Tensor],
-    z: Optional[Tensor],
-    excl: Optional[Tensor],
-    kind: str,
-    pos_lo: float,
-    neg_hi: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    a1, p, a2, n = _PAIR_LIST.impl(x, y, r, z, excl, kind, pos_lo, neg_hi)
-    return a1.clone(), p.clone(), a2.clone(), n.clone()
-
-
-@_pair_list_op.register_fake
-def _(x, y, r, z, excl, kind, pos_lo, neg_hi):
-    ctx = torch.library.get_ctx()
-    n_pos, n_neg = ctx.new_dynamic_size(), ctx.new_dynamic_size()
-    return tuple(x.new_empty((k,), dtype=torch.int64) for k in (n_pos, n_pos, n_neg, n_neg))
-
-
+@_mining_op(lambda x, *_: _listed(x, 3))
 def triplet_list(
     x: Tensor,
     y: Tensor,
@@ -798,15 +436,9 @@ def triplet_list(
     band_hi: float = INF,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """All triplets (a, p, n) with ``band_lo < d'_an - d'_ap <= band_hi``, int64, in PML's lexicographic order."""
-    _check_kind(kind)
-    excl = _context.resolve_excl(x, r, excl)  # [issue 7 hook] see fastdml/_context.py
-    x = x.detach()
-    r = None if r is None else r.detach()
-    if _use_reference(x):
-        return _reference().triplet_list(x, y, r, z, excl, kind, band_lo, band_hi)
-    return _call(_TRIPLET_LIST, x, y, r, z, excl, kind, float(band_lo), float(band_hi))
 
 
+@_mining_op(lambda x, *_: _listed(x, 2, 2))
 def pair_list(
     x: Tensor,
     y: Tensor,
@@ -819,10 +451,49 @@ def pair_list(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Positive pairs with ``d' > pos_lo`` and negative pairs with ``d' < neg_hi``: ``(a1, p, a2, n)`` int64,
     in PML's row-major order."""
+
+
+# pair_values: exact d' of listed pairs, differentiable through its own backward op
+def _pair_values_setup(ctx, inputs, output):
+    x, r, i, j, kind = inputs
+    ctx.save_for_backward(output, x, r, i, j)
+    ctx.kind, ctx.has_r = kind, r is not None
+
+
+def _pair_values_backward(ctx, grad):
+    values, x, r, i, j = ctx.saved_tensors
+    gx, gr = _PAIR_VALUES_BACKWARD(grad, values, x, r if ctx.has_r else None, i, j, ctx.kind)
+    return gx, (gr if ctx.has_r else None), None, None, None
+
+
+def _fake_pair_values_backward(grad, values, x, r, i, j, kind):
+    return torch.empty_like(x), (x.new_empty((0, x.shape[1])) if r is None else torch.empty_like(r))
+
+
+_PAIR_VALUES_BACKWARD = _Op(
+    "pair_values_backward",
+    _op_function(
+        "pair_values_backward", _backend("pair_values_backward"), inspect.signature(portable.pair_values_backward)
+    ),
+    _fake_pair_values_backward,
+)
+_PAIR_VALUES = _Op(
+    "pair_values",
+    _op_function("pair_values", _backend("pair_values"), inspect.signature(portable.pair_values)),
+    lambda x, r, i, j, kind: x.new_empty(i.shape, dtype=acc_dtype(x.dtype)),
+    _pair_values_setup,
+    _pair_values_backward,
+)
+
+
+def pair_values(x: Tensor, r: Optional[Tensor], i: Tensor, j: Tensor, kind: str) -> Tensor:
+    """``d'`` of the listed pairs ``(x[i_t], r[j_t])``, computed by direct differences (exact near 0).
+
+    ``r=None`` indexes both sides into ``x``. Returns float32 for fp16/bf16/fp32 inputs (float64 for float64).
+    The L2 gradient is ``g (x_i - r_j) / d`` and 0 where ``d = 0``. Memory is O(T) plus a chunk of
+    ``(chunk, D)`` within the memory budget; the backward accumulates deterministically.
+    """
     _check_kind(kind)
-    excl = _context.resolve_excl(x, r, excl)  # [issue 7 hook] see fastdml/_context.py
-    x = x.detach()
-    r = None if r is None else r.detach()
-    if _use_reference(x):
-        return _reference().pair_list(x, y, r, z, excl, kind, pos_lo, neg_hi)
-    return _call(_PAIR_LIST, x, y, r, z, excl, kind, float(pos_lo), float(neg_hi))
+    if dispatch.use_reference(x):
+        return _reference("pair_values")(x, r, i, j, kind)
+    return _PAIR_VALUES(x, r, i.to(torch.int64), j.to(torch.int64), kind)

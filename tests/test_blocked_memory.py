@@ -237,7 +237,7 @@ def test_bad_miner_options_raise():
 def test_batch_hard_runs_are_bitwise_deterministic_and_unchanged_by_deterministic_mode():
     # row_hardest (square: the upper-triangle strips over several blocks; rectangular) and the chosen-triplet
     # loss with its gradient, twice, then again under torch.use_deterministic_algorithms(True)
-    from fastdml.blocked.chosen import chosen_triplet_stats_fwd
+    from fastdml.portable.chosen import chosen_triplet_stats_fwd
 
     x, y, r, z, excl = make_inputs(70, 9, torch.float32, False, seed=23)
 

@@ -1,5 +1,5 @@
 """Eager calls of the ops run the custom op's implementation, setup and backward without the dispatcher
-(``fastdml.ops._call``); they must give exactly what the registered custom op gives: the same values and the
+(``fastdml.ops._Op``); they must give exactly what the registered custom op gives: the same values and the
 same gradients for a random upstream gradient, for every op (the listing ops too), square and rectangular,
 with and without a gradient for the references.
 """
@@ -48,9 +48,7 @@ def test_eager_stats_op_equals_the_custom_op(name, square, grad_r):
         r.requires_grad_(True)
     args = _stats_calls(x, y, r, z, g)[name]
     need_grad_r = r is not None and r.requires_grad
-    spec = {s.name: s for s in (ops._CONTRASTIVE_STATS, ops._TRIPLET_STATS, ops._SEMIHARD_STATS)}
-    spec[ops._CHOSEN_TRIPLET_STATS.name] = ops._CHOSEN_TRIPLET_STATS
-    eager, _, _ = ops._call(spec[name], *args, True, need_grad_r)
+    eager, _, _ = ops._OPS[name](*args, True, need_grad_r)
     custom, _, _ = getattr(torch.ops.fastdml, name)(*args, True, need_grad_r)
     assert torch.equal(eager, custom)
     upstream = torch.randn(eager.shape, generator=g, dtype=eager.dtype)

@@ -31,6 +31,7 @@ import math
 
 import torch
 
+from ..portable.rows import acc_dtype, add_rows  # noqa: F401  (re-exported: the sweeps import them from here)
 from . import budget
 
 KINDS = ("l2", "sql2", "dot")
@@ -40,21 +41,6 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NEAR_REL = 1e-2
 # up to this dimension the whole block is computed by direct differences (cheap, exact)
 DIRECT_MAX_D = 4
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64 inputs, float32 for fp16/bf16/fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def add_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
-    """``target[index[t]] += rows[t]`` for every t (repeated indices add up), deterministically on any device:
-    ``index_add_`` on the CPU (sequential, and faster than ``index_put_``), ``index_put_`` with accumulate on
-    CUDA (deterministic under ``torch.use_deterministic_algorithms(True)``)."""
-    if target.device.type == "cpu":
-        target.index_add_(0, index, rows)
-    else:
-        target.index_put_((index,), rows, accumulate=True)
 
 
 def _check_labels(name: str, labels, n: int, device, where: str) -> torch.Tensor:

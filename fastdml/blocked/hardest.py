@@ -51,6 +51,7 @@ import math
 
 import torch
 
+from .. import dispatch
 from . import budget, native
 from .distance import NEAR_REL, Problem, _direct_q, canonical_columns
 
@@ -204,7 +205,7 @@ def _sweep_native(P: Problem, canon, out) -> bool:
     False when the scan is not available, or when a kept score is NaN (torch's max/min propagate NaN, the scan
     would skip it): then :func:`_sweep_torch` redoes the whole call. Rows without a positive keep
     ``pv = -inf`` (found = False)."""
-    if not native.enabled() or P.M >= 2**31 or P.device.type != "cpu":
+    if P.M >= 2**31 or not dispatch.native_helpers(P.device, P.acc):
         return False
     if _square_strips(P, canon):
         return _sweep_native_square(P, out)

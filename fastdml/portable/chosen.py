@@ -17,9 +17,9 @@ and, with ``w_i = f'(v_i)`` for counted i (relu': ``[v_i > 0]``; softplus': ``si
 
 Cost O(N D): two row gathers, the differences, and the gradient reusing the differences' memory (so the
 backward is one scaling, no second gather). The same few tensor ops serve every device; working memory is a
-chunk of anchors within the memory budget. On the CPU (float32/float64 rows, finite distances) the compiled
-loop of :mod:`.native` (``csrc/chosen_triplets.c``) computes the same sums in one pass over the anchors and
-one over the chosen rows, with no temporaries but 2 N coefficients.
+chunk of anchors within the memory budget. Where :func:`fastdml.dispatch.native_helpers` allows, the compiled
+loop of ``fastdml.blocked.native`` computes the same sums in one pass over the anchors and one over the
+chosen rows.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import budget, native
-from .distance import acc_dtype, add_rows
+from .. import dispatch
+from ..config import memory_budget_bytes
+from .rows import acc_dtype, add_rows
 
 INF = math.inf
 
@@ -38,7 +39,7 @@ INF = math.inf
 def _chunk_rows(n: int, d: int, esize: int) -> int:
     # per anchor: two gathered rows and one squared-difference row, plus a few scalars
     per_row = 3 * max(1, d) * esize + 64
-    return max(1, min(n, budget.budget_bytes() // per_row))
+    return max(1, min(n, memory_budget_bytes() // per_row))
 
 
 def _dprime_and_coef(xa, rp, rn, kind):
@@ -85,8 +86,10 @@ def chosen_triplet_stats_fwd(x, valid, r, p, n, kind, margin, smooth, low, high,
         if ref.shape[0] == 0:
             # no reference rows (an empty memory): no anchor has a triplet, the indices point nowhere
             return torch.stack([s_total, c_total]), gx, gr_parts
-        if dev.type == "cpu" and x.dtype == acc and ref.dtype == acc:
-            # the compiled loop (native.py): both passes in C; None: not built, or a case for the ops below
+        if x.dtype == acc and ref.dtype == acc and dispatch.native_helpers(dev, x.dtype):
+            from ..blocked import native
+
+            # both passes in C; None: a case for the ops below (a non-finite term, an index out of range)
             g = gx[0] if need_grad else None
             stats = native.chosen_triplets(x.contiguous(), ref.contiguous(), p.contiguous(), n.contiguous(),
                                            valid.contiguous(), kind, margin, smooth, low, high, g, gcol)  # fmt: skip

@@ -1,0 +1,14 @@
+"""Device-independent torch code: ops whose one implementation serves every device.
+
+- :func:`pair_values` / :func:`pair_values_backward`: ``d'`` of listed pairs, O(T D);
+- :func:`chosen_triplet_stats_fwd`: the loss of one chosen triplet per anchor with its gradient, O(N D);
+- :func:`acc_dtype`, :func:`add_rows`: helpers the backends share.
+
+Every function runs without autograd; the wiring is in :mod:`fastdml.ops`, the routing in :mod:`fastdml.dispatch`.
+"""
+
+from .chosen import chosen_triplet_stats_fwd
+from .pairs import pair_values, pair_values_backward
+from .rows import acc_dtype, add_rows
+
+__all__ = ["chosen_triplet_stats_fwd", "pair_values", "pair_values_backward", "acc_dtype", "add_rows"]
