@@ -1,7 +1,8 @@
-"""Functional forms of fastdml's losses and miner selections.
+"""Functional forms of fastdml's losses and miner selections: thin wrappers of the modules.
 
-Each loss takes tensors plus keyword options and returns the same number as its module in
-:mod:`fastdml.losses` (it builds that module and calls it, so the fused paths and PML semantics are the same):
+Each function builds its module of :mod:`fastdml.losses` or :mod:`fastdml.miners` and calls it once, so it
+returns the same number, by the same fused paths and with the same PML semantics (building a module is a few
+Python objects; nothing is cached between calls). Options:
 
 * ``distance``: ``"euclidean"`` (``|a - b|``), ``"squared"`` (``|a - b|^2``), ``"cosine"`` (similarity of
   normalized embeddings), ``"dot"`` (``a . b``), or any distance object (fastdml's or PML's);
@@ -12,8 +13,9 @@ Each loss takes tensors plus keyword options and returns the same number as its 
   ``"none"`` (the per-element terms: a tensor, or ``(pos_terms, neg_terms)`` for the contrastive loss), or a
   reducer object.
 
-Selections without index lists: :func:`hardest_pairs` (farthest positive and nearest negative per anchor)
-and :func:`easy_hard_pairs` (any of PML's BatchEasyHardMiner strategies), computed by ``ops.row_extreme``.
+Selections: :func:`hardest_pairs` (farthest positive and nearest negative per anchor) and
+:func:`easy_hard_pairs` (any of PML's BatchEasyHardMiner strategies) run ``BatchEasyHardMiner`` and return
+the chosen pairs with their differentiable distances.
 """
 
 from __future__ import annotations
@@ -257,8 +259,8 @@ def easy_hard_pairs(
     ref_labels=None,
 ):
     """PML's BatchEasyHardMiner selection (``pos_strategy``/``neg_strategy`` in hard, semihard, easy; not
-    "all") without listing anything: ``ops.row_extreme`` per anchor, then the chosen pairs' distances by
-    ``ops.pair_values`` (differentiable, O(N D))."""
+    "all"): one pick per anchor (the miner's ``ops.row_extreme``), then the chosen pairs' distances
+    (differentiable, O(N D))."""
     for name, s in (("pos_strategy", pos_strategy), ("neg_strategy", neg_strategy)):
         if s not in ("hard", "semihard", "easy"):
             raise ValueError(f"{name} must be one of ('hard', 'semihard', 'easy'), got {s!r}")
