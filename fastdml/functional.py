@@ -166,7 +166,7 @@ def triplet_margin_loss(
 def paired_contrastive_loss(
     x, y, x_labels, y_labels, *, margin=1.0, positive_weight=0.5, distance="euclidean", normalize=False
 ):
-    """The write-up's loss on pairs (x[t], y[t]): ``sum_t w d_t^2`` (equal labels) ``+ (1 - w) relu(margin -
+    """The paired contrastive loss on pairs (x[t], y[t]): ``sum_t w d_t^2`` (equal labels) ``+ (1 - w) relu(margin -
     d_t)^2`` (different labels). See :class:`fastdml.losses.PairedContrastiveLoss`."""
     mod = _losses.PairedContrastiveLoss(
         distance=make_distance(distance, normalize), margin=margin, positive_weight=positive_weight

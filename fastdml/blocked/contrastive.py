@@ -482,9 +482,8 @@ def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
     For l2 the masks are taken on q and sqrt (a slow instruction) runs on the positive rectangles and, only
     when some negative is active, on the tile; a tile without an active negative skips that branch's
     arithmetic and GEMMs altogether (its terms and weights are all 0), and when no pair of the tile lies
-    inside the active window at all (and counted = active), it skips the branch's masks too: measured on the
-    development VM (N = 1024, D = 128, random data, where no pair is within the default margin), 0.5 ms less
-    per ``ContrastiveLoss`` step of 5.8-8.8 ms.
+    inside the active window at all (and counted = active), it skips the branch's masks too (figures in
+    ``bench/RESULTS.md``).
     """
     pc, pa, nc, na = iv
     qpc, qpa, qnc, qna = qiv
@@ -557,9 +556,8 @@ def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
         del Aa
 
     # ---------------- negatives (the whole tile, positives and the diagonal zeroed)
-    # A tile in which no pair at all lies inside the active window (q >= its upper end everywhere: the row
-    # minima the near-duplicate check already took, no flagged entry) has no active negative, and when the
-    # counted window is the active one, none counted: the branch is skipped without a pass over the tile.
+    # no pair inside the active window (q >= its upper end everywhere, from the row minima the near-duplicate
+    # check took; no flagged entry) and counted = active: no negative term, so skip without a tile pass
     if (mins and qna[0] == -INF and qnc == qna and flagged is None and qna[1] != INF
             and bool(mins[0].amin() >= qna[1])):  # fmt: skip
         return

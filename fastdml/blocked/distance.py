@@ -201,7 +201,7 @@ def _recompute_pairs(P: Problem, xb: torch.Tensor, q: torch.Tensor, ii: torch.Te
 def _augmented(P: Problem):
     """``([x, |x|^2, 1], [-2 r, 1, |r|^2])`` so that one GEMM gives q = |x|^2 + |r|^2 - 2 x.r (cached)."""
     if P._aug is None:
-        # written in place (no (M, D) temporary before the copy: an O(M D) pass less per call, [issue 7])
+        # written in place: no (M, D) temporary before the copy, an O(M D) pass less per call
         xa = torch.empty((P.N, P.D + 2), dtype=P.acc, device=P.device)
         xa[:, : P.D] = P.x
         xa[:, P.D] = P.xn
@@ -236,8 +236,8 @@ def canonical_columns(P: Problem):
     column's position), and ties between copies decide semihard's n*, row_extreme's index and band edges
     (``d'_an - d'_ap = 0``). Copying each duplicate's column from its first copy makes copies tie exactly,
     as they do in the reference. Detection: one row hash (a per-row sum: identical rows give identical
-    sums); the exact ``torch.unique`` runs only on the rows whose hash collides with another's ([issue 7]:
-    ``torch.unique(dim=0)`` over a whole 65,536-row memory queue took longer than the loss itself).
+    sums); the exact ``torch.unique`` runs only on the rows whose hash collides with another's
+    (``torch.unique(dim=0)`` over a whole large memory queue costs more than the loss itself).
     """
     if P._canon is None:
         P._canon = False

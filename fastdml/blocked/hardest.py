@@ -56,15 +56,8 @@ from . import budget, native
 from .distance import NEAR_REL, Problem, _direct_q, canonical_columns
 
 INF = math.inf
-# the score block of one sweep step is kept near this size per intra-op thread: each thread's share of the
-# block stays in its core's cache (2 MB of L2 on the development VM) between the GEMM that writes it and the
-# reductions that read it, and the peak memory stays low. Smaller blocks add per-op overhead (~15 ops per
-# block, a few us each, and one thread synchronisation per parallel op). Measured on 2 cores at
-# N = M = 1024 (row_hardest alone, medians of 30 calls, six alternating rounds): 1 MB per thread 2.51-2.60 ms,
-# 2 MB 2.37-2.43 ms, 4 MB 2.36-2.59 ms. 2 MB would save ~0.15 ms of a 4 ms batch-hard step but raises its
-# peak memory from 4.8-5.0 MB to 7.5-7.7 MB (three runs each of ``python -m bench._memory --no-cache
-# TML_BatchHardMiner-fastdml-fwdbwd-N1024-D128-float32-random10-cpu``, 2026-11-28 23:2x UTC), against PML's
-# 31.9 MB on the same meter: 4.2x, the issue's 4x memory goal with almost no room; 1 MB keeps 6.4x.
+# score block size per intra-op thread: it stays in the core's cache between the GEMM and the reductions and
+# keeps the peak memory low; smaller blocks add per-op overhead (the trade-off is in bench/RESULTS.md)
 TARGET_BLOCK_BYTES = 1 << 20
 
 
@@ -121,7 +114,7 @@ _CHUNK = 64
 def _first_min(t: torch.Tensor, value: torch.Tensor, index: torch.Tensor) -> None:
     """Row minimum of ``t`` (b, M) and its first index, written into ``value``/``index`` (b,).
 
-    ``torch.min(dim)`` (value and index) is a scalar loop on the CPU, ~15x slower than ``amin``. So: chunk
+    ``torch.min(dim)`` (value and index) is a scalar loop on the CPU, much slower than ``amin``. So: chunk
     minima with ``amin`` (vectorized, one pass), the first chunk holding the row minimum (``min`` over M/64
     entries), then the first position inside that chunk (``min`` over 64 entries). A tail of fewer than 64
     columns wins only if strictly smaller (it lies after every chunk)."""
@@ -134,7 +127,7 @@ def _first_min(t: torch.Tensor, value: torch.Tensor, index: torch.Tensor) -> Non
     blocks = t[:, :mc].view(b, g, _CHUNK)
     cv, ci = blocks.amin(2).min(1)
     if mc == m and t.is_contiguous():
-        # the winning chunk of each row as a row copy (index_select: ~6x faster than an element gather)
+        # the winning chunk of each row as a row copy (index_select: much faster than an element gather)
         first = torch.arange(0, b * g, g, device=t.device).add_(ci)
         inner = t.view(b * g, _CHUNK).index_select(0, first).min(1).indices
     else:

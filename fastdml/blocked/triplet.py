@@ -259,7 +259,7 @@ def _smooth_block(P, s, e, d, neg, layout, kmax, margin, band_lo, band_hi, low, 
     G = torch.zeros((1, b, m), dtype=P.acc, device=P.device) if need_grad else None
     gpos = torch.zeros((b, kmax), dtype=P.acc, device=P.device) if need_grad else None
     # chunks of (anchors x positive slots) whose (anchor, slot, M) temporaries fit a third of the budget (the
-    # block's own (b, M) tensors take the rest; with half, the measured peak overshot the budget by ~3%)
+    # block's own (b, M) tensors take the rest; with half, the peak overshot the budget)
     per_slot = m * (8 * P.esize + 4)
     limit = budget.budget_bytes() // 3
     slots = max(1, min(kmax, limit // max(1, per_slot)))

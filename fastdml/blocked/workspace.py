@@ -3,9 +3,8 @@
 Why: glibc serves a multi-megabyte CPU allocation with fresh pages from the kernel and gives them back when
 it is freed, so an op that allocates its (b, M) temporaries anew on every call pays a page fault for each
 4 kB page it touches. The all-triplets and semi-hard sweeps hold several (b, M) int64 and float tensors per
-block (tens of MB at N = 1024): measured on the 2-core development VM with ``python -m bench.bench_faults``
-(all-triplets ``TripletMarginLoss`` at N = 1024, D = 128, forward+backward), thousands of faults and about
-7 ms per call (figures in ``bench/RESULTS.md``). Keeping those temporaries in buffers that live from call to
+block (tens of MB at N = 1024): thousands of page faults per call (``python -m bench.experiments.faults``;
+figures in ``bench/RESULTS.md``). Keeping those temporaries in buffers that live from call to
 call removes the faults without touching the process's allocator (glibc's ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` would, but they are process-wide settings a library must not make for its users).
 Ops with small temporaries (the contrastive tiles, batch-hard's score block: 1-5 MB) do not use it: glibc
