@@ -26,8 +26,9 @@ A case is one (family, variant, implementation, mode, N, D, dtype, label pattern
   P x K sampler yields them).
 
 Baselines that cannot run a size are not run: :func:`predict` gives a case's peak memory and time per call
-from the formulas below (coefficients measured on this project's 2-core CPU machine), and a case predicted
-over the memory limit or over :data:`TIME_LIMIT_S` is recorded as skipped with its prediction.
+from the formulas below, and a case predicted over the memory limit or over :data:`TIME_LIMIT_S` is
+recorded as skipped with its prediction. The time coefficients are one CPU's; ``python -m bench.calibrate``
+re-derives them on another machine.
 """
 
 from __future__ import annotations
@@ -314,7 +315,7 @@ def work(case: Case) -> float:
     return float(n) * n * d
 
 
-# seconds per unit of work() on the project's 2-core CPU (measured under load, so on the high side)
+# seconds per unit of work() on a 2-core CPU under load (on the high side): `python -m bench.calibrate`
 _SECONDS_PER_WORK = {
     ("pml", True): 1.2e-7,
     ("pml", False): 5e-9,

@@ -16,7 +16,7 @@ What it does:
    memory ratio of fastdml against each baseline (``reference``, ``pml``, and on CUDA the forced ``blocked``
    path), and the time against the GEMM floor (``torch.mm(X, X.T)`` forward+backward at the same shape);
    baselines that were not run show their predicted memory;
-3. prints issue 3's headline ratios (drop-in API against PML, N = 1024, alternating runs) against the goals;
+3. prints the headline ratios (drop-in API against PML, N = 1024, alternating runs) against the goals;
 4. draws time and peak memory against N per implementation (log axes, one panel per family) into
    ``bench/out/<device>/bench_<device>.png``.
 
@@ -443,7 +443,7 @@ def render(args, device, json_path, records_path, command) -> str:
     ]
     tt = targets_table(targets)
     if tt:
-        parts += ["### Headline: drop-in API against PML (issue 3 targets)", "", tt, ""]
+        parts += ["### Headline: drop-in API against PML (the CPU targets)", "", tt, ""]
     st = summary_table(measured, skipped, device)
     if st:
         parts += ["### Summary: forward+backward, 10 random classes", "", st, ""]

@@ -1,6 +1,6 @@
 """The headline comparison: the drop-in API against PML's identical call, in one process, alternating runs.
 
-Issue 3's CPU targets, at N = 1024, D = 128, fp32, 10 random classes, forward+backward:
+The CPU targets, at N = 1024, D = 128, fp32, 10 random classes, forward+backward:
 
 ==============================================  ==========  ===========
 call                                            speed-up    less memory
@@ -21,45 +21,12 @@ calls is checked to give the same loss.
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
 
 from bench import _cases, _memory
-
-TARGETS = {
-    # name: (family, variant, speed-up goal, memory goal)
-    "all_triplets": ("all_triplets", "TripletMarginLoss", 100.0, 50.0),
-    "semihard_miner": ("semihard", "TML_SemihardMiner", 10.0, 3.0),
-    "contrastive": ("contrastive", "ContrastiveLoss", 3.0, 4.0),
-    "batch_hard_miner": ("batch_hard", "TML_BatchHardMiner", 5.0, 4.0),
-}
-TARGET_N, TARGET_D = 1024, 128
-
-
-def _timed(step) -> float:
-    t0 = time.perf_counter()
-    step()
-    return time.perf_counter() - t0
-
-
-def target_case(name: str, n: int = TARGET_N, d: int = TARGET_D, device: str = "cpu") -> _cases.Case:
-    """fastdml's case of target ``name``: forward+backward, fp32, 10 random classes (PML's case:
-    ``.replace(impl="pml")``)."""
-    family, variant, _, _ = TARGETS[name]
-    return _cases.Case(family, variant, "fastdml", "fwdbwd", n, d, "float32", "random10", device)
-
-
-def alternate(step_fd, step_pm, rounds: int) -> tuple[list, list]:
-    """The headline's protocol: ``rounds`` rounds timing both calls, in the order fastdml, PML, PML, fastdml,
-    ... (a change in the machine's load hits both alike). Returns the two lists of seconds."""
-    t_fd, t_pm = [], []
-    for r in range(rounds):
-        order = ((t_fd, step_fd), (t_pm, step_pm)) if r % 2 == 0 else ((t_pm, step_pm), (t_fd, step_fd))
-        for sink, step in order:
-            sink.append(_timed(step))
-    return t_fd, t_pm
+from bench.targets import TARGET_D, TARGET_N, TARGETS, alternate, target_case, timed
 
 
 def _peak(session, case, step) -> float | None:
@@ -111,8 +78,8 @@ def test_target(name, bench_session):
         s = c.replace(n=min(n, 64))
         _cases.make_step(s, *_cases.make_inputs(s))()
     slow_fd, slow_pm = session.known_timing(fd), session.known_timing(pm)
-    t_fd = [slow_fd if (slow_fd or 0) > 3.0 else _timed(step_fd)]
-    t_pm = [slow_pm if (slow_pm or 0) > 3.0 else _timed(step_pm)]
+    t_fd = [slow_fd if (slow_fd or 0) > 3.0 else timed(step_fd)]
+    t_pm = [slow_pm if (slow_pm or 0) > 3.0 else timed(step_pm)]
     if session.tiny:
         a, b = float(step_fd().detach()), float(step_pm().detach())
         assert abs(a - b) <= 1e-5 + 1e-4 * abs(b), f"{name}: fastdml {a!r} != PML {b!r} on the same inputs"

@@ -1,18 +1,17 @@
-"""The spread of a headline ratio: one target of ``bench/test_bench_targets.py`` (fastdml's drop-in call
+"""The spread of a headline ratio: one target of ``bench/targets.py`` (fastdml's drop-in call
 against PML's identical call, N = 1024, D = 128, fp32, 10 classes, forward+backward) with many alternating
 rounds, repeated in fresh processes.
 
-The headline run takes 20 alternating rounds; on this project's 2-core VM its batch-hard ratio moved by
-+-15% from run to run, with both sides drifting (fastdml 4.3-6 ms, PML 20-33 ms). This tool shows how much of
-that a longer run removes: each repeat runs ``--rounds`` rounds (fastdml, PML, PML, fastdml, ... as the
-headline does) in a new process and prints the medians and their ratio::
+The headline run takes 20 alternating rounds, and its ratio moves from run to run on a shared machine. This
+tool shows how much of that a longer run removes: each repeat runs ``--rounds`` rounds (fastdml, PML, PML,
+fastdml, ... as the headline does) in a new process and prints the medians and their ratio::
 
-    python -m bench.bench_spread                          # batch_hard_miner, 3 repeats of 200 rounds
-    python -m bench.bench_spread --target contrastive --repeats 5 --rounds 100
-    python -m bench.bench_spread --window 20              # also the medians of every 20 consecutive rounds
+    python -m bench.experiments.spread                          # batch_hard_miner, 3 repeats of 200 rounds
+    python -m bench.experiments.spread --target contrastive --repeats 5 --rounds 100
+    python -m bench.experiments.spread --window 20              # also the medians of every 20 consecutive rounds
 
-The windows show the machine's speed changing under a run: on the development VM fastdml's and PML's medians
-moved from window to window, not always together (bench/RESULTS.md, "Spread of the batch-hard ratio").
+The windows show the machine's speed changing under a run (bench/RESULTS.md, "Spread of the batch-hard
+ratio").
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import statistics
 import subprocess
 import sys
 
-from bench.test_bench_targets import TARGETS, alternate, target_case
+from bench.targets import TARGETS, alternate, target_case
 
 
 def run_once(name: str, rounds: int, window: int = 0) -> dict:
@@ -60,7 +59,7 @@ def main() -> None:
         return
     ratios = []
     for i in range(args.repeats):
-        cmd = [sys.executable, "-m", "bench.bench_spread", "--once", "--target", args.target]
+        cmd = [sys.executable, "-m", "bench.experiments.spread", "--once", "--target", args.target]
         cmd += ["--rounds", str(args.rounds), "--window", str(args.window)]
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         ratio = r["pml_s"] / r["fastdml_s"]

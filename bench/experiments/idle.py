@@ -16,10 +16,10 @@ The cases are interleaved: every round runs each case once, in a shuffled order 
 machine's speed during the run hits every case alike. Prints the median over the rounds (after 5 warm-up
 rounds) of the miner, the loss forward, the backward and the whole step, per case::
 
-    python bench/bench_idle.py                  # every case, torch's default thread count
-    python bench/bench_idle.py --threads 1 --cases none,pml,sleep
-    python bench/bench_idle.py --series 30      # back-to-back steps only: the median of every 50, for 30 s
-    python bench/bench_idle.py --call contrastive   # ContrastiveLoss() instead (no miner: its part reads 0)
+    python -m bench.experiments.idle                  # every case, torch's default thread count
+    python -m bench.experiments.idle --threads 1 --cases none,pml,sleep
+    python -m bench.experiments.idle --series 30      # back-to-back steps only: the median of every 50, for 30 s
+    python -m bench.experiments.idle --call contrastive   # ContrastiveLoss() instead (no miner: its part reads 0)
 
 ``--series`` shows the machine's own speed changing under a steady load (no other work in between).
 """

@@ -1,13 +1,13 @@
 """Page faults and time per call of the headline calls, with the blocked path's workspace kept from call to
 call (the default) or released before every call (what every call paid before the workspace existed).
 
-For each target call of ``bench/test_bench_targets.py`` (N = 1024, D = 128, fp32, 10 classes,
+For each target call of ``bench/targets.py`` (N = 1024, D = 128, fp32, 10 classes,
 forward+backward through the drop-in API) it prints the median over ``--calls`` calls (after 3 warm-up
 calls) of the wall time and of the minor page faults (``getrusage``), the two modes alternating call by
 call so that a change in the machine's load hits both alike::
 
-    python -m bench.bench_faults
-    python -m bench.bench_faults --targets all_triplets --calls 30
+    python -m bench.experiments.faults
+    python -m bench.experiments.faults --targets all_triplets --calls 30
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench import _cases
-from bench.test_bench_targets import TARGET_D, TARGET_N, TARGETS, target_case
+from bench.targets import TARGET_D, TARGET_N, TARGETS, target_case
 from fastdml.blocked import workspace
 
 

@@ -12,9 +12,9 @@ in one process so that the machine's drifts hit every variant alike:
 With ``--pml``, every timed step follows PML's identical call (as half the samples of the alternating
 headline protocol do). Prints the median of each variant::
 
-    python bench/bench_native.py                    # N = 1024, 150 rounds
-    python bench/bench_native.py --pml --rounds 60
-    python bench/bench_native.py --n 4096 --rounds 20
+    python -m bench.experiments.native                    # N = 1024, 150 rounds
+    python -m bench.experiments.native --pml --rounds 60
+    python -m bench.experiments.native --n 4096 --rounds 20
 """
 
 from __future__ import annotations

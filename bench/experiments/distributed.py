@@ -7,9 +7,9 @@ configuration's; the figure reported is the peak minus the RSS just before the f
 data and model excluded), the larger of the two ranks. Time: median of ``--iters`` forward+backward steps
 after one warm-up, the slower of the two ranks.
 
-    python bench/bench_distributed.py                 # 2 x 512, D = 128, both parts
-    python bench/bench_distributed.py --part dist --per-rank 512 --dim 128 --iters 5
-    python bench/bench_distributed.py --part cbm --memory 65536 --batch 128
+    python -m bench.experiments.distributed                 # 2 x 512, D = 128, both parts
+    python -m bench.experiments.distributed --part dist --per-rank 512 --dim 128 --iters 5
+    python -m bench.experiments.distributed --part cbm --memory 65536 --batch 128
 """
 
 from __future__ import annotations
