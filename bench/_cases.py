@@ -292,10 +292,9 @@ def make_step(case: Case, x: torch.Tensor, y: torch.Tensor) -> Callable[[], floa
 # predictions: peak memory (bytes) and time per call (seconds)
 # ------------------------------------------------------------------------------------------------------
 def _pml_triplet_list_bytes(n: int, t: float) -> float:
-    # PML's get_all_triplets_indices: below 2^31 elements it builds the (N, N, N) uint8 product and
-    # torch.where's three int64 index lists; above, a per-anchor loop and torch.cat (lists + result).
-    # Then per triplet: gathered d_ap, d_an, margins, the hinge, the reducer's mask, their gradients.
-    # Measured (CPU, fp32, D=128): 44-54 bytes per triplet on top of the N^3 product.
+    # PML's get_all_triplets_indices builds the (N, N, N) uint8 product below 2^31 elements, then per
+    # triplet: index lists, gathered distances, margins, hinge, mask and gradients (44-54 bytes each on the
+    # CPU, fp32; check with `python -m bench._memory <case id>`)
     if n**3 < 2**31:
         return n**3 + 52.0 * t
     return 56.0 * t

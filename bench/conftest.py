@@ -248,10 +248,8 @@ def bench_session() -> BenchSession:
     return _SESSION
 
 
-# Outside tiny mode the forward-alone timing is skipped where one call is predicted to take longer than this
-# (the slow baselines: each of their calls costs seconds, and the forward+backward is the headline figure),
-# label patterns other than 10 random classes are timed forward+backward only, and the reference (whose cost
-# does not depend on the labels) with 10 random classes only.
+# outside tiny mode: no forward-alone timing of calls predicted slower than this (the slow baselines), other
+# label patterns than 10 random classes forward+backward only, the reference with 10 random classes only
 FWD_ONLY_BELOW_S = 5.0
 
 
