@@ -1,4 +1,4 @@
-"""Functional forms equal their modules; the paired contrastive loss equals the write-up's formula."""
+"""Functional forms equal their modules; the paired contrastive loss equals its formula (Hadsell et al.)."""
 
 import pytest
 import torch

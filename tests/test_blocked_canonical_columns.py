@@ -1,6 +1,6 @@
 """``canonical_columns``: each reference row's lowest exact copy (it makes copies tie exactly in the GEMM path).
 
-[issue 7] The exact ``torch.unique`` now runs only on the rows whose hash collides; proved here against the
+The exact ``torch.unique`` runs only on the rows whose hash collides; proved here against the
 definition (lowest index i with r_i == r_j, by direct row comparison) on memory-like inputs: many rows, few
 exact copies placed far apart, integer-valued rows with many copies, and no copies at all.
 """

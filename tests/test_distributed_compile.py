@@ -5,7 +5,7 @@ What compiles (see the report in fastdml/utils/distributed.py's docstring):
 * ``fullgraph=True``: the wrapper's own code (functional collectives, the pool context) around a loss that is
   itself traceable (here a contrastive loss written directly on ``fastdml.ops``), equal batch sizes;
 * the wrapper around fastdml's ContrastiveLoss with ``efficient=False`` and with ``efficient=True``
-  (``fullgraph=True``; [issue 7] the rectangular path decides PML's "at most one pair" rule from the labels,
+  (``fullgraph=True``; the rectangular path decides PML's "at most one pair" rule from the labels,
   without a host sync).
 """
 

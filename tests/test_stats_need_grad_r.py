@@ -1,4 +1,4 @@
-"""[issue 7] ``need_grad_r``: stats ops whose references need no gradient (a detached memory queue or pool).
+"""``need_grad_r``: stats ops whose references need no gradient (a detached memory queue or pool).
 
 The ops decide from ``requires_grad``; the backends then return ``gr_parts`` of shape (0, M, D) and skip the
 column side. Proved here: the values and the gradient of x are those of the reference, r gets no gradient,
