@@ -177,9 +177,9 @@ class _Arguments:
         if "excl" in a:
             # inside a pool context (distributed, cross-batch memory) each query skips its own reference row
             a["excl"] = _context.resolve_excl(a["x"], a["r"], a["excl"])
-        for n, cast in zip(self.names, self.casts):
+        for name, cast in zip(self.names, self.casts):
             if cast is not None:
-                a[n] = cast(a[n])
+                a[name] = cast(a[name])
         return a
 
 
