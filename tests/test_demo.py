@@ -91,13 +91,58 @@ def test_help_documents_every_option(capsys):
         (["--loss", "quadruplet"], "invalid choice"),
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--loss", "paired-contrastive", "--positive-weight", "1.5"], "positive_weight"),
+        (["--lr", "nan"], "--lr must be a finite number > 0"),
+        (["--lr", "-1"], "--lr must be a finite number > 0"),
+        (["--lr", "0"], "--lr must be a finite number > 0"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+        (["--weight-decay=-1e-4"], "--weight-decay must be a finite number >= 0"),
+        (["--margin", "nan"], "--margin must be a finite number"),
+        (["--loss", "paired-contrastive", "--positive-weight", "nan"], "--positive-weight must be a finite"),
+        (["--classes-per-batch", "11"], "--classes-per-batch must be <= 10"),
+        (["--test-subset", "1"], "--test-subset must be >= 2"),
+        (["--shift", "-3"], "--shift must be in [0, 13]"),
+        (["--shift", "14"], "--shift must be in [0, 13]"),
+        (["--validation", "-5"], "--validation must be >= 0"),
+        (["--validation", "60000"], "--validation must be < 60000"),
+        (["--train-subset", "1"], "--classes-per-batch 10 exceeds the 1 digits present"),
+        (
+            ["--loss", "paired-contrastive", "--classes-per-batch", "1", "--samples-per-class", "1"],
+            "needs batches of at least 2 images",
+        ),
+        (["--loss", "paired-contrastive", "--train-subset", "100"], "--train-subset 100 is smaller than one batch"),
+        (
+            ["--loss", "triplet", "--mining", "batch-hard", "--samples-per-class", "1"],
+            "--samples-per-class must be >= 2",
+        ),
+        (["--samples-per-class", "1"], "--samples-per-class must be >= 2"),
+        (["--test-subset", "3"], "hold no digit twice"),  # the first three test digits are 7, 2, 1
     ],
 )
-def test_bad_options_exit_with_a_clear_message(argv, message, capsys):
+def test_bad_options_exit_with_a_clear_message(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
-        main(argv)
+        main(argv + ["--no-progress", "--out", str(tmp_path / "run")])
     assert info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing written for a rejected run
+
+
+def test_out_naming_an_existing_file_is_an_argparse_error(tmp_path, capsys):
+    (tmp_path / "taken").write_text("keep me")
+    with pytest.raises(SystemExit) as info:
+        main(SMALL + ["--out", str(tmp_path / "taken")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "names an existing file" in err
+    assert (tmp_path / "taken").read_text() == "keep me"
+
+
+def test_diverging_run_stops_at_the_first_non_finite_step_naming_epoch_and_lr(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(SMALL + ["--lr", "1e30", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "at epoch 1, step" in err and "--lr 1e+30" in err, err
+    assert not (out / "metrics.json").exists()  # a diverged model is not reported as a result
 
 
 def test_missing_data_dir_files_exit_with_the_file_named(tmp_path, capsys):

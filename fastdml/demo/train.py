@@ -19,7 +19,7 @@ from .model import EmbeddingNet
 from .recipes import Recipe
 from .sampler import PKSampler, RandomSampler
 
-__all__ = ["TrainConfig", "TrainResult", "to_tensor", "train", "embed", "evaluate"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "to_tensor", "train", "embed", "evaluate"]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -42,6 +42,14 @@ class TrainConfig:
     progress: bool = True
     max_steps: int | None = None  # stop early (tests, quick trials)
     shift: int = 0  # augmentation: random translation of each image by up to +-shift pixels (0: off)
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the embeddings of a training step became NaN or infinite (training stops there)."""
+
+    def __init__(self, what: str, value: float, epoch: int, step: int) -> None:
+        super().__init__(f"training diverged: the {what} became {value} at epoch {epoch}, step {step}")
+        self.what, self.value, self.epoch, self.step = what, value, epoch, step
 
 
 @dataclass
@@ -143,13 +151,18 @@ def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: Tr
             index = torch.from_numpy(batch).to(device)
             embeddings = model(random_shift(images[index], config.shift, augment))
             loss = recipe(embeddings, labels[index])
+            # stop before a non-finite step is applied; a loss can stay finite on non-finite embeddings
+            # (an infinite distance clears a hinge), so both are checked
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDiverged("loss", value, epoch, step)
+            finite = torch.isfinite(embeddings.detach())
+            if not bool(finite.all()):
+                raise TrainingDiverged("embedding", float(embeddings.detach()[~finite][0]), epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"the loss became {value} at epoch {epoch}, step {step}")
             result.losses.append(value)
             running += value
             seen += 1
