@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdml.demo.__main__ import build_parser, main
+from fastdml.demo.__main__ import build_parser, main, snapshot_epochs
 from fastdml.demo.sampler import PKSampler, RandomSampler
 
 SMALL = [
@@ -45,9 +45,10 @@ def test_demo_smoke_run_writes_valid_outputs(tmp_path, capsys, loss, mining):
     out = tmp_path / "run"
     argv = SMALL + ["--loss", loss, "--out", str(out)] + (["--mining", mining] if mining else [])
     assert main(argv) == 0
-    for name in ("embedding.png", "loss.png", "metrics.json", "model.pt"):
+    for name in ("embedding.png", "progress.png", "loss.png", "metrics.json", "model.pt"):
         assert (out / name).is_file(), name
     _read_png(out / "embedding.png")
+    _read_png(out / "progress.png")
     _read_png(out / "loss.png")
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("precision_at_1", "r_precision", "mean_average_precision_at_r", "knn_accuracy"):
@@ -59,6 +60,44 @@ def test_demo_smoke_run_writes_valid_outputs(tmp_path, capsys, loss, mining):
     assert state["state_dict"] and state["metrics"]["loss"] == loss
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "P@1" in last and "MAP@R" in last and str(out) in last
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+def test_demo_draws_1d_and_3d_embeddings(tmp_path, dim):
+    out = tmp_path / "run"
+    assert main(SMALL + ["--dim", str(dim), "--epochs", "2", "--out", str(out)]) == 0
+    embedding, progress = _read_png(out / "embedding.png"), _read_png(out / "progress.png")
+    two_d = _read_png_of_dim(tmp_path, 2)
+    # 3-D: three projections side by side (a wider figure than the 2-D scatter); 1-D: a flatter strip plot
+    if dim == 3:
+        assert embedding.shape[1] > 1.8 * two_d.shape[1]
+    else:
+        assert embedding.shape[0] < 0.8 * two_d.shape[0]
+    assert progress.shape[1] > progress.shape[0]  # panels of the epochs beside the loss curve
+    assert json.loads((out / "metrics.json").read_text())["dim"] == dim
+
+
+def _read_png_of_dim(tmp_path, dim):
+    from fastdml.demo.plot import plot_embedding
+
+    rng = np.random.default_rng(0)
+    path = plot_embedding(rng.normal(size=(50, dim)), np.arange(50) % 10, tmp_path / f"ref{dim}.png")
+    return _read_png(path)
+
+
+def test_snapshot_epochs_span_the_run():
+    assert snapshot_epochs(20) == [0, 1, 2, 5, 10, 20]
+    assert snapshot_epochs(1) == [0, 1]
+    assert snapshot_epochs(3) == [0, 1, 2, 3]
+
+
+def test_progress_plot_rejects_no_snapshots_and_mismatched_labels(tmp_path):
+    from fastdml.demo.plot import plot_progress
+
+    with pytest.raises(ValueError, match="at least one"):
+        plot_progress([], np.arange(5), [1.0], tmp_path / "p.png")
+    with pytest.raises(ValueError, match="n = len"):
+        plot_progress([(0, np.zeros((4, 2)))], np.arange(5), [1.0], tmp_path / "p.png")
 
 
 def test_demo_is_deterministic_given_the_seed(tmp_path):

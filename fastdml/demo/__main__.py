@@ -1,8 +1,10 @@
 """``python -m fastdml.demo`` / ``fastdml-demo``: learn a 2-D embedding of MNIST and draw it.
 
 Trains a small CNN with a metric-learning loss from fastdml, evaluates it by nearest neighbours
-(:mod:`fastdml.metrics`) and writes into ``--out``: ``embedding.png`` (the test embeddings by digit),
-``loss.png``, ``metrics.json`` and ``model.pt``. The console ends with one line of the key figures.
+(:mod:`fastdml.metrics`) and writes into ``--out``: ``embedding.png`` (the test embeddings by digit: a strip
+plot in 1-D, a scatter in 2-D, three projections in 3-D), ``progress.png`` (the embedding after several
+epochs beside the loss curve), ``loss.png``, ``metrics.json`` and ``model.pt``. The console ends with one
+line of the key figures.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 N_CLASSES = 10  # MNIST digits
+SNAPSHOT_IMAGES = 2000  # evaluation images drawn in progress.png
 MAX_SHIFT = 13  # --shift: beyond half the 28-pixel image the digit can leave the frame
 
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads slowed
@@ -144,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def snapshot_epochs(epochs: int) -> list[int]:
+    """The epochs drawn in ``progress.png``: before training, 1, 2, a quarter, half way, the last (<= 6)."""
+    return sorted({0, 1, min(2, epochs), epochs // 4, epochs // 2, epochs})
+
+
 def _device(choice: str) -> str:
     import torch
 
@@ -245,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from .data import MnistDataError, MnistSplit, load_mnist
-    from .plot import plot_embedding, plot_loss
+    from .plot import plot_embedding, plot_loss, plot_progress
     from .recipes import DEFAULTS, build_recipe
     from .train import TrainConfig, TrainingDiverged, embed, evaluate, to_tensor, train
 
@@ -305,8 +313,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads -> {out}",
         flush=True,
     )
+    shown = snapshot_epochs(config.epochs)
+    snapshots = []  # (epoch, embeddings of the first SNAPSHOT_IMAGES evaluation images)
+
+    def snapshot(epoch, model):
+        if epoch in shown:
+            snapshots.append((epoch, embed(model, x_test[:SNAPSHOT_IMAGES]).cpu().numpy()))
+
     try:
-        result = train(recipe, x_train, y_train, config, log=lambda line: print(line, flush=True))
+        result = train(recipe, x_train, y_train, config, log=lambda line: print(line, flush=True), on_epoch=snapshot)
     except TrainingDiverged as exc:
         print(f"fastdml-demo: {exc}; try a smaller --lr (this run: --lr {config.lr:g})", file=sys.stderr)
         return 1
@@ -354,8 +369,18 @@ def main(argv: list[str] | None = None) -> int:
         e_test.cpu().numpy(),
         y_test.cpu().numpy(),
         out / "embedding.png",
-        title=f"MNIST test set, {recipe.loss} loss ({_mining_label(recipe.mining)}), dim {config.dim}",
+        title=f"MNIST {'validation images' if args.validation else 'test set'}, {recipe.loss} loss "
+        f"({_mining_label(recipe.mining)}), dim {config.dim}",
         subtitle=summary,
+    )
+    plot_progress(
+        snapshots,
+        y_test[:SNAPSHOT_IMAGES].cpu().numpy(),
+        result.losses,
+        out / "progress.png",
+        steps_per_epoch=max(1, result.steps // max(config.epochs, 1)),
+        title=f"Learning the embedding: {recipe.loss} loss ({_mining_label(recipe.mining)}), dim {config.dim}, "
+        f"{min(SNAPSHOT_IMAGES, n_test)} {'validation' if args.validation else 'test'} images; {summary}",
     )
     plot_loss(
         result.losses,

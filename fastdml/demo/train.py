@@ -110,11 +110,20 @@ def _warm_up(recipe: Recipe, labels: torch.Tensor, dim: int, device: torch.devic
     recipe(dummy, labels[:n]).backward()
 
 
-def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, log=print) -> TrainResult:
+def train(
+    recipe: Recipe,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    log=print,
+    on_epoch=None,
+) -> TrainResult:
     """Train an :class:`EmbeddingNet` on ``images`` (from :func:`to_tensor`) with ``recipe``'s loss.
 
     Deterministic for a given ``config.seed`` on a given device and thread count. ``log`` gets one summary
-    line per epoch.
+    line per epoch. ``on_epoch(epoch, model)``, if given, is called before training (epoch 0) and after
+    each epoch (e.g. to take snapshots of the embedding); its time is not counted in ``train_seconds``.
+    It must not change the model or draw random numbers.
     """
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
@@ -138,6 +147,18 @@ def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: Tr
     result = TrainResult(model=model)
     augment = torch.Generator().manual_seed(config.seed + 1)
     _warm_up(recipe, labels, config.dim, device)
+    outside, cpu_outside = 0.0, 0.0  # time spent in on_epoch, taken out of the training time
+
+    def call_on_epoch(epoch: int) -> None:
+        nonlocal outside, cpu_outside
+        if on_epoch is not None:
+            t, c = time.perf_counter(), time.process_time()
+            on_epoch(epoch, model)
+            outside += time.perf_counter() - t
+            cpu_outside += time.process_time() - c
+
+    if on_epoch is not None:
+        on_epoch(0, model)  # before the clock starts
     start, cpu_start = time.perf_counter(), time.process_time()
     step = 0
     for epoch in range(1, config.epochs + 1):
@@ -179,8 +200,9 @@ def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: Tr
             f"epoch {epoch:3d}/{config.epochs}  loss {mean:.4f}  {time.perf_counter() - epoch_start:6.1f} s  "
             f"lr {schedule.get_last_lr()[0]:.2e}"
         )
-    result.train_seconds = time.perf_counter() - start
-    result.cpu_seconds = time.process_time() - cpu_start
+        call_on_epoch(epoch)
+    result.train_seconds = time.perf_counter() - start - outside
+    result.cpu_seconds = time.process_time() - cpu_start - cpu_outside
     result.steps = step
     return result
 
