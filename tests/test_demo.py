@@ -39,7 +39,14 @@ def _read_png(path):
 
 
 @pytest.mark.parametrize(
-    "loss, mining", [("contrastive", None), ("triplet", None), ("triplet", "semi-hard"), ("paired-contrastive", None)]
+    "loss, mining",
+    [
+        ("contrastive", None),
+        ("triplet", None),
+        ("triplet", "semi-hard"),
+        ("paired-contrastive", None),
+        ("paired-contrastive", "none"),
+    ],
 )
 def test_demo_smoke_run_writes_valid_outputs(tmp_path, capsys, loss, mining):
     out = tmp_path / "run"

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOSSES,
         default="contrastive",
         help="contrastive: all pairs of a batch (Hadsell et al. 2006, batch form); paired-contrastive: "
-        "the write-up's siamese pairs (i, i + B/2); triplet: margin triplet loss on mined triplets",
+        "the write-up's squared-hinge pair loss with positive_weight, on mined pairs (or the siamese pairs "
+        "(i, i + B/2) with --mining none); triplet: margin triplet loss on mined triplets",
     )
     g.add_argument(
         "--mining",
@@ -79,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--pos-margin",
         type=float,
         default=None,
-        help="contrastive only: pos_margin, positive pairs closer than this cost nothing (default "
-        f"{DEFAULTS['contrastive']['pos_margin']})",
+        help="contrastive: pos_margin, positive pairs closer than this cost nothing; paired-contrastive with "
+        "pair-margin mining: positive pairs closer than this are not mined (default per loss: "
+        + per_loss("pos_margin")
+        + ")",
     )
     g.add_argument(
         "--positive-weight",
@@ -105,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes-per-batch",
         type=int,
         default=None,
-        help="P of the class-balanced P x K batches; paired-contrastive draws shuffled batches of "
+        help="P of the class-balanced P x K batches; paired-contrastive with --mining none draws shuffled batches of "
         "P * K images instead (default per loss: " + per_loss("p") + ")",
     )
     g.add_argument(
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         dim=args.dim,
         seed=args.seed,
         device=device,
-        sampler="random" if args.loss == "paired-contrastive" else "pk",
+        sampler="random" if recipe.mining == "none" and args.loss == "paired-contrastive" else "pk",
         progress=not args.no_progress,
         shift=args.shift,
     )
@@ -337,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss": recipe.loss,
         "mining": recipe.mining,
         "margin": recipe.margin,
-        "pos_margin": recipe.pos_margin if recipe.loss == "contrastive" else None,
+        "pos_margin": recipe.pos_margin if recipe.loss != "triplet" else None,
         "positive_weight": recipe.positive_weight if recipe.loss == "paired-contrastive" else None,
         "dim": config.dim,
         "width": config.width,
