@@ -152,10 +152,23 @@ def test_help_documents_every_option(capsys):
         (["--validation", "60000"], "--validation must be < 60000"),
         (["--train-subset", "1"], "--classes-per-batch 10 exceeds the 1 digits present"),
         (
-            ["--loss", "paired-contrastive", "--classes-per-batch", "1", "--samples-per-class", "1"],
+            [
+                "--loss",
+                "paired-contrastive",
+                "--mining",
+                "none",
+                "--classes-per-batch",
+                "1",
+                "--samples-per-class",
+                "1",
+            ],
             "needs batches of at least 2 images",
         ),
-        (["--loss", "paired-contrastive", "--train-subset", "100"], "--train-subset 100 is smaller than one batch"),
+        (
+            ["--loss", "paired-contrastive", "--mining", "none", "--train-subset", "100"],
+            "--train-subset 100 is smaller than one batch",
+        ),
+        (["--loss", "paired-contrastive", "--samples-per-class", "1"], "--samples-per-class must be >= 2"),
         (
             ["--loss", "triplet", "--mining", "batch-hard", "--samples-per-class", "1"],
             "--samples-per-class must be >= 2",
