@@ -37,13 +37,43 @@ def test_recipe_matches_the_same_recipe_built_from_pml(loss, mining, margin, mon
 def test_paired_contrastive_recipe_is_the_library_loss_on_the_two_halves(tol):
     x, y = _pk_batch(p=5, k=8, seed=3)
     y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
-    recipe = build_recipe("paired-contrastive", margin=1.5, positive_weight=0.3)
+    recipe = build_recipe("paired-contrastive", "none", margin=1.5, positive_weight=0.3)
     half = len(x) // 2
     criterion = losses.PairedContrastiveLoss(
         distance=distances.LpDistance(normalize_embeddings=False), margin=1.5, positive_weight=0.3
     )
     want = criterion(x[:half], x[half:], y[:half], y[half:]) / half
     torch.testing.assert_close(recipe(x, y), want, **tol[torch.float64])
+
+
+@pytest.mark.parametrize("pos_margin", [0.0, 1.0])
+def test_paired_contrastive_pair_margin_is_the_written_loss_on_the_mined_pairs(pos_margin, tol):
+    x, y = _pk_batch(p=4, k=6, d=2, seed=5)
+    x = (x * 1.2).requires_grad_()
+    margin, w = 1.5, 0.3
+    recipe = build_recipe("paired-contrastive", "pair-margin", margin, pos_margin, w)
+    value = recipe(x, y)
+    (grad,) = torch.autograd.grad(value, x)
+    # by hand: every ordered pair i != j; positives farther than pos_margin, negatives nearer than margin
+    xd = x.detach().clone().requires_grad_()
+    d = torch.cdist(xd, xd)
+    same = y[:, None] == y[None, :]
+    off = ~torch.eye(len(y), dtype=torch.bool)
+    pos = same & off & (d > pos_margin)
+    neg = ~same & (d < margin)
+    want = (w * d[pos].square()).sum() + ((1 - w) * (margin - d[neg]).square()).sum()
+    want = want / (pos.sum() + neg.sum())
+    (want_grad,) = torch.autograd.grad(want, xd)
+    assert pos.any() and neg.any()
+    torch.testing.assert_close(value.detach(), want.detach(), **tol[torch.float64])
+    torch.testing.assert_close(grad, want_grad, **tol[torch.float64])
+
+
+def test_paired_contrastive_with_nothing_mined_is_zero_with_a_gradient():
+    x = torch.tensor([[0.0, 0.0], [5.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    recipe = build_recipe("paired-contrastive", "pair-margin", margin=1.0, pos_margin=0.0)
+    value = recipe(x, torch.tensor([0, 1]))  # one negative pair, already beyond the margin
+    assert value.item() == 0.0 and value.requires_grad
 
 
 @pytest.mark.parametrize("loss", LOSSES)

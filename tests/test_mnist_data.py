@@ -180,3 +180,56 @@ def test_failed_download_and_disabled_download_are_clear_errors(tmp_path, monkey
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(MnistDataError, match="download failed"):
         load_mnist("test")
+
+
+def _peak_bytes_of(fn):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+BOMB = 64 << 20  # zero bytes appended to a valid IDX file: compresses to about 64 KB
+
+
+def test_gzip_bomb_is_rejected_after_reading_no_more_than_the_header_declares(tmp_path):
+    path = tmp_path / "bomb.gz"
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        f.write(_idx_bytes(np.arange(4, dtype=np.uint8).reshape(2, 2)))
+        f.write(bytes(BOMB))
+    assert path.stat().st_size < BOMB // 100
+    with pytest.raises(MnistDataError, match="beyond the 16 bytes its IDX header declares") as info:
+        read_idx(path)
+    assert "bomb.gz" in str(info.value)
+    peak = _peak_bytes_of(lambda: pytest.raises(MnistDataError, read_idx, path))
+    assert peak < 4 * (1 << 20), peak  # bounded by the read chunk, not by the inflated size
+
+
+def test_gzip_bomb_with_the_mnist_header_is_rejected_with_bounded_memory(tmp_path):
+    labels = gzip.decompress((REAL_DIR / f"{TEST_LABELS}.gz").read_bytes())
+    with gzip.open(tmp_path / f"{TEST_LABELS}.gz", "wb", compresslevel=9) as f:
+        f.write(labels)
+        f.write(bytes(BOMB))
+    shutil.copy(REAL_DIR / f"{TEST_IMAGES}.gz", tmp_path / f"{TEST_IMAGES}.gz")
+    with pytest.raises(MnistDataError, match="beyond the 10008 bytes") as info:
+        data.load_file(TEST_LABELS, tmp_path, download=False)
+    assert TEST_LABELS in str(info.value)
+    peak = _peak_bytes_of(lambda: pytest.raises(MnistDataError, data.load_file, TEST_LABELS, tmp_path, False))
+    assert peak < 4 * (1 << 20), peak
+
+
+def test_header_declaring_another_size_stops_at_the_header(tmp_path):
+    # a header declaring 64 MiB of labels: the labels' expected size rules it out from the header alone
+    with gzip.open(tmp_path / f"{TEST_LABELS}.gz", "wb", compresslevel=1) as f:
+        f.write(bytes([0, 0, 8, 1]) + struct.pack(">I", BOMB))
+        f.write(bytes(BOMB))
+    with pytest.raises(MnistDataError, match=f"declares {BOMB + 8} bytes .* expected 10008") as info:
+        data.load_file(TEST_LABELS, tmp_path, download=False)
+    assert TEST_LABELS in str(info.value)
+    peak = _peak_bytes_of(lambda: pytest.raises(MnistDataError, data.load_file, TEST_LABELS, tmp_path, False))
+    assert peak < 1 << 20, peak

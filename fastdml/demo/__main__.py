@@ -1,8 +1,10 @@
 """``python -m fastdml.demo`` / ``fastdml-demo``: learn a 2-D embedding of MNIST and draw it.
 
 Trains a small CNN with a metric-learning loss from fastdml, evaluates it by nearest neighbours
-(:mod:`fastdml.metrics`) and writes into ``--out``: ``embedding.png`` (the test embeddings by digit),
-``loss.png``, ``metrics.json`` and ``model.pt``. The console ends with one line of the key figures.
+(:mod:`fastdml.metrics`) and writes into ``--out``: ``embedding.png`` (the test embeddings by digit: a strip
+plot in 1-D, a scatter in 2-D, three projections in 3-D), ``progress.png`` (the embedding after several
+epochs beside the loss curve), ``loss.png``, ``metrics.json`` and ``model.pt``. The console ends with one
+line of the key figures.
 """
 
 from __future__ import annotations
@@ -10,12 +12,17 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import sys
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
+
+N_CLASSES = 10  # MNIST digits
+SNAPSHOT_IMAGES = 2000  # evaluation images drawn in progress.png
+MAX_SHIFT = 13  # --shift: beyond half the 28-pixel image the digit can leave the frame
 
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads slowed
 # training 5-10x in measured runs. libgomp reads this once, when torch is first loaded, so it is set here,
@@ -51,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOSSES,
         default="contrastive",
         help="contrastive: all pairs of a batch (Hadsell et al. 2006, batch form); paired-contrastive: "
-        "the write-up's siamese pairs (i, i + B/2); triplet: margin triplet loss on mined triplets",
+        "the write-up's squared-hinge pair loss with positive_weight, on mined pairs (or the siamese pairs "
+        "(i, i + B/2) with --mining none); triplet: margin triplet loss on mined triplets",
     )
     g.add_argument(
         "--mining",
@@ -72,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--pos-margin",
         type=float,
         default=None,
-        help="contrastive only: pos_margin, positive pairs closer than this cost nothing (default "
-        f"{DEFAULTS['contrastive']['pos_margin']})",
+        help="contrastive: pos_margin, positive pairs closer than this cost nothing; paired-contrastive with "
+        "pair-margin mining: positive pairs closer than this are not mined (default per loss: "
+        + per_loss("pos_margin")
+        + ")",
     )
     g.add_argument(
         "--positive-weight",
@@ -98,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes-per-batch",
         type=int,
         default=None,
-        help="P of the class-balanced P x K batches; paired-contrastive draws shuffled batches of "
+        help="P of the class-balanced P x K batches; paired-contrastive with --mining none draws shuffled batches of "
         "P * K images instead (default per loss: " + per_loss("p") + ")",
     )
     g.add_argument(
@@ -125,12 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     g.add_argument("--test-subset", type=int, default=None, help="use only the first N test images")
     g.add_argument(
+        "--validation",
+        type=int,
+        default=0,
+        help="hold out the last N training images and evaluate on them instead of the test set (for choosing "
+        "settings without looking at the test set; 0: off)",
+    )
+    g.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available, else cpu"
     )
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--out", default=None, help="output folder (default: runs/<UTC timestamp>)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (the per-epoch lines remain)")
     return parser
+
+
+def snapshot_epochs(epochs: int) -> list[int]:
+    """The epochs drawn in ``progress.png``: before training, 1, 2, a quarter, half way, the last (<= 6)."""
+    return sorted({0, 1, min(2, epochs), epochs // 4, epochs // 2, epochs})
 
 
 def _device(choice: str) -> str:
@@ -160,31 +182,83 @@ def _positive(parser, args, names) -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_options(parser, args) -> None:
+    """Reject every option value that cannot give a meaningful run, naming the option (argparse exit 2)."""
     _positive(
         parser,
         args,
-        (
-            "dim",
-            "width",
-            "hidden",
-            "epochs",
-            "classes_per_batch",
-            "samples_per_class",
-            "train_subset",
-            "test_subset",
-            "threads",
-        ),
+        ("dim", "width", "hidden", "epochs", "classes_per_batch", "samples_per_class", "train_subset", "threads"),
     )
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    for name in ("margin", "pos_margin", "positive_weight"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.shift <= MAX_SHIFT:
+        parser.error(f"--shift must be in [0, {MAX_SHIFT}] pixels, got {args.shift}")
+    if args.classes_per_batch is not None and args.classes_per_batch > N_CLASSES:
+        parser.error(
+            f"--classes-per-batch must be <= {N_CLASSES} (MNIST has {N_CLASSES} digits), got {args.classes_per_batch}"
+        )
+    if args.test_subset is not None and args.test_subset < 2:
+        parser.error(
+            f"--test-subset must be >= 2 (each test image is a query against the others), got {args.test_subset}"
+        )
+    if args.validation < 0:
+        parser.error(f"--validation must be >= 0, got {args.validation}")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} names an existing file, not a folder")
+
+
+def _check_batches(parser, args, config, y_train, y_test) -> None:
+    """Checks that need the data: enough classes and images for the batches, a query set with neighbours."""
+    import numpy as np
+
+    if config.sampler == "pk":
+        if config.k < 2:
+            parser.error(
+                f"--samples-per-class must be >= 2 for --loss {args.loss}: with 1 image per class a batch "
+                "holds no positive pair, got 1"
+            )
+        present = len(np.unique(y_train))
+        if config.p > present:
+            parser.error(
+                f"--classes-per-batch {config.p} exceeds the {present} digits present in the "
+                f"{len(y_train)} training images (--train-subset)"
+            )
+    else:
+        size = config.p * config.k
+        if size < 2:
+            parser.error(
+                f"--classes-per-batch x --samples-per-class = {size}: --loss {args.loss} needs batches of at "
+                "least 2 images (one pair)"
+            )
+        if len(y_train) < size:
+            parser.error(
+                f"--train-subset {len(y_train)} is smaller than one batch of --classes-per-batch x "
+                f"--samples-per-class = {size} images"
+            )
+    if np.bincount(y_test).max(initial=0) < 2:
+        parser.error(
+            f"the {len(y_test)} evaluation images hold no digit twice: precision@1 has no neighbour to find "
+            "(raise --test-subset or --validation)"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_options(parser, args)
 
     import torch
 
-    from .data import MnistDataError, load_mnist
-    from .plot import plot_embedding, plot_loss
+    from .data import MnistDataError, MnistSplit, load_mnist
+    from .plot import plot_embedding, plot_loss, plot_progress
     from .recipes import DEFAULTS, build_recipe
-    from .train import TrainConfig, embed, evaluate, to_tensor, train
+    from .train import TrainConfig, TrainingDiverged, embed, evaluate, to_tensor, train
 
     try:
         recipe = build_recipe(args.loss, args.mining, args.margin, args.pos_margin, args.positive_weight)
@@ -208,12 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         dim=args.dim,
         seed=args.seed,
         device=device,
-        sampler="random" if args.loss == "paired-contrastive" else "pk",
+        sampler="random" if recipe.mining == "none" and args.loss == "paired-contrastive" else "pk",
         progress=not args.no_progress,
         shift=args.shift,
     )
     out = Path(args.out or os.path.join("runs", _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")))
-    out.mkdir(parents=True, exist_ok=True)
 
     try:
         train_split = load_mnist("train", args.data_dir, download=not args.no_download)
@@ -221,12 +294,21 @@ def main(argv: list[str] | None = None) -> int:
     except MnistDataError as exc:
         print(f"fastdml-demo: {exc}", file=sys.stderr)
         return 2
+    if args.validation:
+        if args.validation >= len(train_split):
+            parser.error(f"--validation must be < {len(train_split)} (the training images), got {args.validation}")
+        # the held-out tail of the training set plays the test set; the test set is not read
+        held = len(train_split) - args.validation
+        test_split = MnistSplit(train_split.images[held:], train_split.labels[held:])
+        train_split = MnistSplit(train_split.images[:held], train_split.labels[:held])
     n_train = min(args.train_subset or len(train_split), len(train_split))
     n_test = min(args.test_subset or len(test_split), len(test_split))
     x_train = to_tensor(train_split.images[:n_train], device)
     y_train = torch.from_numpy(train_split.labels[:n_train]).to(device)
     x_test = to_tensor(test_split.images[:n_test], device)
     y_test = torch.from_numpy(test_split.labels[:n_test]).to(device)
+    _check_batches(parser, args, config, train_split.labels[:n_train], test_split.labels[:n_test])
+    out.mkdir(parents=True, exist_ok=True)
 
     print(
         f"fastdml-demo: loss {recipe.loss}, mining {recipe.mining}, margin {recipe.margin}, dim {config.dim}, "
@@ -234,7 +316,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads -> {out}",
         flush=True,
     )
-    result = train(recipe, x_train, y_train, config, log=lambda line: print(line, flush=True))
+    shown = snapshot_epochs(config.epochs)
+    snapshots = []  # (epoch, embeddings of the first SNAPSHOT_IMAGES evaluation images)
+
+    def snapshot(epoch, model):
+        if epoch in shown:
+            snapshots.append((epoch, embed(model, x_test[:SNAPSHOT_IMAGES]).cpu().numpy()))
+
+    try:
+        result = train(recipe, x_train, y_train, config, log=lambda line: print(line, flush=True), on_epoch=snapshot)
+    except TrainingDiverged as exc:
+        print(f"fastdml-demo: {exc}; try a smaller --lr (this run: --lr {config.lr:g})", file=sys.stderr)
+        return 1
 
     e_train, e_test = embed(result.model, x_train), embed(result.model, x_test)
     metrics = evaluate(e_train, y_train, e_test, y_test)
@@ -247,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss": recipe.loss,
         "mining": recipe.mining,
         "margin": recipe.margin,
-        "pos_margin": recipe.pos_margin if recipe.loss == "contrastive" else None,
+        "pos_margin": recipe.pos_margin if recipe.loss != "triplet" else None,
         "positive_weight": recipe.positive_weight if recipe.loss == "paired-contrastive" else None,
         "dim": config.dim,
         "width": config.width,
@@ -261,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "train_images": n_train,
         "test_images": n_test,
+        "evaluated_on": f"validation (last {args.validation} training images)" if args.validation else "test set",
         "final_loss": result.epoch_losses[-1] if result.epoch_losses else None,
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -278,8 +372,18 @@ def main(argv: list[str] | None = None) -> int:
         e_test.cpu().numpy(),
         y_test.cpu().numpy(),
         out / "embedding.png",
-        title=f"MNIST test set, {recipe.loss} loss ({_mining_label(recipe.mining)}), dim {config.dim}",
+        title=f"MNIST {'validation images' if args.validation else 'test set'}, {recipe.loss} loss "
+        f"({_mining_label(recipe.mining)}), dim {config.dim}",
         subtitle=summary,
+    )
+    plot_progress(
+        snapshots,
+        y_test[:SNAPSHOT_IMAGES].cpu().numpy(),
+        result.losses,
+        out / "progress.png",
+        steps_per_epoch=max(1, result.steps // max(config.epochs, 1)),
+        title=f"Learning the embedding: {recipe.loss} loss ({_mining_label(recipe.mining)}), dim {config.dim}, "
+        f"{min(SNAPSHOT_IMAGES, n_test)} {'validation' if args.validation else 'test'} images; {summary}",
     )
     plot_loss(
         result.losses,

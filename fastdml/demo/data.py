@@ -130,13 +130,44 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     return array.reshape(shape).astype(dtype.newbyteorder("="), copy=True)
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The decompressed bytes of ``path`` (gzip if the name ends in .gz); corruption -> MnistDataError."""
+_CHUNK = 1 << 20  # decompression reads this many bytes at a time
+
+
+def _declared_size(header: bytes) -> int | None:
+    """Total bytes (header + payload) an IDX file with this header holds, or None if it is no complete header."""
+    if len(header) < 4 or header[0] != 0 or header[1] != 0 or header[2] not in _IDX_DTYPES or header[3] == 0:
+        return None
+    end = 4 + 4 * header[3]
+    if len(header) < end:
+        return None
+    shape = struct.unpack(f">{header[3]}I", header[4:end])
+    return end + int(np.prod(shape, dtype=np.int64)) * _IDX_DTYPES[header[2]].itemsize
+
+
+def _read_bytes(path: Path, size: int | None = None) -> bytes:
+    """The decompressed bytes of ``path`` (gzip if the name ends in .gz), read no further than needed.
+
+    The IDX header (read first) declares the file's length; at most that many bytes plus one are
+    decompressed, so a file that inflates far beyond it (a gzip bomb) costs no more memory than the
+    declared content. ``size``: the expected length; a header declaring another length stops the read at
+    the header. Corrupt compression -> :class:`MnistDataError`; the length checks are :func:`read_idx`'s.
+    """
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            header = f.read(4)
+            if len(header) == 4 and header[0] == 0 and header[1] == 0:
+                header += f.read(4 * header[3])
+            declared = _declared_size(header)
+            if declared is None or (size is not None and declared != size):
+                return header  # not IDX, or not the expected file: the header alone tells
+            chunks, total = [header], len(header)
+            while total <= declared:
+                chunk = f.read(min(_CHUNK, declared + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+            return b"".join(chunks)
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
         raise MnistDataError(
             f"{path}: cannot decompress ({type(exc).__name__}: {exc}); the file is "
@@ -148,12 +179,25 @@ def read_idx(path: str | os.PathLike, sha256: str | None = None, size: int | Non
     """Read an IDX file (optionally gzip-compressed) into a numpy array.
 
     ``sha256``/``size``: the expected SHA-256 hex digest and length of the decompressed content; a mismatch
-    raises :class:`MnistDataError` naming the file before anything is parsed.
+    raises :class:`MnistDataError` naming the file before anything is parsed. Content beyond the length its
+    IDX header declares is an error found without decompressing the rest.
     """
     path = Path(path)
     if not path.is_file():
         raise MnistDataError(f"{path}: no such file")
-    data = _read_bytes(path)
+    data = _read_bytes(path, size)
+    declared = _declared_size(data)
+    if declared is None:
+        parse_idx(data, str(path))  # raises: not an IDX file, or a truncated header
+    if size is not None and declared != size:
+        raise MnistDataError(
+            f"{path}: IDX header declares {declared} bytes (shape {_shape(data)}), expected {size} (wrong file)"
+        )
+    if len(data) > declared:
+        raise MnistDataError(
+            f"{path}: decompresses beyond the {declared} bytes its IDX header declares (shape {_shape(data)}); "
+            "stopped reading (corrupt or wrong file)"
+        )
     if size is not None and len(data) != size:
         raise MnistDataError(f"{path}: decompressed size {len(data)} bytes, expected {size} (truncated or wrong file)")
     if sha256 is not None:
@@ -163,6 +207,10 @@ def read_idx(path: str | os.PathLike, sha256: str | None = None, size: int | Non
                 f"{path}: SHA-256 of the decompressed content is {digest}, expected {sha256} (corrupt or wrong file)"
             )
     return parse_idx(data, str(path))
+
+
+def _shape(header: bytes) -> tuple[int, ...]:
+    return struct.unpack(f">{header[3]}I", header[4 : 4 + 4 * header[3]])
 
 
 def project_data_dir() -> Path:

@@ -19,7 +19,7 @@ from .model import EmbeddingNet
 from .recipes import Recipe
 from .sampler import PKSampler, RandomSampler
 
-__all__ = ["TrainConfig", "TrainResult", "to_tensor", "train", "embed", "evaluate"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "to_tensor", "train", "embed", "evaluate"]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -42,6 +42,14 @@ class TrainConfig:
     progress: bool = True
     max_steps: int | None = None  # stop early (tests, quick trials)
     shift: int = 0  # augmentation: random translation of each image by up to +-shift pixels (0: off)
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the embeddings of a training step became NaN or infinite (training stops there)."""
+
+    def __init__(self, what: str, value: float, epoch: int, step: int) -> None:
+        super().__init__(f"training diverged: the {what} became {value} at epoch {epoch}, step {step}")
+        self.what, self.value, self.epoch, self.step = what, value, epoch, step
 
 
 @dataclass
@@ -102,11 +110,20 @@ def _warm_up(recipe: Recipe, labels: torch.Tensor, dim: int, device: torch.devic
     recipe(dummy, labels[:n]).backward()
 
 
-def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, log=print) -> TrainResult:
+def train(
+    recipe: Recipe,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    log=print,
+    on_epoch=None,
+) -> TrainResult:
     """Train an :class:`EmbeddingNet` on ``images`` (from :func:`to_tensor`) with ``recipe``'s loss.
 
     Deterministic for a given ``config.seed`` on a given device and thread count. ``log`` gets one summary
-    line per epoch.
+    line per epoch. ``on_epoch(epoch, model)``, if given, is called before training (epoch 0) and after
+    each epoch (e.g. to take snapshots of the embedding); its time is not counted in ``train_seconds``.
+    It must not change the model or draw random numbers.
     """
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
@@ -130,6 +147,18 @@ def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: Tr
     result = TrainResult(model=model)
     augment = torch.Generator().manual_seed(config.seed + 1)
     _warm_up(recipe, labels, config.dim, device)
+    outside, cpu_outside = 0.0, 0.0  # time spent in on_epoch, taken out of the training time
+
+    def call_on_epoch(epoch: int) -> None:
+        nonlocal outside, cpu_outside
+        if on_epoch is not None:
+            t, c = time.perf_counter(), time.process_time()
+            on_epoch(epoch, model)
+            outside += time.perf_counter() - t
+            cpu_outside += time.process_time() - c
+
+    if on_epoch is not None:
+        on_epoch(0, model)  # before the clock starts
     start, cpu_start = time.perf_counter(), time.process_time()
     step = 0
     for epoch in range(1, config.epochs + 1):
@@ -143,13 +172,18 @@ def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: Tr
             index = torch.from_numpy(batch).to(device)
             embeddings = model(random_shift(images[index], config.shift, augment))
             loss = recipe(embeddings, labels[index])
+            # stop before a non-finite step is applied; a loss can stay finite on non-finite embeddings
+            # (an infinite distance clears a hinge), so both are checked
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDiverged("loss", value, epoch, step)
+            finite = torch.isfinite(embeddings.detach())
+            if not bool(finite.all()):
+                raise TrainingDiverged("embedding", float(embeddings.detach()[~finite][0]), epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"the loss became {value} at epoch {epoch}, step {step}")
             result.losses.append(value)
             running += value
             seen += 1
@@ -166,8 +200,9 @@ def train(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor, config: Tr
             f"epoch {epoch:3d}/{config.epochs}  loss {mean:.4f}  {time.perf_counter() - epoch_start:6.1f} s  "
             f"lr {schedule.get_last_lr()[0]:.2e}"
         )
-    result.train_seconds = time.perf_counter() - start
-    result.cpu_seconds = time.process_time() - cpu_start
+        call_on_epoch(epoch)
+    result.train_seconds = time.perf_counter() - start - outside
+    result.cpu_seconds = time.process_time() - cpu_start - cpu_outside
     result.steps = step
     return result
 
