@@ -29,3 +29,21 @@ def unless_counted(value: torch.Tensor, count: torch.Tensor, embeddings: torch.T
 def threshold_bounds(low: float, high: float) -> tuple[float, float]:
     """``(low, high)`` of a ``low < t < high`` window with a NaN bound replaced by its empty equivalent."""
     return (math.inf if math.isnan(low) else low), (-math.inf if math.isnan(high) else high)
+
+
+def _finite(t: torch.Tensor | None) -> bool:
+    if t is None or not t.is_floating_point():
+        return True
+    # one read pass: a finite sum means every entry is finite; a sum that overflows gets the exact check
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def needs_reference(x: torch.Tensor, r: torch.Tensor | None = None) -> bool:
+    """True when an eager op on ``x`` (and ``r``) must run on the reference: an entry is NaN or infinite. The
+    reference follows PML's comparisons with NaN exactly; the fused sweeps' interval arithmetic does not. Never
+    while torch.compile traces (a graph cannot branch on data): there the backends' own NaN handling applies."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (_finite(x) and _finite(r))

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _context, dispatch
+from . import _context, _nanrule, dispatch
 from .blocked.distance import acc_dtype, add_rows
 
 __all__ = [
@@ -93,10 +93,10 @@ def _without_autocast(fn, device_type: str):
     return call
 
 
-def _use_reference(x: Tensor) -> bool:
+def _use_reference(x: Tensor, r: Optional[Tensor] = None) -> bool:
     if torch.compiler.is_compiling():
         return False
-    return dispatch.backend_for(x) == "reference"
+    return dispatch.backend_for(x) == "reference" or _nanrule.needs_reference(x, r)
 
 
 def _reference():
@@ -345,7 +345,7 @@ def _stats(name: str, x, y, r, z, excl, kind: str, params: tuple) -> Tensor:
     """
     _check_kind(kind)
     excl = _context.resolve_excl(x, r, excl)
-    if _use_reference(x):
+    if _use_reference(x, r):
         stats = getattr(_reference(), name)(x, y, r, z, excl, kind, *params)
     else:
         # [issue 7] gradient parts only for what needs them: r (a detached memory queue or pool) often does not
@@ -487,7 +487,7 @@ def chosen_triplet_stats(
     p, n = p.to(torch.int64), n.to(torch.int64)
     valid = valid.to(torch.bool)
     params = (float(margin), bool(smooth), float(low), float(high))
-    if _use_reference(x):
+    if _use_reference(x, r):
         stats = _reference().chosen_triplet_stats(x, valid, r, p, n, kind, *params)
     else:
         need_grad = _needs_grad(x, r)
@@ -562,7 +562,7 @@ def row_extreme(
     excl = _context.resolve_excl(x, r, excl)  # [issue 7 hook] see fastdml/_context.py
     x = x.detach()
     r = None if r is None else r.detach()
-    if _use_reference(x):
+    if _use_reference(x, r):
         return _reference().row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op)
     thr = None if thr is None else thr.detach()
     return _call(_ROW_EXTREME, x, y, r, z, excl, kind, side, mode, float(lo), float(hi), thr, thr_op)
@@ -616,7 +616,7 @@ def row_hardest(
     excl = _context.resolve_excl(x, r, excl)  # [issue 7 hook] see fastdml/_context.py
     x = x.detach()
     r = None if r is None else r.detach()
-    if _use_reference(x):
+    if _use_reference(x, r):
         return _reference().row_hardest(x, y, r, z, excl, kind)
     return _call(_ROW_HARDEST, x, y, r, z, excl, kind)
 
@@ -724,7 +724,7 @@ def pair_values(x: Tensor, r: Optional[Tensor], i: Tensor, j: Tensor, kind: str)
     ``(chunk, D)`` within the memory budget; the backward accumulates deterministically.
     """
     _check_kind(kind)
-    if _use_reference(x):
+    if _use_reference(x, r):
         return _reference().pair_values(x, r, i, j, kind)
     return _call(_PAIR_VALUES, x, r, i.to(torch.int64), j.to(torch.int64), kind)
 
@@ -802,7 +802,7 @@ def triplet_list(
     excl = _context.resolve_excl(x, r, excl)  # [issue 7 hook] see fastdml/_context.py
     x = x.detach()
     r = None if r is None else r.detach()
-    if _use_reference(x):
+    if _use_reference(x, r):
         return _reference().triplet_list(x, y, r, z, excl, kind, band_lo, band_hi)
     return _call(_TRIPLET_LIST, x, y, r, z, excl, kind, float(band_lo), float(band_hi))
 
@@ -823,6 +823,6 @@ def pair_list(
     excl = _context.resolve_excl(x, r, excl)  # [issue 7 hook] see fastdml/_context.py
     x = x.detach()
     r = None if r is None else r.detach()
-    if _use_reference(x):
+    if _use_reference(x, r):
         return _reference().pair_list(x, y, r, z, excl, kind, pos_lo, neg_hi)
     return _call(_PAIR_LIST, x, y, r, z, excl, kind, float(pos_lo), float(neg_hi))

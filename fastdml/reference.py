@@ -250,9 +250,13 @@ def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op):
     """Per anchor, the max or min d' over its positives (``side="pos"``) or negatives (``"neg"``).
 
     Candidates: ``lo <= d' <= hi`` and, when ``thr`` (N,) is given, ``d' > thr_i`` (``thr_op="gt"``) or
-    ``d' < thr_i`` (``"lt"``). Returns ``(value, index, found)``: value in x's accumulation dtype (float64
-    for float64 inputs, else float32), index int64 (ties: lowest index), found bool; value and index are 0
-    where nothing qualifies. No gradient.
+    ``d' < thr_i`` (``"lt"``), tested as PML does: an entry is dropped when it fails a test (``d' < lo``,
+    ``d' > hi``, ``d' <= thr_i``, ``d' >= thr_i``), so a NaN d' stays a candidate and is picked (PML's
+    ``torch.max``/``torch.min`` propagate NaN).
+
+    Returns ``(value, index, found)``: value in x's accumulation dtype (float64 for float64 inputs, else
+    float32), index int64 (ties: lowest index), found bool; value and index are 0 where nothing qualifies.
+    No gradient.
     """
     if side not in ("pos", "neg"):
         raise ValueError(f"side must be 'pos' or 'neg', got {side!r}")
@@ -291,10 +295,12 @@ def row_extreme_from_matrix(dmat, pos, neg, side, mode, lo, hi, thr, thr_op):
     with torch.no_grad():
         dmat = dmat.detach()
         n, m = dmat.shape
-        cand = (pos if side == "pos" else neg) & _ge(dmat, lo) & _le(dmat, hi)
+        # PML masks what fails (d' < lo, d' > hi, d' <= thr for "gt", d' >= thr for "lt"): a NaN fails no test,
+        # so it stays a candidate, and max/min then pick it (NaN propagates, at its lowest index)
+        cand = (pos if side == "pos" else neg) & ~(dmat < lo) & ~(dmat > hi)
         if thr is not None:
             t = thr.to(dmat.dtype)[:, None]
-            cand = cand & ((dmat > t) if thr_op == "gt" else (dmat < t))
+            cand = cand & ~((dmat <= t) if thr_op == "gt" else (dmat >= t))
         found = cand.any(dim=1)
         if m == 0:
             zero = torch.zeros(n, dtype=dmat.dtype, device=dmat.device)
