@@ -31,19 +31,32 @@ def threshold_bounds(low: float, high: float) -> tuple[float, float]:
     return (math.inf if math.isnan(low) else low), (-math.inf if math.isnan(high) else high)
 
 
-def _finite(t: torch.Tensor | None) -> bool:
-    if t is None or not t.is_floating_point():
-        return True
-    # one read pass: a finite sum means every entry is finite; a sum that overflows gets the exact check
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
+def extreme_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Per row of ``t``: a NaN or an infinity, or a squared norm so large that a squared distance or dot product
+    with it can overflow in the accumulation dtype (bool (N,); None for None)."""
+    if t is None:
+        return None
+    a = t.detach()
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a = a.float()
+    # one read pass, an (N,) temporary: |a|^2 is NaN/inf for a NaN/inf row; 4 |a|^2 bounds |a - b|^2 and 2|a.b|
+    return (
+        ~torch.isfinite(4 * torch.linalg.vecdot(a, a))
+        if a.ndim == 2 and a.shape[1]
+        else torch.zeros(a.shape[0], dtype=torch.bool, device=a.device)
+    )
+
+
+def extreme(x: torch.Tensor, r: torch.Tensor | None = None) -> bool:
+    """True when a row of ``x`` or ``r`` is non-finite or overflowing (see :func:`extreme_rows`)."""
+    return any(bool(e.any()) for e in (extreme_rows(x), extreme_rows(r)) if e is not None)
 
 
 def needs_reference(x: torch.Tensor, r: torch.Tensor | None = None) -> bool:
-    """True when an eager op on ``x`` (and ``r``) must run on the reference: an entry is NaN or infinite. The
-    reference follows PML's comparisons with NaN exactly; the fused sweeps' interval arithmetic does not. Never
-    while torch.compile traces (a graph cannot branch on data): there the backends' own NaN handling applies."""
+    """True when an eager op on ``x`` (and ``r``) must run on the reference: a row is NaN, infinite or large
+    enough to overflow a distance. The reference follows PML's arithmetic and comparisons there exactly; the
+    fused sweeps' interval arithmetic does not. Never while torch.compile traces (a graph cannot branch on
+    data): there the blocked path's own check (``fastdml.blocked.nonfinite``) applies."""
     if torch.compiler.is_compiling():
         return False
-    return not (_finite(x) and _finite(r))
+    return extreme(x, r)

@@ -29,6 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import _nanrule
+
 KINDS = ("l2", "sql2", "dot")
 
 # elements of the (rows, M, D) difference block built per chunk by the direct-difference distances
@@ -77,9 +79,29 @@ def signed_distance_matrix(x: torch.Tensor, r: torch.Tensor | None, kind: str) -
     if kind == "dot":
         return -(x @ r.T)
     q = _sq_dist_direct(x, r)
-    if kind == "sql2":
-        return q
-    return _safe_sqrt(q)
+    d = q if kind == "sql2" else _safe_sqrt(q)
+    bad_x, bad_r = _nanrule.extreme_rows(x), _nanrule.extreme_rows(r)
+    if bool(bad_x.any()) or bool(bad_r.any()):
+        # a pair with a non-finite or overflowing row: PML's torch.cdist, whose NaN/inf pattern differs from
+        # direct differences (its |a|^2 + |b|^2 - 2 a.b form gives NaN where differences give inf)
+        # (its values only: the gradient stays that of the direct differences, so a pair no term uses passes 0)
+        with torch.no_grad():
+            pml = torch.cdist(x, r)
+            pml = pml * pml if kind == "sql2" else pml
+        d = torch.where(bad_x[:, None] | bad_r[None, :], _ValueOf.apply(d, pml), d)
+    return d
+
+
+class _ValueOf(torch.autograd.Function):
+    """``v``'s values with ``d``'s gradient (identity backward into ``d``)."""
+
+    @staticmethod
+    def forward(ctx, d, v):
+        return v.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
 
 
 def masks(
@@ -326,9 +348,15 @@ def pair_values(x, r, i, j, kind):
         return -(a * b).sum(-1)
     diff = a - b
     q = (diff * diff).sum(-1)
-    if kind == "sql2":
-        return q
-    return _safe_sqrt(q)
+    d = q if kind == "sql2" else _safe_sqrt(q)
+    bad_x, bad_r = _nanrule.extreme_rows(_acc(x)), _nanrule.extreme_rows(_acc(r))
+    if bool(bad_x.any()) or bool(bad_r.any()):
+        # as signed_distance_matrix: PML indexes its torch.cdist matrix, whose NaN/inf pattern it keeps
+        with torch.no_grad():
+            pml = torch.cdist(_acc(x), _acc(r))[i, j]
+            pml = pml * pml if kind == "sql2" else pml
+        d = torch.where(bad_x[i] | bad_r[j], _ValueOf.apply(d, pml), d)
+    return d
 
 
 def chosen_triplet_stats(x, valid, r, p, n, kind, margin, smooth, low, high):

@@ -44,8 +44,8 @@ def _embeddings(n, d, damage, seed, dtype):
         x[row, d - 1] = math.nan
     elif damage == "all_nan":
         x[:] = math.nan
-    elif damage == "huge":
-        x = x * 1e30
+    elif damage == "huge":  # squared distances overflow the dtype (PML: inf or NaN, by torch.cdist's form)
+        x = x * (1e30 if dtype == torch.float32 else 1e160)
     elif damage == "tiny":
         x = x * 1e-30
     elif damage == "duplicates":
@@ -203,3 +203,33 @@ def test_a_diverged_model_does_not_look_converged(backend, case):
         else:
             got = losses.TripletMarginLoss()(x, y)
     assert torch.isnan(got), float(got)
+
+
+FASTDML_ONLY = {
+    "batch_hard": lambda: losses.BatchHardTripletLoss(),
+    "batch_hard_soft": lambda: losses.BatchHardTripletLoss(soft=True),
+    "batch_all": lambda: losses.BatchAllTripletLoss(),
+    "semihard": lambda: losses.SemiHardTripletLoss(),
+}
+
+
+@pytest.mark.parametrize("damage", ["nan_row", "inf_row", "nan_entry", "all_nan", "huge"])
+@pytest.mark.parametrize("name", sorted(FASTDML_ONLY))
+def test_fastdml_only_losses_agree_across_backends_on_hostile_embeddings(name, damage):
+    """Losses without a PML class: the blocked, Triton and reference backends give the same value (NaN-ness
+    included) and the same gradient NaN pattern."""
+    pytest.importorskip("triton")
+    x0 = _embeddings(32, 6, damage, 7, torch.float32)
+    y = torch.arange(32) % 4
+    out = {}
+    for backend in ["blocked", "triton", "reference"]:
+        x = x0.clone().requires_grad_(True)
+        with use_backend(backend):
+            loss = FASTDML_ONLY[name]()(x, y)
+        (g,) = torch.autograd.grad(loss, x, allow_unused=True)
+        out[backend] = (loss.detach(), torch.zeros_like(x) if g is None else g)
+    want, gwant = out["reference"]
+    for backend in ["blocked", "triton"]:
+        got, ggot = out[backend]
+        torch.testing.assert_close(got, want, equal_nan=True, msg=f"{backend} {name} {damage}")
+        assert torch.equal(torch.isnan(ggot), torch.isnan(gwant)), f"{backend} {name} {damage} gradient NaN pattern"
