@@ -242,8 +242,8 @@ class Geometry:
 
 
 def zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
-    """Zero with zero gradient, attached to the graph (PML's ``torch.sum(embeddings * 0)``)."""
-    return torch.sum(embeddings * 0)
+    """Zero with zero gradient, attached to the graph (PML's ``torch.sum(embeddings * 0)``: NaN for NaN input)."""
+    return _nanrule.zero_loss(embeddings)
 
 
 def window_value(stats_s, stats_c, window, embeddings):

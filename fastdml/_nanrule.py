@@ -16,7 +16,11 @@ import torch
 def zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
     """PML's zero loss ``sum(embeddings * 0)``: 0 with zero gradient, attached to the graph; NaN when an entry
     of ``embeddings`` is NaN or infinite."""
-    return torch.sum(embeddings * 0)
+    z = torch.sum(embeddings * 0)
+    if torch.compiler.is_compiling():
+        # the compiler folds ``x * 0`` to 0, NaN or not: the NaN is added explicitly
+        z = z + torch.where(torch.isfinite(embeddings).all(), 0.0, math.nan).to(z.dtype)
+    return z
 
 
 def unless_counted(value: torch.Tensor, count: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:

@@ -440,10 +440,10 @@ def _chosen_triplet_stats_impl(
     need_grad_r: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     # O(N D) in a few tensor ops: one implementation serves every device (no sweep to fuse)
-    from .blocked.chosen import chosen_triplet_stats_fwd
+    from .blocked import chosen_triplet_stats_fwd
 
     fwd = _without_autocast(chosen_triplet_stats_fwd, x.device.type)
-    return fwd(x, valid, r, p, n, kind, margin, smooth, low, high, need_grad, need_grad_r)
+    return fwd(x, valid, r, p, n, kind, margin, smooth, low, high, need_grad, need_grad_r=need_grad_r)
 
 
 _chosen_triplet_stats_op = torch.library.custom_op(

@@ -79,8 +79,8 @@ class BaseReducer(torch.nn.Module):
 
     @staticmethod
     def zero_loss(embeddings):
-        """Zero with zero gradient, attached to the graph (PML's ``torch.sum(embeddings * 0)``)."""
-        return torch.sum(embeddings * 0)
+        """Zero with zero gradient, attached to the graph (PML's ``torch.sum(embeddings * 0)``: NaN for NaN input)."""
+        return _nanrule.zero_loss(embeddings)
 
 
 class MeanReducer(BaseReducer):

@@ -233,3 +233,34 @@ def test_fastdml_only_losses_agree_across_backends_on_hostile_embeddings(name, d
         got, ggot = out[backend]
         torch.testing.assert_close(got, want, equal_nan=True, msg=f"{backend} {name} {damage}")
         assert torch.equal(torch.isnan(ggot), torch.isnan(gwant)), f"{backend} {name} {damage} gradient NaN pattern"
+
+
+COMPILED = {
+    "triplet+all": lambda y: lambda t: losses.TripletMarginLoss()(t, y, miners.TripletMarginMiner()(t, y)),
+    "triplet+hard": lambda y: (
+        lambda t: losses.TripletMarginLoss()(t, y, miners.TripletMarginMiner(type_of_triplets="hard")(t, y))
+    ),
+    "triplet+semihard": lambda y: (
+        lambda t: losses.TripletMarginLoss()(t, y, miners.TripletMarginMiner(type_of_triplets="semihard")(t, y))
+    ),
+    "triplet+batchhard": lambda y: lambda t: losses.TripletMarginLoss()(t, y, miners.BatchHardMiner()(t, y)),
+    "batch_hard": lambda y: lambda t: losses.BatchHardTripletLoss()(t, y),
+    "contrastive": lambda y: lambda t: losses.ContrastiveLoss()(t, y),
+}
+
+
+@pytest.mark.parametrize(
+    "name, damage",
+    [("triplet+all", "nan_row"), ("triplet+semihard", "nan_row"), ("triplet+batchhard", "nan_row"),
+     ("batch_hard", "all_nan"), ("contrastive", "all_nan")],
+)  # fmt: skip
+def test_compiled_losses_follow_the_same_rule(name, damage):
+    """Under torch.compile (no data-dependent routing before the ops) the blocked ops hand extreme input to the
+    reference, and PML's zero loss stays NaN (the compiler would fold ``x * 0`` to 0)."""
+    x = _embeddings(32, 6, damage, 3, torch.float32)
+    y = torch.arange(32) % 4
+    fn = COMPILED[name](y)
+    want = fn(x.clone().requires_grad_(True))
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True)(x.clone().requires_grad_(True))
+    torch.testing.assert_close(got, want, equal_nan=True)
