@@ -264,3 +264,36 @@ def test_compiled_losses_follow_the_same_rule(name, damage):
     torch._dynamo.reset()
     got = torch.compile(fn, fullgraph=True)(x.clone().requires_grad_(True))
     torch.testing.assert_close(got, want, equal_nan=True)
+
+
+def _near_duplicates(n=24, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.normalize(torch.randn(n // 2, d, generator=g, dtype=torch.float64), dim=1)
+    x = torch.cat([base, base + 1e-7 * torch.randn(n // 2, d, generator=g, dtype=torch.float64)])
+    return x, torch.arange(n) % 3
+
+
+@pytest.mark.parametrize("backend", ["blocked", "reference", "triton"])
+@pytest.mark.parametrize("kind", ["all", "hard", "semihard", "easy"])
+def test_fp32_near_duplicates_differ_from_float64_only_within_the_error_bound(backend, kind):
+    """fp32 near duplicates (1e-7 apart): a triplet may be listed or not only where its float64 margin
+    t = d_an - d_ap lies within the fp32 error bound of a band edge (the docs' promise for selections)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    x64, y = _near_duplicates()
+    margin = 0.2
+    with use_backend(backend):
+        got = miners.TripletMarginMiner(margin=margin, type_of_triplets=kind)(x64.float(), y)
+    got = set(zip(*(t.tolist() for t in got)))
+    want = set(zip(*(t.tolist() for t in miners.TripletMarginMiner(margin=margin, type_of_triplets=kind)(x64, y))))
+    xn = torch.nn.functional.normalize(x64, dim=1)
+    dist = torch.cdist(xn, xn)
+    d = x64.shape[1]
+    # fp32: |a - b|^2 to within ~4 D ulp of |a|^2 + |b|^2 = 2; d = sqrt of it (an absolute error in d^2 of e
+    # moves d by at most sqrt(e) near 0)
+    err = 2 * math.sqrt(4 * d * 2.0**-23 * 2)
+    edges = {"all": [margin], "hard": [0.0], "semihard": [0.0, margin], "easy": [margin]}[kind]
+    for a, p, n in got ^ want:
+        t = float(dist[a, n] - dist[a, p])
+        assert min(abs(t - e) for e in edges) <= err, (a, p, n, t, (a, p, n) in got)
+    assert len(got ^ want) < max(len(want), 1)  # differences stay at the edges, not everywhere
