@@ -51,9 +51,21 @@ def extreme_rows(t: torch.Tensor | None) -> torch.Tensor | None:
     )
 
 
+def _extreme(t: torch.Tensor | None) -> bool:
+    if t is None or t.numel() == 0:
+        return False
+    # one read pass without temporaries; NaN propagates through aminmax. With m = max |t_ij|, every squared
+    # distance and dot product is at most 4 D m^2 (conservative: at most a factor D above the row bound)
+    lo, hi = torch.aminmax(t.detach())
+    m = max(abs(float(lo)), abs(float(hi)))
+    top = torch.finfo(torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype).max
+    return not (4.0 * t.shape[-1] * m * m <= top)
+
+
 def extreme(x: torch.Tensor, r: torch.Tensor | None = None) -> bool:
-    """True when a row of ``x`` or ``r`` is non-finite or overflowing (see :func:`extreme_rows`)."""
-    return any(bool(e.any()) for e in (extreme_rows(x), extreme_rows(r)) if e is not None)
+    """True when ``x`` or ``r`` has a NaN or an infinity, or entries large enough that a squared distance or dot
+    product could overflow the accumulation dtype."""
+    return _extreme(x) or _extreme(r)
 
 
 def needs_reference(x: torch.Tensor, r: torch.Tensor | None = None) -> bool:
