@@ -40,6 +40,8 @@ def extreme_rows(t: torch.Tensor | None) -> torch.Tensor | None:
     with it can overflow in the accumulation dtype (bool (N,); None for None)."""
     if t is None:
         return None
+    if not t.is_floating_point() or t.ndim != 2:
+        return torch.zeros(t.shape[:1], dtype=torch.bool, device=t.device)
     a = t.detach()
     if a.dtype in (torch.float16, torch.bfloat16):
         a = a.float()
@@ -52,8 +54,8 @@ def extreme_rows(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _extreme(t: torch.Tensor | None) -> bool:
-    if t is None or t.numel() == 0:
-        return False
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+        return False  # (not floating: the op's own checks name the argument)
     # one read pass without temporaries; NaN propagates through aminmax. With m = max |t_ij|, every squared
     # distance and dot product is at most 4 D m^2 (conservative: at most a factor D above the row bound)
     lo, hi = torch.aminmax(t.detach())
