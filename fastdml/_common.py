@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import _nanrule, ops, reference
 from . import _validation as V
-from . import ops, reference
 from .distances import fused_spec
 
 INF = math.inf
@@ -242,18 +242,19 @@ class Geometry:
 
 
 def zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
-    """Zero with zero gradient, attached to the graph (PML's ``torch.sum(embeddings * 0)``)."""
-    return torch.sum(embeddings * 0)
+    """Zero with zero gradient, attached to the graph (PML's ``torch.sum(embeddings * 0)``: NaN for NaN input)."""
+    return _nanrule.zero_loss(embeddings)
 
 
 def window_value(stats_s, stats_c, window, embeddings):
-    """The reducer's value from a sum and a count: ``S / C`` (or ``S``), and 0 when ``C = 0``.
+    """The reducer's value from a sum and a count: ``S / C`` (or ``S``), and PML's zero loss when ``C = 0``.
 
     No host synchronisation: with ``C = 0`` nothing was counted, so ``S`` is an exact 0 whose gradient is 0
     (still attached to the embeddings' graph through the op), and ``S / max(C, 1)`` is that 0.
     """
     val = stats_s / stats_c.clamp_min(1) if window[2] else stats_s
     val = val.to(acc_dtype(embeddings.dtype))  # (the loss rounds to the embeddings' dtype at the very end)
+    val = _nanrule.unless_counted(val, stats_c, embeddings)  # C = 0: PML's zero loss (NaN for NaN embeddings)
     if embeddings.requires_grad and not val.requires_grad:
         val = val + zero_loss(embeddings)  # keep the result attached to the graph (PML's zero loss)
     return val

@@ -48,25 +48,36 @@ def check_labels(labels, n: int, name: str = "labels") -> torch.Tensor:
         raise ValueError(f"{name} has length {labels.shape[0]} but there are {n} embeddings")
     if labels.is_complex():
         raise TypeError(f"{name} must have a real dtype (integer, bool or floating), got {labels.dtype}")
-    if labels.is_floating_point() and bool(torch.isnan(labels).any()):
+    # (a traced graph cannot branch on data: compiled, a NaN label gets a code of its own, equal to none)
+    if labels.is_floating_point() and not torch.compiler.is_compiling() and bool(torch.isnan(labels).any()):
         raise ValueError(f"{name} contains NaN: a NaN label equals no label, not even itself")
     return labels
+
+
+def _equality_codes(v: torch.Tensor) -> torch.Tensor:
+    """int64 codes with ``codes_i == codes_j`` iff ``v_i == v_j`` (a NaN label equals nothing, as in PML), by a
+    sort: every shape is static, so ``torch.compile(fullgraph=True)`` traces it (``torch.unique`` would not)."""
+    s, order = torch.sort(v, stable=True)
+    new = torch.ones(s.shape, dtype=torch.bool, device=s.device)
+    new[1:] = s[1:] != s[:-1]
+    codes = torch.cumsum(new.to(torch.int64), 0) - 1
+    return torch.empty_like(codes).scatter_(0, order, codes)
 
 
 def labels_as_int64(y: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Labels as int64 class ids for the ops, preserving equality exactly (y_i == z_j iff ids equal).
 
-    Integer labels are cast (values kept); bool and floating labels are mapped through ``torch.unique``
-    over both tensors together.
+    Integer and bool labels are copied as int64 (values kept); floating labels are mapped to equality codes
+    over both tensors together. The result never shares memory with the caller's labels, so a miner's result
+    is fixed when it is mined (as PML's), whatever happens to the labels afterwards.
     """
-    int_types = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+    int_types = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
     if y.dtype in int_types and (z is None or z.dtype in int_types):
-        return y.to(torch.int64), None if z is None else z.to(torch.int64)
+        return y.to(torch.int64, copy=True), None if z is None else z.to(torch.int64, copy=True)
     if z is None:
-        return torch.unique(y, return_inverse=True)[1].to(torch.int64), None
+        return _equality_codes(y), None
     common = torch.promote_types(y.dtype, z.dtype)
-    both = torch.cat([y.to(common), z.to(common)])
-    inv = torch.unique(both, return_inverse=True)[1].to(torch.int64)
+    inv = _equality_codes(torch.cat([y.to(common), z.to(common)]))
     return inv[: y.shape[0]], inv[y.shape[0] :]
 
 

@@ -13,8 +13,10 @@ auto, any other device                 ``blocked``: the memory-bounded torch pat
 ``reference`` requested, compiled      ``blocked``: a traced call always goes through the custom ops
 float64 on ``triton``                  ``blocked`` (the kernels take fp16/bf16/fp32 only)
 ``pair_values``, ``chosen_triplet``    ``fastdml.portable`` on every device (O(T D) row gathers)
-non-finite ``x`` or ``r``, blocked     sums and counts from the reference, gradient parts from the sweep
-  stats ops                            (:func:`stats_from_reference`; mechanism in ``blocked/nonfinite.py``)
+NaN, inf or overflowing ``x``/``r``   :mod:`fastdml.reference` (PML's NaN rule): eagerly for every op, inside
+                                       a compiled blocked op too (:func:`stats_from_reference`; mechanism in
+                                       ``blocked/nonfinite.py``)
+D = 0                                  :mod:`fastdml.reference` (every distance is 0: PML's values)
 CPU, float32/float64 rows, blocked     the compiled C helpers, unless switched off (``FASTDML_NATIVE=0``,
   batch-hard scans, chosen triplets    ``native.disabled()``) or not built: :func:`native_helpers`
 =====================================  ==================================================================
@@ -78,6 +80,8 @@ def triton_available() -> bool:
 def backend_for(tensor: torch.Tensor) -> str:
     """The path used for an op whose main input is ``tensor``: ``"triton"``, ``"blocked"`` or ``"reference"``."""
     name = requested_backend()
+    if tensor.dim() == 2 and tensor.shape[1] == 0:
+        return "reference"  # D = 0: every distance is 0; the oracle gives PML's values, nothing to fuse
     if name == "auto":
         # blocked is plain PyTorch: the CPU path, and the fallback on every other device (mps, xpu, ...)
         return "triton" if tensor.is_cuda and triton_available() else "blocked"
@@ -91,12 +95,13 @@ def backend_for(tensor: torch.Tensor) -> str:
     return name
 
 
-def use_reference(x: torch.Tensor) -> bool:
-    """Whether an op on ``x`` calls :mod:`fastdml.reference` directly (eager calls only: a compiled call
-    always goes through the custom ops)."""
+def use_reference(x: torch.Tensor, r: torch.Tensor | None = None) -> bool:
+    """Whether an eager op on ``x`` (and ``r``) calls :mod:`fastdml.reference` directly: the reference was
+    requested, or a row is NaN, infinite or large enough to overflow a distance (:func:`stats_from_reference`).
+    Never while torch.compile traces: a compiled call always goes through the custom ops."""
     if torch.compiler.is_compiling():
         return False
-    return backend_for(x) == "reference"
+    return backend_for(x) == "reference" or stats_from_reference(x, r)
 
 
 def module_for(x: torch.Tensor):
@@ -119,21 +124,14 @@ def implementation(x: torch.Tensor, name: str):
     return fn
 
 
-def finite(t: torch.Tensor | None) -> bool:
-    """True when every entry of ``t`` (None: no tensor) is finite."""
-    if t is None:
-        return True
-    # a finite sum means every entry is finite (NaN and inf propagate): one pass, no (M, D) temporary; a sum
-    # that overflows (large values, fp16) falls back to the exact check
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
 def stats_from_reference(x: torch.Tensor, r: torch.Tensor | None) -> bool:
-    """Whether a blocked stats op takes its sums and counts from the reference: when ``x`` or ``r`` holds a NaN
-    or an infinity (the blocked sums mask by multiplication, which NaN defeats)."""
-    return not (finite(x) and finite(r))
+    """Whether an op takes PML's arithmetic from the reference (eagerly by :func:`use_reference`, inside a
+    compiled blocked op by ``blocked/nonfinite.py``): ``x`` or ``r`` holds a NaN or an infinity, or entries
+    large enough that a squared distance can overflow (``fastdml._nanrule.extreme``). The fused sweeps mask by
+    interval arithmetic, which NaN defeats; the reference follows PML's comparisons exactly."""
+    from . import _nanrule
+
+    return _nanrule.extreme(x, r)
 
 
 def native_helpers(device: torch.device, dtype: torch.dtype | None = None) -> bool:

@@ -236,7 +236,7 @@ def _stats_op(n_stats: int):
         def public(*args, **kwargs):
             a = args_of(args, kwargs)
             x, r = a["x"], a["r"]
-            if dispatch.use_reference(x):
+            if dispatch.use_reference(x, r):
                 stats = _reference(name)(*a.values())
             else:
                 # gradient parts only for what needs them: r (a detached memory queue or pool) often does not
@@ -362,7 +362,7 @@ def _mining_op(fake):
         def public(*args, **kwargs):
             a = args_of(args, kwargs)
             values = [v.detach() if isinstance(v, Tensor) else v for v in a.values()]
-            if dispatch.use_reference(values[0]):
+            if dispatch.use_reference(values[0], a.get("r")):
                 return _reference(name)(*values)
             return op(*values)
 
@@ -494,6 +494,6 @@ def pair_values(x: Tensor, r: Optional[Tensor], i: Tensor, j: Tensor, kind: str)
     ``(chunk, D)`` within the memory budget; the backward accumulates deterministically.
     """
     _check_kind(kind)
-    if dispatch.use_reference(x):
+    if dispatch.use_reference(x, r):
         return _reference("pair_values")(x, r, i, j, kind)
     return _PAIR_VALUES(x, r, i.to(torch.int64), j.to(torch.int64), kind)

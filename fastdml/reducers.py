@@ -29,6 +29,8 @@ import sys
 
 import torch
 
+from . import _nanrule
+
 __all__ = [
     "BaseReducer",
     "MeanReducer",
@@ -77,8 +79,8 @@ class BaseReducer(torch.nn.Module):
 
     @staticmethod
     def zero_loss(embeddings):
-        """Zero with zero gradient, attached to the graph (PML's ``torch.sum(embeddings * 0)``)."""
-        return torch.sum(embeddings * 0)
+        """Zero with zero gradient, attached to the graph (PML's ``torch.sum(embeddings * 0)``: NaN for NaN input)."""
+        return _nanrule.zero_loss(embeddings)
 
 
 class MeanReducer(BaseReducer):
@@ -115,11 +117,8 @@ class ThresholdReducer(BaseReducer):
 
     @property
     def window(self):
-        return (
-            -math.inf if self.low is None else float(self.low),
-            math.inf if self.high is None else float(self.high),
-            True,
-        )
+        low = -math.inf if self.low is None else float(self.low)
+        return (*_nanrule.threshold_bounds(low, math.inf if self.high is None else float(self.high)), True)
 
     def reset_stats(self):
         super().reset_stats()
@@ -204,8 +203,9 @@ _PML_WINDOWS = {
     "SumReducer": lambda r: (-math.inf, math.inf, False),
     "AvgNonZeroReducer": lambda r: (0.0, math.inf, True),
     "ThresholdReducer": lambda r: (
-        -math.inf if r.low is None else float(r.low),
-        math.inf if r.high is None else float(r.high),
+        *_nanrule.threshold_bounds(
+            -math.inf if r.low is None else float(r.low), math.inf if r.high is None else float(r.high)
+        ),
         True,
     ),
 }

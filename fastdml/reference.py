@@ -29,6 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import _nanrule
+
 KINDS = ("l2", "sql2", "dot")
 
 # elements of the (rows, M, D) difference block built per chunk by the direct-difference distances
@@ -77,9 +79,29 @@ def signed_distance_matrix(x: torch.Tensor, r: torch.Tensor | None, kind: str) -
     if kind == "dot":
         return -(x @ r.T)
     q = _sq_dist_direct(x, r)
-    if kind == "sql2":
-        return q
-    return _safe_sqrt(q)
+    d = q if kind == "sql2" else _safe_sqrt(q)
+    bad_x, bad_r = _nanrule.extreme_rows(x), _nanrule.extreme_rows(r)
+    if bool(bad_x.any()) or bool(bad_r.any()):
+        # a pair with a non-finite or overflowing row: PML's torch.cdist, whose NaN/inf pattern differs from
+        # direct differences (its |a|^2 + |b|^2 - 2 a.b form gives NaN where differences give inf)
+        # (its values only: the gradient stays that of the direct differences, so a pair no term uses passes 0)
+        with torch.no_grad():
+            pml = torch.cdist(x, r)
+            pml = pml * pml if kind == "sql2" else pml
+        d = torch.where(bad_x[:, None] | bad_r[None, :], _ValueOf.apply(d, pml), d)
+    return d
+
+
+class _ValueOf(torch.autograd.Function):
+    """``v``'s values with ``d``'s gradient (identity backward into ``d``)."""
+
+    @staticmethod
+    def forward(ctx, d, v):
+        return v.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
 
 
 def masks(
@@ -250,9 +272,13 @@ def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op):
     """Per anchor, the max or min d' over its positives (``side="pos"``) or negatives (``"neg"``).
 
     Candidates: ``lo <= d' <= hi`` and, when ``thr`` (N,) is given, ``d' > thr_i`` (``thr_op="gt"``) or
-    ``d' < thr_i`` (``"lt"``). Returns ``(value, index, found)``: value in x's accumulation dtype (float64
-    for float64 inputs, else float32), index int64 (ties: lowest index), found bool; value and index are 0
-    where nothing qualifies. No gradient.
+    ``d' < thr_i`` (``"lt"``), tested as PML does: an entry is dropped when it fails a test (``d' < lo``,
+    ``d' > hi``, ``d' <= thr_i``, ``d' >= thr_i``), so a NaN d' stays a candidate and is picked (PML's
+    ``torch.max``/``torch.min`` propagate NaN).
+
+    Returns ``(value, index, found)``: value in x's accumulation dtype (float64 for float64 inputs, else
+    float32), index int64 (ties: lowest index), found bool; value and index are 0 where nothing qualifies.
+    No gradient.
     """
     if side not in ("pos", "neg"):
         raise ValueError(f"side must be 'pos' or 'neg', got {side!r}")
@@ -291,10 +317,12 @@ def row_extreme_from_matrix(dmat, pos, neg, side, mode, lo, hi, thr, thr_op):
     with torch.no_grad():
         dmat = dmat.detach()
         n, m = dmat.shape
-        cand = (pos if side == "pos" else neg) & _ge(dmat, lo) & _le(dmat, hi)
+        # PML masks what fails (d' < lo, d' > hi, d' <= thr for "gt", d' >= thr for "lt"): a NaN fails no test,
+        # so it stays a candidate, and max/min then pick it (NaN propagates, at its lowest index)
+        cand = (pos if side == "pos" else neg) & ~(dmat < lo) & ~(dmat > hi)
         if thr is not None:
             t = thr.to(dmat.dtype)[:, None]
-            cand = cand & ((dmat > t) if thr_op == "gt" else (dmat < t))
+            cand = cand & ~((dmat <= t) if thr_op == "gt" else (dmat >= t))
         found = cand.any(dim=1)
         if m == 0:
             zero = torch.zeros(n, dtype=dmat.dtype, device=dmat.device)
@@ -320,9 +348,15 @@ def pair_values(x, r, i, j, kind):
         return -(a * b).sum(-1)
     diff = a - b
     q = (diff * diff).sum(-1)
-    if kind == "sql2":
-        return q
-    return _safe_sqrt(q)
+    d = q if kind == "sql2" else _safe_sqrt(q)
+    bad_x, bad_r = _nanrule.extreme_rows(_acc(x)), _nanrule.extreme_rows(_acc(r))
+    if bool(bad_x.any()) or bool(bad_r.any()):
+        # as signed_distance_matrix: PML indexes its torch.cdist matrix, whose NaN/inf pattern it keeps
+        with torch.no_grad():
+            pml = torch.cdist(_acc(x), _acc(r))[i, j]
+            pml = pml * pml if kind == "sql2" else pml
+        d = torch.where(bad_x[i] | bad_r[j], _ValueOf.apply(d, pml), d)
+    return d
 
 
 def chosen_triplet_stats(x, valid, r, p, n, kind, margin, smooth, low, high):

@@ -11,15 +11,19 @@ Every function runs under ``torch.no_grad()``; the autograd wiring is in :mod:`f
 """
 
 from . import contrastive as _contrastive
+from . import hardest as _hardest
+from . import mining as _mining
 from . import triplet as _triplet
-from .hardest import row_hardest
-from .mining import pair_list, row_extreme, triplet_list
-from .nonfinite import reference_stats_if_nonfinite
+from .nonfinite import reference_mining_if_nonfinite, reference_stats_if_nonfinite
 
 # the last positional argument of every stats fwd is need_grad (not an argument of the reference op)
 contrastive_stats_fwd = reference_stats_if_nonfinite("contrastive_stats")(_contrastive.contrastive_stats_fwd)
 triplet_stats_fwd = reference_stats_if_nonfinite("triplet_stats")(_triplet.triplet_stats_fwd)
 semihard_stats_fwd = reference_stats_if_nonfinite("semihard_stats")(_triplet.semihard_stats_fwd)
+row_hardest = reference_mining_if_nonfinite("row_hardest")(_hardest.row_hardest)
+row_extreme = reference_mining_if_nonfinite("row_extreme")(_mining.row_extreme)
+triplet_list = reference_mining_if_nonfinite("triplet_list")(_mining.triplet_list)
+pair_list = reference_mining_if_nonfinite("pair_list")(_mining.pair_list)
 
 __all__ = [
     "contrastive_stats_fwd",

@@ -16,17 +16,22 @@ the strips, lets the GEMM shrink).
   row gathers, differences, norms, the coefficients, the gradient rows and two ``index_add_``: about 35 ops)
   in one pass over the anchors and one over the chosen rows.
 
-Measured on the 2-core development VM (batch-hard step, N = 1024, D = 128, fp32, forward+backward, with and
-without them alternating call by call in one process): figures in ``bench/RESULTS.md``.
+Both scans stay: the strip scan serves the square case, the row scan the rest (a memory queue, excluded
+columns), and the strips are measured to matter (``bench/bench_native.py``; figures in ``bench/RESULTS.md``).
 
-How: the C sources ship with the package and are compiled on first use with the system C compiler (``$CC``,
-else ``cc``; ``-O3 -march=native``) into a cache directory (``FASTDML_CACHE_DIR``, else
-``$XDG_CACHE_HOME/fastdml``, else ``~/.cache/fastdml``), one library file per set of sources, flags, compiler
-and CPU, so a machine builds it once (about half a second) and later processes only load it. They are called through
-``ctypes`` (which releases the GIL for the call); single-threaded, so results are the same run to run. Without
-a compiler, when the build fails, or with ``FASTDML_NATIVE=0`` in the environment, the functions here decline
-(``False`` / ``None``) and the callers run their torch ops instead: the same picks and values within rounding
-(``tests/test_blocked_native.py``), only slower. :func:`status` says which, and why.
+How: the C sources ship with the package; ``csrc/fastdml_native.h`` holds every entry point's prototype, the
+sources include it and :func:`_prototypes` derives the ctypes argument types from it. They are compiled on
+first use with the system C compiler (``$CC`` split as a shell would, else ``cc``; ``-O3 -march=native``) into
+a cache directory (``FASTDML_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastdml``, else ``~/.cache/fastdml``), one
+library file per set of sources, flags, compiler and CPU, so a machine builds it once and later processes only
+load it. A new build is first loaded in a child process (a crash there cannot take the caller down), then its
+size and SHA-256 are recorded beside it; a cached file is loaded only when it matches that record, else it is
+rebuilt. A failed build is recorded too, and no process retries it for an hour. Every entry point checks the
+offsets and sizes it is given. They are called through ``ctypes`` (which releases the GIL for the call);
+single-threaded, so results are the same run to run. Without a compiler, when the build fails, or with
+``FASTDML_NATIVE=0`` in the environment, the functions here decline (``False`` / ``None``) and the callers run
+their torch ops instead: the same picks and values within rounding (``tests/test_blocked_native.py``), only
+slower. :func:`status` says which, and why.
 """
 
 from __future__ import annotations
@@ -36,31 +41,40 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("row_scan.c", "chosen_triplets.c")]
-_VERSION = 3  # fastdml_row_scan_version() of the C sources this module calls
+_CSRC = Path(__file__).with_name("csrc")
+_HEADER = _CSRC / "fastdml_native.h"  # the prototypes: the C includes them, _prototypes() reads them
+_SOURCES = [_CSRC / name for name in ("row_scan.c", "chosen_triplets.c")]
+_VERSION = 4  # fastdml_row_scan_version() of the C sources this module calls
 # -march=native is not known to every compiler; -fopenmp-simd only enables the sources' `omp simd` loops
 _FLAG_SETS = (("-O3", "-march=native", "-fopenmp-simd"), ("-O3", "-fopenmp-simd"), ("-O3",))
-
-# the C functions' arguments (pointers, int64 sizes and flags, doubles); each exists as <name>_f32 and _f64,
-# and returns an int64 status
-_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-_SIGNATURES = {
-    "fastdml_row_hardest": [_P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P],
-    "fastdml_row_hardest_strip": [_P, _I, _I, _I, _P, _D, _P, _P, _P, _P, _P],
-    "fastdml_chosen_triplets": [_P, _I, _I, _P, _I, _P, _P, _P, _I, _D, _I, _D, _D, _P, _P, _P, _P],
-}
+_RETRY_FAILED_BUILD_S = 3600.0  # a failed build is not retried by any process for this long
+_BAD_ARGUMENT = -1  # FASTDML_BAD_ARGUMENT in the header
 
 _lock = threading.Lock()
-_state: dict = {}  # "lib": the loaded library or None, "why": the reason when None
-_disabled: list[bool] = []  # the `disabled()` context manager's stack
+_state: dict = {}  # "lib": the loaded library or None, "why": the reason when None, "note": a rebuild's reason
+_local = threading.local()  # .disabled: the `disabled()` context manager's stack, per thread
+
+
+def _prototypes() -> dict[str, list]:
+    """Each entry point's ctypes argument types, from the header's one-line prototypes (any pointer: void *)."""
+    scalars = {"int64_t": ctypes.c_int64, "double": ctypes.c_double}
+    table = {}
+    for name, args in re.findall(r"^int64_t (\w+)\((.*)\);$", _HEADER.read_text(), re.M):
+        parts = [] if args == "void" else [a.strip() for a in args.split(",")]
+        table[name] = [ctypes.c_void_p if "*" in a else scalars[a.rsplit(" ", 1)[0]] for a in parts]
+    return table
 
 
 def _cpu_id() -> str:
@@ -80,60 +94,179 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _compiler_version(cc: str) -> str:
+def _compiler() -> tuple[list[str] | None, str]:
+    """``$CC`` (else ``cc``) split as a shell would (``CC="gcc -O0"``): ``(argv, "")`` or ``(None, why)``."""
+    raw = os.environ.get("CC") or "cc"
     try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        cc = shlex.split(raw)
+    except ValueError as exc:
+        return None, f"CC={raw!r} cannot be split into words: {exc}"
+    if not cc or shutil.which(cc[0]) is None:
+        return None, f"no C compiler: {cc[0] if cc else raw!r} is not on PATH (set CC to one)"
+    return cc, ""
+
+
+def _compiler_version(cc: list[str]) -> str:
+    try:
+        return subprocess.run([cc[0], "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
-def _build() -> tuple[ctypes.CDLL | None, str]:
-    """Compile (or find in the cache) and load the library: ``(lib, "")`` or ``(None, why)``."""
-    cc = os.environ.get("CC") or "cc"
-    if shutil.which(cc) is None:
-        return None, f"no C compiler: {cc!r} is not on PATH (set CC to one)"
-    source = b"\0".join(path.read_bytes() for path in _SOURCES)
-    version = _compiler_version(cc)
-    errors = []
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_id().encode()]))
-        target = _cache_dir() / f"fastdml_native-{key.hexdigest()[:20]}.so"
-        if not target.exists():
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                # build under a unique name, then rename: processes building at once never load a partial file
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-                os.close(fd)
-                cmd = [cc, *flags, "-std=c11", "-shared", "-fPIC", "-o", tmp, *map(str, _SOURCES)]
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-                if done.returncode != 0:
-                    os.unlink(tmp)
-                    errors.append(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
-                    continue
-                os.replace(tmp, target)
-            except (OSError, subprocess.SubprocessError) as exc:
-                errors.append(f"building {target} failed: {exc}")
-                continue
-        try:
-            lib = ctypes.CDLL(str(target))
-        except OSError as exc:
-            errors.append(f"loading {target} failed: {exc}")
-            continue
+def _digest(path: Path) -> str:
+    """``"<size> <sha256>"`` of a file: written beside each built library, checked before it is loaded."""
+    data = path.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _verify(target: Path) -> str:
+    """Why the cached library ``target`` must not be loaded ("" when its size and digest match the record)."""
+    record = target.with_name(target.name + ".sha256")
+    try:
+        want = record.read_text().strip()
+        size = target.stat().st_size
+    except OSError as exc:
+        return f"no digest record ({exc.strerror})"
+    if want.split(" ")[0] != str(size):
+        return f"{target.name} has {size} bytes, its record says {want.split(' ')[0]}"
+    if _digest(target) != want:
+        return f"{target.name}'s digest differs from its record"
+    return ""
+
+
+_PROBE = (
+    "import ctypes, sys\n"
+    "lib = ctypes.CDLL(sys.argv[1])\n"
+    "for name in sys.argv[3:]: getattr(lib, name)\n"
+    "lib.fastdml_row_scan_version.restype = ctypes.c_int64\n"
+    "sys.exit(0 if lib.fastdml_row_scan_version() == int(sys.argv[2]) else 3)\n"
+)
+
+
+def _probe(path: str) -> str:
+    """Load a freshly built library in a child process (a crash there cannot take this one down): "" or why."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, path, str(_VERSION), *_prototypes()],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"probing the built library failed: {exc}"
+    if done.returncode != 0:
+        return f"the built library fails to load (exit {done.returncode}): {done.stderr.strip()[-300:]}"
+    return ""
+
+
+def _failed_before(marker: Path) -> str:
+    """The reason a recent build recorded in ``marker`` failed, or "" (none, or older than the retry time)."""
+    try:
+        if time.time() - marker.stat().st_mtime < _RETRY_FAILED_BUILD_S:
+            return marker.read_text().strip() or "unknown"
+    except OSError:
+        pass
+    return ""
+
+
+def _remember_failure(marker: Path, why: str) -> None:
+    with contextlib.suppress(OSError):  # a full disk cannot keep the record either; this process still does
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(why + "\n")
+
+
+def _compile(cc: list[str], flags: tuple, target: Path) -> tuple[str, bool]:
+    """Build ``target``, probe it, record its digest: ``("", _)`` or ``(why, whether the flags are the cause)``."""
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # build under a unique name, then rename: processes building at once never load a partial file
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        # CC's own words come after ours, so that CC="gcc -O0" wins over -O3
+        cmd = [cc[0], *flags, *cc[1:], "-std=c11", "-shared", "-fPIC", "-o", tmp, *map(str, _SOURCES)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            err = done.stderr.strip()
+            dropped = {f.lstrip("-").split("=")[0] for f in flags[1:]}
+            return f"{' '.join(cmd)} failed: {err[-500:]}", any(f in err for f in dropped)
+        why = _probe(tmp)
+        if why:
+            return why, False
+        Path(tmp + ".sha256").write_text(_digest(Path(tmp)) + "\n")
+        os.replace(tmp, target)
+        os.replace(tmp + ".sha256", target.with_name(target.name + ".sha256"))
+        tmp = None
+        return "", False
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"building {target} failed: {exc}", False
+    finally:
+        if tmp is not None:
+            for leftover in (tmp, tmp + ".sha256"):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+
+
+def _load(target: Path) -> tuple[ctypes.CDLL | None, str]:
+    """Load a verified library and set its entry points' types from the header: ``(lib, "")`` or ``(None, why)``."""
+    try:
+        lib = ctypes.CDLL(str(target))
         lib.fastdml_row_scan_version.restype = ctypes.c_int64
         if lib.fastdml_row_scan_version() != _VERSION:
-            errors.append(f"{target} has interface version {lib.fastdml_row_scan_version()}, not {_VERSION}")
+            return None, f"{target} has interface version {lib.fastdml_row_scan_version()}, not {_VERSION}"
+        for name, argtypes in _prototypes().items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = ctypes.c_int64, argtypes
+    except (OSError, AttributeError) as exc:
+        return None, f"loading {target} failed: {exc}"
+    return lib, ""
+
+
+def _build() -> tuple[ctypes.CDLL | None, str, str]:
+    """Find in the cache (verified) or compile, then load: ``(lib, "", note)`` or ``(None, why, "")``; ``note``
+    says why a cached file was replaced."""
+    cc, why = _compiler()
+    if cc is None:
+        return None, why, ""
+    source = b"\0".join(path.read_bytes() for path in [_HEADER, *_SOURCES])
+    version = _compiler_version(cc)
+    base = hashlib.sha256(b"\0".join([source, " ".join(cc).encode(), version.encode(), _cpu_id().encode()]))
+    failed = _cache_dir() / f"fastdml_native-{base.hexdigest()[:20]}.failed"
+    why = _failed_before(failed)
+    if why:
+        return None, f"an earlier build failed (retried after {_RETRY_FAILED_BUILD_S:.0f} s; {failed}): {why}", ""
+    errors, notes = [], []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([base.digest(), " ".join(flags).encode()]))
+        target = _cache_dir() / f"fastdml_native-{key.hexdigest()[:20]}.so"
+        flag_failed = target.with_name(target.name + ".failed")
+        why = _failed_before(flag_failed)
+        if why:
+            errors.append(why)
             continue
-        for name, argtypes in _SIGNATURES.items():
-            for suffix in ("_f32", "_f64"):
-                fn = getattr(lib, name + suffix)
-                fn.restype, fn.argtypes = ctypes.c_int64, argtypes
-        return lib, ""
-    return None, "; ".join(errors)
+        if target.exists():
+            bad = _verify(target)
+            if not bad:
+                lib, why = _load(target)
+                if lib is not None:
+                    return lib, "", ""
+                bad = why
+            notes.append(f"rebuilt {target.name}: {bad}")
+        why, flag_caused = _compile(cc, flags, target)
+        if not why:
+            bad = _verify(target)
+            lib, why = (None, bad) if bad else _load(target)
+            if lib is not None:
+                return lib, "", "; ".join(notes)
+        errors.append(why)
+        if not flag_caused:  # a full disk or a broken compiler: the other flag sets would fail the same way
+            break
+        _remember_failure(flag_failed, why)
+    why = "; ".join(notes + errors)
+    _remember_failure(failed, why)
+    return None, why, ""
 
 
 def _switched_off() -> str | None:
     """Why the helpers are switched off (``disabled()``, ``FASTDML_NATIVE=0``), or None when they are not."""
-    if _disabled and _disabled[-1]:
+    stack = getattr(_local, "disabled", None)
+    if stack and stack[-1]:
         return "inside fastdml.blocked.native.disabled()"
     if os.environ.get("FASTDML_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return "FASTDML_NATIVE=" + os.environ["FASTDML_NATIVE"]
@@ -146,7 +279,7 @@ def _library() -> ctypes.CDLL | None:
     if "lib" not in _state:
         with _lock:
             if "lib" not in _state:
-                _state["lib"], _state["why"] = _build()
+                _state["lib"], _state["why"], _state["note"] = _build()
     return _state["lib"]
 
 
@@ -156,23 +289,33 @@ def enabled() -> bool:
 
 
 def status() -> str:
-    """Whether the compiled helpers are in use, and if not, why (for error reports and the docs)."""
+    """Whether the compiled helpers are in use, and if not, why (for error reports and the docs): ``"on"``
+    (``"on (rebuilt ...: why)"`` when a cached library failed its digest check or did not load), ``"off: why"``
+    or ``"unavailable: why"``."""
     off = _switched_off()
     if off is not None:
         return "off: " + off
     if _library() is None:
         return "unavailable: " + _state["why"]
-    return "on"
+    return f"on ({_state['note']})" if _state["note"] else "on"
 
 
 @contextlib.contextmanager
 def disabled(flag: bool = True):
-    """Within the block the compiled functions decline (``flag=True``) and callers use their torch ops."""
-    _disabled.append(bool(flag))
+    """Within the block the compiled functions decline (``flag=True``) and the calling thread's callers use
+    their torch ops; other threads are not affected."""
+    if not hasattr(_local, "disabled"):
+        _local.disabled = []
+    _local.disabled.append(bool(flag))
     try:
         yield
     finally:
-        _disabled.pop()
+        _local.disabled.pop()
+
+
+def _bad_argument(fn: str, code: int, **given) -> None:
+    if code == _BAD_ARGUMENT:
+        raise ValueError(f"{fn}: an offset or size is out of range: {given}")
 
 
 def _check(fn: str, name: str, a: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
@@ -226,6 +369,7 @@ def row_hardest_scan(t, y, z, excl, diag: int, pv, pi, nv, ni) -> bool:
             _check("row_hardest_scan", name, a, (n,), dt)
     nan_rows = fn(t.data_ptr(), b, M, y.data_ptr(), z.data_ptr(), 0 if excl is None else excl.data_ptr(), diag,
                   pv.data_ptr(), pi.data_ptr(), nv.data_ptr(), ni.data_ptr())  # fmt: skip
+    _bad_argument("row_hardest_scan", nan_rows, b=b, M=M)
     return nan_rows == 0
 
 
@@ -256,12 +400,15 @@ def row_hardest_strip(G, s: int, off, scale: float, y, bp, bpi, bn, bni) -> bool
     idt, ydt = index_dtype(G.dtype), (torch.int32 if G.dtype == torch.float32 else torch.int64)
     if not 0 < b <= W:
         raise ValueError(f"row_hardest_strip: G must be (b, W) with 0 < b <= W, got {tuple(G.shape)}")
+    if s < 0:
+        raise ValueError(f"row_hardest_strip: s must be a row number >= 0, got {s}")
     _check("row_hardest_strip", "G", G, (b, W), G.dtype)
     for name, a, dt in (("off", off, G.dtype), ("y", y, ydt), ("bp", bp, G.dtype), ("bpi", bpi, idt),
                         ("bn", bn, G.dtype), ("bni", bni, idt)):  # fmt: skip
         _check("row_hardest_strip", name, a, (N,), dt)
     nan_rows = fn(G.data_ptr(), b, W, s, off.data_ptr(), float(scale), y.data_ptr(), bp.data_ptr(),
                   bpi.data_ptr(), bn.data_ptr(), bni.data_ptr())  # fmt: skip
+    _bad_argument("row_hardest_strip", nan_rows, b=b, W=W, s=s)
     return nan_rows == 0
 
 
@@ -294,4 +441,5 @@ def chosen_triplets(x, ref, p, n, valid, kind, margin, smooth, low, high, gx, gc
     code = fn(x.data_ptr(), N, D, ref.data_ptr(), M, p.data_ptr(), n.data_ptr(), valid.data_ptr(), _KIND_CODES[kind],
               float(margin), int(bool(smooth)), float(low), float(high), 0 if gx is None else gx.data_ptr(),
               0 if gcol is None else gcol.data_ptr(), coef.data_ptr(), stats.data_ptr())  # fmt: skip
+    _bad_argument("chosen_triplets", code, N=N, D=D, M=M, kind=kind)
     return stats if code == 0 else None

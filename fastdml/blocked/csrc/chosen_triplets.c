@@ -1,5 +1,5 @@
 /* The loss of one chosen triplet per anchor, with its gradient, for fastdml's blocked CPU path
- * (fastdml/blocked/chosen.py; built and loaded by fastdml/blocked/native.py).
+ * (fastdml/portable/chosen.py; built and loaded by fastdml/blocked/native.py).
  *
  * Anchor i (row i of x, N x D) has a positive p[i] and a negative n[i] (rows of ref, M x D) and a flag
  * valid[i]. With d'(a, b) per kind (0: |a - b|, 1: |a - b|^2, 2: -a.b) and
@@ -20,18 +20,23 @@
  * positive part in anchor order, then every negative part: the same result run to run. gx = NULL: no
  * gradient; gcol = NULL: no column part. coef: 2 N scratch values.
  *
- * Returns 0; 1 when a distance or a term is not finite (the caller redoes the call with torch, whose NaN
+ * Returns FASTDML_BAD_ARGUMENT for a negative size or an unknown kind; 0; 1 when a distance or a term is not finite (the caller redoes the call with torch, whose NaN
  * rules it follows); 2 when an index is out of range (the caller's torch ops raise the error). Nothing
  * is written to gx or gcol before every anchor has been checked.
  */
 #include <math.h>
 #include <stdint.h>
 
+#include "fastdml_native.h"
+
 #define DEFINE_CHOSEN(NAME, T)                                                                                \
   int64_t NAME(const T *restrict x, int64_t N, int64_t D, const T *ref, int64_t M, const int64_t *restrict p, \
                const int64_t *restrict n, const uint8_t *restrict valid, int64_t kind, double margin,        \
                int64_t smooth, double low, double high, T *gx, T *gcol, T *restrict coef,                    \
                double *restrict stats) {                                                                     \
+    if (N < 0 || D < 0 || M < 0 || kind < 0 || kind > 2 || (smooth != 0 && smooth != 1) ||                  \
+        (D > 0 && (N > INT64_MAX / D || M > INT64_MAX / D)))                                                 \
+      return FASTDML_BAD_ARGUMENT;                                                                           \
     for (int64_t i = 0; i < N; i++)                                                                          \
       if (p[i] < 0 || p[i] >= M || n[i] < 0 || n[i] >= M) return 2;                                          \
     double S = 0.0, C = 0.0;                                                                                 \

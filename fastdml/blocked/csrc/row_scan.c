@@ -7,7 +7,8 @@
  *
  * with ex(i) = excl[i] when excl is given (-1: none), else diag + i when diag >= 0 (the square case: the
  * anchor itself), else none. A row without any positive (negative) gets pv = -inf, pi = M (nv = +inf,
- * ni = M). The return value is the number of rows where a kept entry is NaN: for those the caller redoes the
+ * ni = M). The return value is FASTDML_BAD_ARGUMENT for a negative or oversized b or M, else the number of
+ * rows where a kept entry is NaN: for those the caller redoes the
  * block with torch (whose max/min propagate NaN), so NaN is never silently skipped.
  *
  * How: GCC/Clang vector extensions, L lanes of 64 bytes (AVX-512 registers; the compiler splits them on
@@ -21,7 +22,9 @@
 #include <stdint.h>
 #include <string.h>
 
-#define DEFINE_ROW_HARDEST(NAME, T, IT, L)                                                                   \
+#include "fastdml_native.h"
+
+#define DEFINE_ROW_HARDEST(NAME, T, IT, L, IMAX)                                                                \
   typedef T NAME##_vt __attribute__((vector_size(64)));                                                      \
   typedef IT NAME##_vi __attribute__((vector_size(64)));                                                     \
   int64_t NAME(const T *restrict t, int64_t b, int64_t M, const IT *restrict y, const IT *restrict z,      \
@@ -29,6 +32,7 @@
                T *restrict nv, int64_t *restrict ni) {                                                     \
     typedef NAME##_vt vt;                                                                                    \
     typedef NAME##_vi vi;                                                                                    \
+    if (b < 0 || M < 0 || M > (IMAX) || (M > 0 && b > INT64_MAX / M)) return FASTDML_BAD_ARGUMENT;          \
     vi lane;                                                                                                 \
     for (int k = 0; k < L; k++) lane[k] = (IT)k;                                                            \
     const int64_t Mv = M - M % L;                                                                            \
@@ -92,19 +96,20 @@
  * their columns, carried from strip to strip (start: -inf / +inf, index N). Every anchor meets its
  * candidates in increasing column order (earlier strips' rows, then this strip's rows in order, then its own
  * row's columns, lane by lane), so a strict improvement keeps the first extreme, and lanes merge with equal
- * values going to the lower index. Returns the number of rows where a score is NaN (the caller then uses its
- * torch ops).
+ * values going to the lower index. Returns FASTDML_BAD_ARGUMENT unless 0 < b <= W and 0 <= s with s + W in
+ * range, else the number of rows where a score is NaN (the caller then uses its torch ops).
  */
 #define BETTER_MAX(v, j, bv, bj) ((v) > (bv) || ((v) == (bv) && (j) < (bj)))
 #define BETTER_MIN(v, j, bv, bj) ((v) < (bv) || ((v) == (bv) && (j) < (bj)))
 
-#define DEFINE_ROW_HARDEST_STRIP(NAME, T, IT, L)                                                             \
+#define DEFINE_ROW_HARDEST_STRIP(NAME, T, IT, L, IMAX)                                                          \
   typedef T NAME##_vt __attribute__((vector_size(64)));                                                      \
   typedef IT NAME##_vi __attribute__((vector_size(64)));                                                     \
   int64_t NAME(const T *restrict G, int64_t b, int64_t W, int64_t s, const T *restrict off, double scale_d,  \
                const IT *restrict y, T *restrict bp, IT *restrict bpi, T *restrict bn, IT *restrict bni) {  \
     typedef NAME##_vt vt;                                                                                    \
     typedef NAME##_vi vi;                                                                                    \
+    if (b <= 0 || W < b || s < 0 || s > (IMAX) - W || b > INT64_MAX / W) return FASTDML_BAD_ARGUMENT;       \
     const T scale = (T)scale_d;                                                                              \
     vi lane;                                                                                                 \
     for (int k = 0; k < L; k++) lane[k] = (IT)k;                                                            \
@@ -205,13 +210,13 @@
     return nan_rows;                                                                                         \
   }
 
-DEFINE_ROW_HARDEST_STRIP(fastdml_row_hardest_strip_f32, float, int32_t, 16)
-DEFINE_ROW_HARDEST_STRIP(fastdml_row_hardest_strip_f64, double, int64_t, 8)
+DEFINE_ROW_HARDEST_STRIP(fastdml_row_hardest_strip_f32, float, int32_t, 16, INT32_MAX)
+DEFINE_ROW_HARDEST_STRIP(fastdml_row_hardest_strip_f64, double, int64_t, 8, INT64_MAX)
 
 /* float32 scores: 16 lanes, int32 labels (codes) and column numbers (M < 2^31) */
-DEFINE_ROW_HARDEST(fastdml_row_hardest_f32, float, int32_t, 16)
+DEFINE_ROW_HARDEST(fastdml_row_hardest_f32, float, int32_t, 16, INT32_MAX)
 /* float64 scores: 8 lanes, int64 labels and column numbers */
-DEFINE_ROW_HARDEST(fastdml_row_hardest_f64, double, int64_t, 8)
+DEFINE_ROW_HARDEST(fastdml_row_hardest_f64, double, int64_t, 8, INT64_MAX)
 
 /* The interface version of both sources: native.py refuses a library whose version differs from its own. */
-int64_t fastdml_row_scan_version(void) { return 3; }
+int64_t fastdml_row_scan_version(void) { return 4; }
