@@ -9,16 +9,18 @@ The jit helpers compute one tile of the signed distance d' (ARCHITECTURE.md):
 - ``sql2``: d' = max(q, 0)
 - ``dot``:  d' = -(x . r)
 
-with ``tl.dot`` over chunks of D (``input_precision`` set explicitly: "ieee" for fp32 unless tf32 is asked
-for). The expansion of q cancels for near-duplicates (q small against |x|^2 + |r|^2), so every entry with
-``q < 1e-2 (|x|^2 + |r|^2)`` ("near") is recomputed by direct differences sum_k (x_k - r_k)^2, only in the
-tiles that hold such an entry (rare outside genuine near-duplicates; the excluded diagonal of the square
-case is one tile per row block). The gradient helpers treat near entries by direct differences too, because
+with ``tl.dot`` over chunks of D (``input_precision`` from :func:`precision`: ``fastdml.config``'s fp32
+precision, ``ieee | tf32x3 | tf32``). The expansion of q cancels for near-duplicates (q small against
+s = |x|^2 + |r|^2), so every entry with ``q < f_p s`` ("near", f_p = :func:`near_fraction` of the precision)
+is recomputed by direct differences sum_k (x_k - r_k)^2, only in the tiles that hold such an entry (rare
+outside genuine near-duplicates; the excluded diagonal of the square case is one tile per row block).
+The gradient helpers treat near entries by direct differences too, because
 the GEMM form ``(sum_j c_ij) x_i - sum_j c_ij r_j`` cancels the same way when c = g / d is large.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from types import SimpleNamespace
@@ -28,8 +30,14 @@ import triton
 import triton.language as tl
 
 KINDS = {"l2": 0, "sql2": 1, "dot": 2}
-# The "near" fraction 1e-2 is written as a literal in dprime_tile and _staged.wpass_kernel (keep them equal):
-# below it the expansion's absolute error ~1e-7 (|x|^2 + |r|^2) exceeds ~1e-5 of q; above it d is good to 5e-6.
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+# Error of the expansion q = s - 2 x.r per unit of s = |x|^2 + |r|^2 (2 sum_k |x_k r_k| <= s), per precision:
+# ieee ~1e-7 (fp32 rounding of the norms, products and sums), tf32x3 adds the dropped lo*lo product and the
+# lo parts' rounding, 3 u_t^2 = 3 * 2^-22, tf32 one rounding of each operand to 10 bits, 2 u_t = 2^-10.
+EXPANSION_ERROR = {"ieee": 1e-7, "tf32x3": 1e-7 + 3 * 2.0**-22, "tf32": 2.0**-10}
+# Relative error of q kept on the entries not recomputed ("far": q >= f s): |dq| / q <= E / f = RHO.
+NEAR_RHO = 1e-5
 
 
 # Sizes and offsets (N, M, chunk starts) are not specialized by the kernels (``do_not_specialize``): a new
@@ -172,8 +180,75 @@ def poison(shape, device, dtype=torch.float32):
     return torch.full(shape, float("nan"), device=device, dtype=dtype)
 
 
-def precision(allow_tf32: bool) -> str:
-    return "tf32" if allow_tf32 else "ieee"
+def precision(allow_tf32=None, dtype=None) -> str:
+    """The ``input_precision`` of the fp32 ``tl.dot``: ``"tf32"`` when ``allow_tf32`` is True, ``"ieee"`` when
+    it is False, else ``fastdml.config.fp32_precision()`` (thread-local override, ``FASTDML_FP32_PRECISION``,
+    default ieee). Always ``"ieee"`` on ROCm (``torch.version.hip``) and for fp16/bf16 inputs under their
+    native dot (the setting concerns fp32 operands only; their fp32 gradient dots follow it)."""
+    if allow_tf32 is not None:
+        name = "tf32" if allow_tf32 else "ieee"
+    else:
+        from fastdml import config
+
+        name = config.fp32_precision()
+    if name not in PRECISIONS:
+        _fail(ValueError, f"fp32 precision must be one of {PRECISIONS}, got {name!r}")
+    if getattr(torch.version, "hip", None):
+        return "ieee"
+    return name
+
+
+def near_fraction(prec: str) -> float:
+    """f_p of the near-duplicate test ``q < f_p s``: entries below it are recomputed by direct differences
+    (exact up to fp32 rounding of the differences); above it the expansion's error E_p s is at most a
+    fraction RHO = 1e-5 of q. f_p = clamp(E_p / RHO, 1e-2, 0.5): ieee 1e-2, tf32x3 ~0.08, tf32 0.5 (tf32 cannot
+    reach RHO without recomputing everything: at the 0.5 cap its far entries keep ~2e-3 relative error in q,
+    about tf32's own rounding of an operand)."""
+    return min(0.5, max(1e-2, EXPANSION_ERROR[prec] / NEAR_RHO))
+
+
+def device_guard(device):
+    """``torch.cuda.device(device)`` for a CUDA tensor's device (a launch goes to the tensor's GPU, not the
+    current one), a no-op context otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def target_ctas(device) -> int:
+    """How many programs a sweep aims to launch: two per multiprocessor on CUDA (264 on an H100 where the
+    device cannot be asked); 48 under the interpreter (enough to exercise the column-split merge)."""
+    if interpreting():
+        return 48
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 264
+
+
+def column_split(row_programs: int, m: int, bn: int, device) -> tuple[int, int]:
+    """``(splits, span)``: the reference columns cut into ``splits`` contiguous ranges of ``span`` columns (a
+    multiple of ``bn``) so that row_programs x splits reaches :func:`target_ctas`; 1 split when the row
+    blocks alone do."""
+    tiles = max(1, triton.cdiv(m, bn))
+    want = max(1, min(tiles, triton.cdiv(target_ctas(device), max(1, row_programs))))
+    span = triton.cdiv(tiles, want) * bn
+    return max(1, triton.cdiv(m, span)), span
+
+
+def merge_extremes(val, idx, found, maximize: bool):
+    """Merge per-split running extremes ``(S, N)`` (splits in increasing column order) into ``(N,)``: the best
+    value over the splits that found one, ties to the earliest split (so the lowest index); a NaN best (a
+    NaN row) takes the first split that found anything, so the index stays in range."""
+    f = found == 1
+    if val.shape[0] == 1:
+        return val[0], idx[0], f[0]
+    fill = float("-inf") if maximize else float("inf")
+    v = torch.where(f, val, torch.full_like(val, fill))
+    best = v.amax(0) if maximize else v.amin(0)
+    hit = f & (v == best)
+    hit = torch.where(hit.any(0, keepdim=True), hit, f)
+    s = hit.to(torch.int8).argmax(0, keepdim=True)  # the first split that attains it
+    return val.gather(0, s)[0], idx.gather(0, s)[0], f.any(0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,6 +298,7 @@ def dprime_tile(
     SUBK: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    NEAR: tl.constexpr,
 ):
     """The (BM, BN) tile of d' and the mask of its "near" entries (recomputed by direct differences).
 
@@ -242,7 +318,7 @@ def dprime_tile(
         rn = tl.load(rn_ptr + cols, mask=cmask, other=0.0)
         s = xn[:, None] + rn[None, :]
         q = s - 2.0 * acc
-        near = inb & (q < 1e-2 * s)
+        near = inb & (q < NEAR * s)
         if tl.max(near.to(tl.int32)) > 0:
             qd = direct_q(x_ptr, r_ptr, rows, rmask, cols, cmask, D, BM, BN, SUBK)
             q = tl.where(near, qd, q)
@@ -286,6 +362,7 @@ def labelled_tile(
     SUBK: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    NEAR: tl.constexpr,
 ):
     """One (BM, BN) tile of a row-owned sweep of queries ``rows`` (labels ``yl``, excluded reference ``ex``)
     over references ``j0 .. j0 + BN``: ``(cols, d', valid, same)`` where ``valid`` marks in-range pairs other
@@ -294,7 +371,7 @@ def labelled_tile(
     cmask = cols < M
     zl = tl.load(z_ptr + cols, mask=cmask, other=0)
     dp, near = dprime_tile(
-        x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D, KIND, BM, BN, BK, SUBK, PREC, UPCAST
+        x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D, KIND, BM, BN, BK, SUBK, PREC, UPCAST, NEAR
     )
     ok = rmask[:, None] & cmask[None, :] & (ex[:, None] != cols[None, :])
     same = yl[:, None] == zl[None, :]
@@ -316,16 +393,18 @@ def running_extreme(ok, dp, cols, best, bidx, found, M, MAXIMIZE: tl.constexpr):
         m = tl.min(tl.where(ok, dp, float("inf")), axis=1)
         better = any_ok & ((~found) | (m < best))
     at = tl.min(tl.where(ok & (dp == m[:, None]), cols[None, :], M), axis=1)
+    # a NaN extreme equals no entry: take the lowest eligible column, so a found index is always in range
+    at = tl.where(at < M, at, tl.min(tl.where(ok, cols[None, :], M), axis=1))
     return tl.where(better, m, best), tl.where(better, at, bidx), found | any_ok
 
 
-def extreme_outputs(n: int, device):
-    """Poisoned outputs of one running extreme: value NaN, index -1, found 2 (a row the kernel does not write
-    reads as not found and is caught by the tests)."""
+def extreme_outputs(n: int, device, splits: int = 1):
+    """Poisoned per-split outputs ``(splits, n)`` of one running extreme: value NaN, index -1, found 2 (a row
+    the kernel does not write reads as not found and is caught by the tests)."""
     return (
-        poison((n,), device),
-        torch.full((n,), -1, device=device, dtype=torch.int64),
-        torch.full((n,), 2, device=device, dtype=torch.int8),
+        poison((splits, n), device),
+        torch.full((splits, n), -1, device=device, dtype=torch.int64),
+        torch.full((splits, n), 2, device=device, dtype=torch.int8),
     )
 
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _fail, check_float, poison, precision, prepare
+from ._common import _fail, check_float, device_guard, poison, precision, prepare
 from ._staged import Stager, empty_parts
 
 
@@ -278,7 +278,8 @@ def _stats_run(p, need_grad, allow_tf32, launch, need_grad_r=True):
     if need_grad:
         gx, gr = st.grads()
     for k, (a0, ch) in enumerate(st.chunks()):
-        launch(st, a0, ch, part)
+        with device_guard(p.device):
+            launch(st, a0, ch, part)
         if need_grad:
             st.grad_passes(a0, ch, gx, gr, first=(k == 0))
     stats = part.sum(0)
@@ -290,7 +291,7 @@ def _stats_run(p, need_grad, allow_tf32, launch, need_grad_r=True):
 
 
 def triplet_stats_fwd(
-    x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad, need_grad_r=True, allow_tf32=False
+    x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad, need_grad_r=True, allow_tf32=None
 ):
     """All-triplet statistics ``[S, C]`` (float64) and the gradient part dS/d(x, r).
 
@@ -333,7 +334,7 @@ def triplet_stats_fwd(
     return _stats_run(p, need_grad, allow_tf32, launch, bool(need_grad_r))
 
 
-def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, need_grad_r=True, allow_tf32=False):
+def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, need_grad_r=True, allow_tf32=None):
     """Semi-hard statistics ``[S, C]`` (float64, TF-Addons ``triplet_semihard_loss``) and dS/d(x, r).
 
     For each positive pair (i, p) of an anchor with at least one negative: n* = the negative with the
@@ -369,7 +370,7 @@ def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, need_grad_r=Tr
     return _stats_run(p, need_grad, allow_tf32, launch, bool(need_grad_r))
 
 
-def triplet_list(x, y, r, z, excl, kind, band_lo, band_hi, allow_tf32=False):
+def triplet_list(x, y, r, z, excl, kind, band_lo, band_hi, allow_tf32=None):
     """Triplets (a, p, n) with band_lo < d'_an - d'_ap <= band_hi, int64, PML's lexicographic order."""
     p = prepare(x, y, r, z, excl, kind)
     band_lo = check_float("band_lo", band_lo)
@@ -385,27 +386,28 @@ def triplet_list(x, y, r, z, excl, kind, band_lo, band_hi, allow_tf32=False):
     # count pass (the staged rows are recomputed in the write pass: the staging costs O(CH M D) per chunk,
     # far less than the compares, and the budget holds one chunk at a time)
     for a0, ch in st.chunks():
-        triplet_list_kernel[(ch,)](
-            st.buf,
-            p.y,
-            p.z,
-            p.excl,
-            st.perm,
-            st.plo,
-            st.phi,
-            cnt,
-            dummy,
-            dummy,
-            dummy,
-            dummy,
-            a0,
-            p.m,
-            st.buf.shape[1],
-            band_lo,
-            band_hi,
-            WRITE=False,
-            **_grid_cfg(st),
-        )
+        with device_guard(dev):
+            triplet_list_kernel[(ch,)](
+                st.buf,
+                p.y,
+                p.z,
+                p.excl,
+                st.perm,
+                st.plo,
+                st.phi,
+                cnt,
+                dummy,
+                dummy,
+                dummy,
+                dummy,
+                a0,
+                p.m,
+                st.buf.shape[1],
+                band_lo,
+                band_hi,
+                WRITE=False,
+                **_grid_cfg(st),
+            )
         chunks.append((a0, ch))
     off = (torch.cumsum(cnt, 0) - cnt).contiguous()
     total = int(cnt.sum().item())
@@ -413,25 +415,26 @@ def triplet_list(x, y, r, z, excl, kind, band_lo, band_hi, allow_tf32=False):
         _fail(RuntimeError, "triplet count overflow")
     out = [torch.full((max(total, 1),), -1, device=dev, dtype=torch.int64) for _ in range(3)]
     for a0, ch in st.chunks():
-        triplet_list_kernel[(ch,)](
-            st.buf,
-            p.y,
-            p.z,
-            p.excl,
-            st.perm,
-            st.plo,
-            st.phi,
-            cnt,
-            off,
-            out[0],
-            out[1],
-            out[2],
-            a0,
-            p.m,
-            st.buf.shape[1],
-            band_lo,
-            band_hi,
-            WRITE=True,
-            **_grid_cfg(st),
-        )
+        with device_guard(dev):
+            triplet_list_kernel[(ch,)](
+                st.buf,
+                p.y,
+                p.z,
+                p.excl,
+                st.perm,
+                st.plo,
+                st.phi,
+                cnt,
+                off,
+                out[0],
+                out[1],
+                out[2],
+                a0,
+                p.m,
+                st.buf.shape[1],
+                band_lo,
+                band_hi,
+                WRITE=True,
+                **_grid_cfg(st),
+            )
     return tuple(o[:total] for o in out)
