@@ -226,20 +226,20 @@ def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, ne
     rows = triton.cdiv(n_own, cfg["BM"]) if n_own else 0
     groups = triton.cdiv(p.d, cfg["BG"]) if need_grad else 1
     splits, span = column_split(rows * groups, n_oth, cfg["BN"], dev)
-    parts = poison((splits, k, n_own, p.d), dev)
+    parts = poison((k, splits, n_own, p.d), dev)  # gradient partials: (part, range, row, D)
     has_near = need_grad and p.kind_id != 2
-    near = torch.zeros((splits, k, n_own, p.d), device=dev, dtype=torch.float32) if has_near else parts
+    near = torch.zeros((k, splits, n_own, p.d), device=dev, dtype=torch.float32) if has_near else parts
     st = (
         poison((splits, 4, n_own), dev, torch.float64)
         if stats
         else torch.empty((1, 4, 1), device=dev, dtype=torch.float64)
     )
     if n_own == 0:
-        return st.sum(0), parts.sum(0)
+        return st.sum(0), parts.sum(1)
     gp = parts[0, 0] if need_grad else parts
-    gn = parts[0, 1] if need_grad else parts
+    gn = parts[1, 0] if need_grad else parts
     np_ = near[0, 0] if has_near else parts
-    nn_ = near[0, 1] if has_near else parts
+    nn_ = near[1, 0] if has_near else parts
     num_warps = cfg.pop("num_warps")
     with device_guard(dev):
         contrastive_kernel[(rows, groups, splits)](
@@ -272,7 +272,7 @@ def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, ne
             **cfg,
         )
     # the ranges' partials, summed in a fixed order (deterministic)
-    return (st[0] if splits == 1 else st.sum(0)), (parts[0] if splits == 1 else parts.sum(0))
+    return (st[0] if splits == 1 else st.sum(0)), (parts[:, 0] if splits == 1 else parts.sum(1))
 
 
 def contrastive_stats_fwd(
