@@ -8,7 +8,8 @@ CPU tensors with the GPU configs, but instead of launching, each kernel is compi
 
 One record per compiled variant goes to ``bench/out/compile_report.json`` (``--out``): ``kernel``,
 ``dtype``, ``precision``, ``default`` (a config the API launches without an explicit precision setting),
-``sweep`` (the kernel's work grows with N x M), ``registers`` and ``spill_bytes`` (ptxas -v on the PTX),
+``sweep`` (the kernel's work grows with N x M), ``registers`` and ``spill_bytes`` (REG and STACK + LOCAL of
+the cubin Triton built, by cuobjdump; ``local_stores``: STL instructions in its SASS),
 ``dot_ops`` (``tt.dot`` in the TTIR), ``mma_instructions`` (mma / wgmma in the PTX), ``ctas_n4096`` and
 ``ctas_n65536`` (grid size of the default launch, square fp32 l2 at D = 128, the smallest over the
 launches of one call), ``triton_version``, and the constexprs that tell variants apart. Exits non-zero when
@@ -54,7 +55,7 @@ _DT = {
     torch.int8: "i8",
     torch.bool: "i1",
 }
-_SHOWN = ("KIND", "BM", "BN", "BK", "BG", "BP", "BT", "NEED_GRAD", "COLMODE", "STATS", "SMOOTH", "num_warps")
+_SHOWN = ("KIND", "BM", "BN", "BK", "BG", "BP", "BT", "NEED_GRAD", "COLMODE", "STATS", "SMOOTH", "ONE_BLOCK")
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -106,36 +107,29 @@ def _signature(fn, args, kwargs):
     return sig, const, attrs
 
 
-def _ptxas_usage(ptx: str) -> tuple[int | None, int | None]:
-    """(registers, spill bytes) from ``ptxas -v`` (Triton's own ptxas) on the variant's PTX."""
-    try:  # the ptxas Triton itself uses for this target (newer Triton: "ptxas-blackwell" for every arch)
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        tool = get_ptxas(90).path
-    except Exception:
-        tool = os.path.join(_BIN, "ptxas")
-    arch = re.search(r"^\.target\s+(sm_\w+)", ptx, flags=re.M)
+def _cubin_usage(cubin: bytes) -> tuple[int | None, int | None, int | None]:
+    """(registers, local-memory bytes per thread, local stores in the SASS) of the cubin Triton built, read
+    with the cuobjdump that ships with Triton. Spills live in local memory: STACK + LOCAL > 0 or STL."""
+    tool = os.path.join(_BIN, "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        res = subprocess.run(
-            [tool, f"-arch={arch.group(1) if arch else 'sm_90a'}", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    txt = res.stdout + res.stderr
-    regs = re.search(r"Used (\d+) registers", txt)
-    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", txt)]
-    return (int(regs.group(1)) if regs else None), (max(spills) if spills else None)
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, timeout=120)
+        sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, timeout=300)
+    txt = usage.stdout
+    reg = re.search(r"REG:(\d+)", txt)
+    stack = re.search(r"STACK:(\d+)", txt)
+    local = re.search(r"LOCAL:(\d+)", txt)
+    spill = int(stack.group(1)) + int(local.group(1)) if stack and local else None
+    stl = len(re.findall(r"\bSTL(?:\.\w+)*\b", sass.stdout)) if sass.returncode == 0 else None
+    return (int(reg.group(1)) if reg else None), spill, stl
 
 
 def _compile(fn, grid, args, kwargs):
     name = fn.__name__
-    if State.mode == "grid":
+    if State.mode == "grid":  # record the grid, and compile too: the launch plans at large N (BP, BT) differ
         State.grids[name] = min(State.grids.get(name, 1 << 62), _grid_size(grid))
-        return
     opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     sig, const, attrs = _signature(fn, args, kwargs)
     key = (
@@ -151,7 +145,7 @@ def _compile(fn, grid, args, kwargs):
     k = triton.compile(ASTSource(fn, sig, const, attrs), target=TARGET, options=opts)
     md = k.metadata
     ptx = k.asm.get("ptx", "")
-    regs, spill = _ptxas_usage(ptx)
+    regs, spill, stl = _cubin_usage(k.asm["cubin"])
     prec = str(const.get("PREC", "none"))
     rec = dict(
         kernel=name,
@@ -161,6 +155,7 @@ def _compile(fn, grid, args, kwargs):
         sweep=True,  # every kernel here loops over all N x M pairs (or a chunk's rows x M)
         registers=regs,
         spill_bytes=spill,
+        local_stores=stl,
         dot_ops=len(re.findall(r"\btt\.dot\b", k.asm.get("ttir", ""))),
         mma_instructions=len(re.findall(r"^\s*(?:@\S+\s+)?(?:mma|wgmma)\.", ptx, flags=re.M)),
         ctas_n4096=None,
@@ -229,8 +224,10 @@ def _run(call, what):
 
 
 def _grids(K, n):
-    """Smallest grid size per kernel of the default launches, square fp32 l2 at D = 128, N = n."""
+    """Smallest grid size per kernel of the default launches, square fp32 l2 at D = 128, N = n (the variants
+    these launches pick are compiled too)."""
     State.mode = "grid"
+    State.dtype = "fp32"
     State.grids = {}
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 128, generator=g)
@@ -284,7 +281,7 @@ def main() -> int:
     problems = list(State.failures)
     for rec in records:
         tag = f"{rec['kernel']} {rec['dtype']} {rec['precision']} {rec['constexprs']}"
-        if rec["default"] and (rec["spill_bytes"] is None or rec["spill_bytes"] > 0):
+        if rec["default"] and (rec["spill_bytes"] is None or rec["spill_bytes"] > 0 or rec["local_stores"]):
             problems.append(f"default variant spills ({rec['spill_bytes']} B): {tag}")
         if rec["global_scratch"]:
             problems.append(f"needs global scratch ({rec['global_scratch']} B; no allocator is set): {tag}")
@@ -299,6 +296,7 @@ def main() -> int:
             and r["precision"] == "tf32x3"
             and r["mma_instructions"] > 0
             and r["spill_bytes"] == 0
+            and not r["local_stores"]
         ]
         if not good:
             problems.append(f"{kernel}: no spill-free fp32 tf32x3 variant with mma instructions")

@@ -44,6 +44,9 @@ from ._common import (
 )
 
 _STAGE_OVERRIDE: list[int] = []
+# the largest class whose positives one per-anchor program holds at once, and the tile size BP x BT
+MAX_ONE_BLOCK = 1024
+BP_BT = 4096
 
 
 def stage_bytes() -> int:
@@ -194,7 +197,8 @@ def wpass_kernel(
 
 
 class Stager:
-    """Chunks of anchors with their staged d' rows (and zeroed weight rows when a gradient is wanted)."""
+    """Chunks of anchors with their staged d' rows and weight rows W (zeroed only for classes over
+    ``MAX_ONE_BLOCK``, where the per-anchor kernels add into W)."""
 
     def __init__(self, p, need_grad, prec, need_grad_r=True):
         self.p = p
@@ -209,13 +213,18 @@ class Stager:
         self.perm = perm.contiguous()
         self.plo = torch.searchsorted(zs, p.y, right=False).contiguous()
         self.phi = torch.searchsorted(zs, p.y, right=True).contiguous()
-        if not interpreting() and p.n > 0:
-            # positive tile: the largest class (PK batches: K = 4 -> 16 rows, not 32 mostly masked)
-            kmax = int((self.phi - self.plo).max())
-            self.cfg["BP"] = max(16, min(64, triton.next_power_of_2(max(kmax, 1))))
+        # positive tile: the largest class, whole when it has at most MAX_ONE_BLOCK members (then W is written
+        # by plain stores: ``one_block``), and the negative tile narrowed to keep BP x BT = BP_BT elements
+        kmax = int((self.phi - self.plo).max()) if p.n > 0 else 0
+        self.one_block = kmax <= MAX_ONE_BLOCK
+        if self.one_block:
+            self.cfg["BP"] = max(16, triton.next_power_of_2(max(kmax, 1)))
+            self.cfg["BT"] = max(16, min(self.cfg["BT"], BP_BT // self.cfg["BP"]))
+        elif not interpreting():
+            self.cfg["BP"] = 64
         self.ch = chunk_rows(p.n, p.m, need_grad, stage_bytes())
         self.buf = torch.empty((self.ch, max(1, p.m)), device=dev, dtype=torch.float32)
-        self.w = torch.empty_like(self.buf) if need_grad else self.buf
+        self.w = torch.empty(self.buf.shape, device=dev, dtype=torch.float32) if need_grad else self.buf
         if need_grad and p.kind_id != 2:
             self.near_x = torch.zeros((p.n, p.d), device=dev, dtype=torch.float32)
             self.near_r = torch.zeros((p.m if self.need_grad_r else 0, p.d), device=dev, dtype=torch.float32)
@@ -223,15 +232,15 @@ class Stager:
             self.near_x = self.near_r = self.buf
 
     def chunks(self):
-        """Yield (a0, ch): the buffer holds d'(x[a0 + i], r[j]) for i < ch (W zeroed) when yielded."""
+        """Yield (a0, ch): the buffer holds d'(x[a0 + i], r[j]) for i < ch when yielded."""
         p = self.p
         for a0 in range(0, p.n, self.ch):
             ch = min(self.ch, p.n - a0)
             if p.m > 0:
                 with device_guard(p.device):
                     self._stage(a0, ch)
-            if self.need_grad:
-                self.w.zero_()
+            if self.need_grad and not self.one_block:
+                self.w.zero_()  # the multi-block kernels add into W
             yield a0, ch
 
     def _stage(self, a0, ch):

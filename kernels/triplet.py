@@ -19,8 +19,11 @@ Per anchor i (one program each), positives p in P(i) (an index range of the labe
 The loads of positives/negatives are written out inline in each loop (not jit helpers): the interpreter
 re-patches the language on every helper call, which dominated the CPU test time.
 
-Every per-anchor kernel owns its anchor's weight row, so the read-modify-writes of W need no atomics (a
-barrier orders them inside the program).
+Every per-anchor kernel owns its anchor's weight row (no atomics). When every class has at most
+``_staged.MAX_ONE_BLOCK`` members (``ONE_BLOCK``), an anchor's positives are held in one block and each W
+entry is written once by a plain store (the negative tiles' weights, then the positives'): W needs no
+zeroing and no read-modify-write. Larger classes take positive blocks in turn and add into a zeroed W (a
+barrier orders the read-modify-writes inside the program).
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ def triplet_anchor_kernel(
     high,
     SMOOTH: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
     BP: tl.constexpr,
     BT: tl.constexpr,
 ):
@@ -104,7 +108,10 @@ def triplet_anchor_kernel(
     w_row = w_ptr + pid.to(tl.int64) * LD
     s = tl.zeros((1,), tl.float64)
     c = tl.zeros((1,), tl.int64)
-    for t0 in range(lo, hi, BP):
+    # ONE_BLOCK: every anchor's positives fit one block, which runs once (even when empty), so each W entry
+    # is written once by a plain store (no zeroed W, no read-modify-write)
+    t_end = lo + 1 if ONE_BLOCK else hi
+    for t0 in range(lo, t_end, BP):
         pidx, pm, dap = _positive_block(buf_row, perm_ptr, t0, hi, ex, BP)
         wp = tl.zeros((BP,), tl.float32)
         for j0 in range(0, M, BT):
@@ -126,11 +133,16 @@ def triplet_anchor_kernel(
                 else:
                     dterm = tl.where(cnt & (v > 0), 1.0, 0.0)
                 wp += tl.sum(dterm, axis=1)
-                old = tl.load(w_row + cols, mask=nm, other=0.0)
-                tl.store(w_row + cols, old - tl.sum(dterm, axis=0), mask=nm)
-                tl.debug_barrier()
+                if ONE_BLOCK:
+                    # the whole tile: the negatives' weights, 0 elsewhere (positives are stored below)
+                    tl.store(w_row + cols, -tl.sum(dterm, axis=0), mask=cols < M)
+                else:
+                    old = tl.load(w_row + cols, mask=nm, other=0.0)
+                    tl.store(w_row + cols, old - tl.sum(dterm, axis=0), mask=nm)
+                    tl.debug_barrier()
         if NEED_GRAD:
-            # positives are never negatives of the same anchor: no overlap with the stores above
+            # after the tiles' stores (which wrote 0 on the positive columns in ONE_BLOCK mode)
+            tl.debug_barrier()
             tl.store(w_row + pidx, wp, mask=pm)
             tl.debug_barrier()
     one = tl.arange(0, 1)
@@ -154,6 +166,7 @@ def semihard_anchor_kernel(
     LD,
     margin,
     NEED_GRAD: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
     BP: tl.constexpr,
     BT: tl.constexpr,
 ):
@@ -163,7 +176,8 @@ def semihard_anchor_kernel(
     w_row = w_ptr + pid.to(tl.int64) * LD
     s = tl.zeros((1,), tl.float64)
     c = tl.zeros((1,), tl.int64)
-    for t0 in range(lo, hi, BP):
+    t_end = lo + 1 if ONE_BLOCK else hi  # as in triplet_anchor_kernel: one block, plain stores of W
+    for t0 in range(lo, t_end, BP):
         pidx, pm, dap = _positive_block(buf_row, perm_ptr, t0, hi, ex, BP)
         ab_v = tl.full((BP,), float("inf"), tl.float32)
         ab_i = tl.full((BP,), -1, tl.int64)
@@ -195,14 +209,18 @@ def semihard_anchor_kernel(
         c += tl.sum(has.to(tl.int32), axis=0).to(tl.int64)
         if NEED_GRAD:
             wpos = tl.where(has & (v > 0), 1.0, 0.0)
-            tl.store(w_row + pidx, wpos, mask=pm)
-            tl.debug_barrier()
             for j0 in range(0, M, BT):
                 cols, nm = _negative_cols(z_ptr, j0, M, ya, ex, BT)
                 hit = tl.where(nstar[:, None] == cols[None, :], wpos[:, None], 0.0)
-                old = tl.load(w_row + cols, mask=nm, other=0.0)
-                tl.store(w_row + cols, old - tl.sum(hit, axis=0), mask=nm)
-                tl.debug_barrier()
+                if ONE_BLOCK:
+                    tl.store(w_row + cols, -tl.sum(hit, axis=0), mask=cols < M)
+                else:
+                    old = tl.load(w_row + cols, mask=nm, other=0.0)
+                    tl.store(w_row + cols, old - tl.sum(hit, axis=0), mask=nm)
+                    tl.debug_barrier()
+            tl.debug_barrier()
+            tl.store(w_row + pidx, wpos, mask=pm)
+            tl.debug_barrier()
     one = tl.arange(0, 1)
     tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + one, s)
     tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + 1 + one, c.to(tl.float64))
@@ -265,9 +283,12 @@ def triplet_list_kernel(
         tl.store(cnt_ptr + a + one, base)
 
 
-def _grid_cfg(st):
+def _grid_cfg(st, one_block=True):
     c = st.cfg
-    return dict(BP=c["BP"], BT=c["BT"], num_warps=c["num_warps"])
+    cfg = dict(BP=c["BP"], BT=c["BT"], num_warps=c["num_warps"])
+    if one_block:
+        cfg["ONE_BLOCK"] = st.one_block
+    return cfg
 
 
 def _stats_run(p, need_grad, allow_tf32, launch, need_grad_r=True):

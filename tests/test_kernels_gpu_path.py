@@ -393,17 +393,23 @@ def test_stage_budget_default_and_env(monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("max_one_block", [1024, 4])
 @pytest.mark.parametrize("rows_per_chunk", [1, 3, 7])
-def test_triplet_ops_with_small_budgets(monkeypatch, rows_per_chunk, tol):
+def test_triplet_ops_with_small_budgets(monkeypatch, rows_per_chunk, max_one_block, tol):
+    # max_one_block 1024: one positive block, W written by plain stores; 4: positive blocks in turn over a
+    # zeroed W. The staging buffers come NaN-filled (spy): every entry read must have been written.
     n, m, d = 23, 31, 5
     x, y, r, z, excl = make_inputs(n, m, d, "few", "excl", torch.float32, seed=rows_per_chunk)
     monkeypatch.setattr(_staged, "_STAGE_OVERRIDE", [rows_per_chunk * m * 8])
+    monkeypatch.setattr(_staged, "MAX_ONE_BLOCK", max_one_block)
     allocated = []
     real_empty = torch.empty
 
     def spy_empty(*shape, **kw):
         t = real_empty(*shape, **kw)
         allocated.append(t.numel() * t.element_size())
+        if t.is_floating_point():
+            t.fill_(float("nan"))
         return t
 
     monkeypatch.setattr(_staged.torch, "empty", spy_empty)
@@ -416,8 +422,50 @@ def test_triplet_ops_with_small_budgets(monkeypatch, rows_per_chunk, tol):
     gxs, grs = torch.autograd.grad(want[0], [x64, r64])
     assert_close_scaled(gx[0], gxs, tol[torch.float32], "dS/dx")
     assert_close_scaled(gr[0], grs, tol[torch.float32], "dS/dr")
+    monkeypatch.setattr(_staged.torch, "empty", spy_empty)
     stats, gx, _ = K.semihard_stats_fwd(x, y, None, None, None, "l2", 0.2, True)
+    monkeypatch.setattr(_staged.torch, "empty", real_empty)
     want, x64, _ = ref_call("semihard_stats", x, y, None, None, None, "l2", 0.2, grad=True)
     assert_close_scaled(stats, want.detach(), tol[torch.float32], "semihard stats")
     (g,) = torch.autograd.grad(want[0], [x64])
     assert_close_scaled(gx[0], g, tol[torch.float32], "semihard dS/dx")
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", ["contrastive", "triplet", "semihard", "row_hardest", "row_extreme", "pair_list"])
+def test_memory_prediction_bounds_the_kernel_allocations(monkeypatch, op):
+    from fastdml.kernels import memory
+
+    n, d = 90, 16
+    x, y, _, _, _ = make_inputs(n, 0, d, "few", "square", torch.float32, seed=4)
+    monkeypatch.setattr(_staged, "_STAGE_OVERRIDE", [40 * n * 8])
+    total = [0]
+    real = {name: getattr(torch, name) for name in ("empty", "full", "zeros", "empty_like", "zeros_like")}
+
+    def spy(name):
+        def alloc(*args, **kw):
+            t = real[name](*args, **kw)
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        return alloc
+
+    calls = {
+        "contrastive": lambda: K.contrastive_stats_fwd(
+            x, y, None, None, None, "l2", 0.1, 1.0, -INF, INF, 0.0, INF, True
+        ),
+        "triplet": lambda: K.triplet_stats_fwd(x, y, None, None, None, "l2", 0.1, False, -INF, INF, 0.0, INF, True),
+        "semihard": lambda: K.semihard_stats_fwd(x, y, None, None, None, "l2", 0.1, True),
+        "row_hardest": lambda: K.row_hardest(x, y, None, None, None, "l2"),
+        "row_extreme": lambda: K.row_extreme(x, y, None, None, None, "l2", "pos", "max", -INF, INF, None, ""),
+        "pair_list": lambda: K.pair_list(x, y, None, None, None, "l2", 0.5, 1.0),
+    }
+    for name in real:
+        monkeypatch.setattr(torch, name, spy(name))
+    out = calls[op]()
+    for name, fn in real.items():
+        monkeypatch.setattr(torch, name, fn)
+    if op == "pair_list":  # the output lists are the caller's, not in the prediction
+        total[0] -= sum(max(1, t.numel()) * 8 for t in out)
+    predicted = memory.predicted_extra_bytes(op, n, n, d, need_grad=True, device=x.device)
+    assert 0 < total[0] <= predicted
