@@ -211,6 +211,19 @@ def _calls(K, x, y, r, z, kind):
 
 
 def _run(call, what):
+    """Run one launcher call; the autotuned row sweeps once per candidate config (all are default)."""
+    if what.split()[0].startswith(("row_extreme", "row_hardest")):
+        for i in range(len(_common.extreme_configs(128))):
+            _common.FORCE_CANDIDATE[:] = [i]
+            try:
+                _run_one(call, f"{what} candidate {i}")
+            finally:
+                _common.FORCE_CANDIDATE.clear()
+        return
+    _run_one(call, what)
+
+
+def _run_one(call, what):
     try:
         call()
     except Exception as exc:  # keep going: report every failing kernel
@@ -232,8 +245,8 @@ def _grids(K, n):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 128, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
-    for _name, call in _calls(K, x, y, None, None, "l2"):
-        _run(call, f"grid N={n}")
+    for name, call in _calls(K, x, y, None, None, "l2"):
+        _run(call, f"{name} grid N={n}")
     State.mode = "compile"
     return dict(State.grids)
 

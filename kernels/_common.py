@@ -410,12 +410,66 @@ def extreme_outputs(n: int, device, splits: int = 1):
     )
 
 
-def extreme_config(d: int) -> dict:
-    """Launch configuration of the row-owned extreme sweeps (``row_extreme``, ``row_hardest``)."""
+def extreme_configs(d: int) -> list[dict]:
+    """Candidate launch configurations of the row-owned extreme sweeps (``row_extreme``, ``row_hardest``),
+    the first the default: one under the interpreter; on CUDA a small set that :func:`autotuned` times once
+    per (kernel, D bucket, dtype, kind, precision). Every candidate is compiled and checked spill-free on
+    sm_90 by bench/compile_check.py."""
     if interpreting():
-        return dict(BM=32, BN=32, BK=block_d(d), SUBK=16, num_warps=4)
+        return [dict(BM=32, BN=32, BK=block_d(d), SUBK=16, num_warps=4)]
     # 8 warps: with 4 the (64, 32) tile needs > 255 registers and spills on sm_90 (compile_check)
-    return dict(BM=64, BN=32, BK=32, SUBK=1, num_warps=8)
+    return [
+        dict(BM=64, BN=32, BK=32, SUBK=1, num_warps=8),
+        dict(BM=32, BN=32, BK=32, SUBK=1, num_warps=8),
+        dict(BM=64, BN=64, BK=32, SUBK=1, num_warps=8),
+    ]
+
+
+def extreme_config(d: int) -> dict:
+    """The default (first) candidate of :func:`extreme_configs`."""
+    return dict(extreme_configs(d)[0])
+
+
+# autotuning: the chosen candidate index per key; FORCE_CANDIDATE (tests, compile_check) pins an index
+_TUNED: dict = {}
+FORCE_CANDIDATE: list[int] = []
+
+
+def _can_tune(device) -> bool:
+    return device is not None and device.type == "cuda" and not interpreting()
+
+
+def _time_candidate(run, device) -> float:
+    """Median time in ms of three launches of ``run`` after one warm-up (CUDA events)."""
+    run()
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[1]
+
+
+def autotuned(key, candidates: list[dict], run, device) -> dict:
+    """The candidate to launch for ``key``: ``FORCE_CANDIDATE`` if set; the first under the interpreter or
+    off CUDA; on CUDA the fastest of ``candidates`` by :func:`_time_candidate` of ``run(candidate)`` (which
+    must only write its own outputs), measured on the first call of the key and cached."""
+    if FORCE_CANDIDATE:
+        return dict(candidates[min(FORCE_CANDIDATE[-1], len(candidates) - 1)])
+    if len(candidates) == 1 or not _can_tune(device):
+        return dict(candidates[0])
+    if key not in _TUNED:
+        times = [_time_candidate(lambda c=c: run(dict(c)), device) for c in candidates]
+        _TUNED[key] = min(range(len(candidates)), key=lambda i: (times[i], i))
+    return dict(candidates[_TUNED[key]])
+
+
+def tune_key(name: str, p, prec: str) -> tuple:
+    """(kernel, D bucket, dtype, kind, precision): the key of :func:`autotuned`."""
+    return (name, triton.next_power_of_2(p.d), str(p.x.dtype), p.kind, prec)
 
 
 @triton.jit

@@ -20,10 +20,11 @@ import triton.language as tl
 
 from ._common import (
     _fail,
+    autotuned,
     check_float,
     column_split,
     device_guard,
-    extreme_config,
+    extreme_configs,
     extreme_outputs,
     labelled_tile,
     merge_extremes,
@@ -32,6 +33,7 @@ from ._common import (
     prepare,
     query_rows,
     running_extreme,
+    tune_key,
 )
 
 _SIDES = {"pos": 0, "neg": 1}
@@ -156,37 +158,41 @@ def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op, allow_t
         thr_t = thr.detach().float().contiguous()
     if p.n == 0:
         return merge_extremes(*extreme_outputs(0, p.device), mode == "max")
-    cfg = extreme_config(p.d)
     prec = precision(allow_tf32)
-    rows = triton.cdiv(p.n, cfg["BM"])
-    splits, span = column_split(rows, p.m, cfg["BN"], p.device)
-    val, idx, found = extreme_outputs(p.n, p.device, splits)
-    with device_guard(p.device):
-        row_extreme_kernel[(rows, splits)](
-            p.x,
-            p.r,
-            p.xn,
-            p.rn,
-            p.y,
-            p.z,
-            p.excl,
-            thr_t,
-            val,
-            idx,
-            found,
-            p.n,
-            p.m,
-            p.d,
-            lo,
-            hi,
-            span,
-            KIND=p.kind_id,
-            SIDE=_SIDES[side],
-            MODE=_MODES[mode],
-            THR_OP=_THR_OPS[thr_op],
-            PREC=prec,
-            UPCAST=p.upcast,
-            NEAR=near_fraction(prec),
-            **cfg,
-        )
-    return merge_extremes(val, idx, found, mode == "max")
+
+    def run(cfg):
+        rows = triton.cdiv(p.n, cfg["BM"])
+        splits, span = column_split(rows, p.m, cfg["BN"], p.device)
+        val, idx, found = extreme_outputs(p.n, p.device, splits)
+        with device_guard(p.device):
+            row_extreme_kernel[(rows, splits)](
+                p.x,
+                p.r,
+                p.xn,
+                p.rn,
+                p.y,
+                p.z,
+                p.excl,
+                thr_t,
+                val,
+                idx,
+                found,
+                p.n,
+                p.m,
+                p.d,
+                lo,
+                hi,
+                span,
+                KIND=p.kind_id,
+                SIDE=_SIDES[side],
+                MODE=_MODES[mode],
+                THR_OP=_THR_OPS[thr_op],
+                PREC=prec,
+                UPCAST=p.upcast,
+                NEAR=near_fraction(prec),
+                **cfg,
+            )
+        return val, idx, found
+
+    cfg = autotuned(tune_key("row_extreme", p, prec), extreme_configs(p.d), run, p.device)
+    return merge_extremes(*run(cfg), mode == "max")

@@ -24,9 +24,10 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    autotuned,
     column_split,
     device_guard,
-    extreme_config,
+    extreme_configs,
     extreme_outputs,
     labelled_tile,
     merge_extremes,
@@ -35,6 +36,7 @@ from ._common import (
     prepare,
     query_rows,
     running_extreme,
+    tune_key,
 )
 
 
@@ -119,31 +121,36 @@ def row_hardest(x, y, r, z, excl, kind, allow_tf32=None):
         return merge_extremes(*extreme_outputs(0, p.device), True) + merge_extremes(
             *extreme_outputs(0, p.device), False
         )
-    cfg = extreme_config(p.d)
     prec = precision(allow_tf32)
-    rows = triton.cdiv(p.n, cfg["BM"])
-    splits, span = column_split(rows, p.m, cfg["BN"], p.device)
-    pos = extreme_outputs(p.n, p.device, splits)
-    neg = extreme_outputs(p.n, p.device, splits)
-    with device_guard(p.device):
-        row_hardest_kernel[(rows, splits)](
-            p.x,
-            p.r,
-            p.xn,
-            p.rn,
-            p.y,
-            p.z,
-            p.excl,
-            *pos,
-            *neg,
-            p.n,
-            p.m,
-            p.d,
-            span,
-            KIND=p.kind_id,
-            PREC=prec,
-            UPCAST=p.upcast,
-            NEAR=near_fraction(prec),
-            **cfg,
-        )
+
+    def run(cfg):
+        rows = triton.cdiv(p.n, cfg["BM"])
+        splits, span = column_split(rows, p.m, cfg["BN"], p.device)
+        pos = extreme_outputs(p.n, p.device, splits)
+        neg = extreme_outputs(p.n, p.device, splits)
+        with device_guard(p.device):
+            row_hardest_kernel[(rows, splits)](
+                p.x,
+                p.r,
+                p.xn,
+                p.rn,
+                p.y,
+                p.z,
+                p.excl,
+                *pos,
+                *neg,
+                p.n,
+                p.m,
+                p.d,
+                span,
+                KIND=p.kind_id,
+                PREC=prec,
+                UPCAST=p.upcast,
+                NEAR=near_fraction(prec),
+                **cfg,
+            )
+        return pos, neg
+
+    cfg = autotuned(tune_key("row_hardest", p, prec), extreme_configs(p.d), run, p.device)
+    pos, neg = run(cfg)
     return merge_extremes(*pos, True) + merge_extremes(*neg, False)

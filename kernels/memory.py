@@ -14,7 +14,7 @@ import torch
 import triton
 
 from . import _staged, contrastive, pairs
-from ._common import column_split, extreme_config
+from ._common import column_split, extreme_configs
 
 _OPS = ("contrastive", "triplet", "semihard", "row_hardest", "row_extreme", "pair_list")
 
@@ -50,8 +50,8 @@ def predicted_extra_bytes(op: str, n: int, m: int, d: int, need_grad: bool = Tru
         grads = (2 * n + 2 * m) * d * 4 if need_grad else 0  # near scratch and gradient outputs
         return base + staged + grads + 3 * 8 * n + 16 * n + _layers_allowance(n, m, d)
     if op in ("row_hardest", "row_extreme"):
-        cfg = extreme_config(d)
-        s, _ = column_split(triton.cdiv(n, cfg["BM"]), m, cfg["BN"], dev)
+        # the autotuned sweeps may pick any candidate: the most column ranges of them
+        s = max(column_split(triton.cdiv(n, c["BM"]), m, c["BN"], dev)[0] for c in extreme_configs(d))
         per = s * n * (4 + 8 + 1) + n * (4 + 8 + 1)
         return base + (2 if op == "row_hardest" else 1) * per + _layers_allowance(n, m, d)
     cfg = pairs.config(d)

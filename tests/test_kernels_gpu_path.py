@@ -469,3 +469,35 @@ def test_memory_prediction_bounds_the_kernel_allocations(monkeypatch, op):
         total[0] -= sum(max(1, t.numel()) * 8 for t in out)
     predicted = memory.predicted_extra_bytes(op, n, n, d, need_grad=True, device=x.device)
     assert 0 < total[0] <= predicted
+
+
+@needs_kernels
+def test_autotune_times_each_candidate_once_per_key_and_keeps_results(monkeypatch, tol):
+    # the CUDA branch of autotuned, driven on the CPU: three candidates with made-up times (the second
+    # fastest); each is launched by the timer, the pick is cached per key, results match the reference
+    cands = [dict(BM=32, BN=32, BK=16, SUBK=16, num_warps=4), dict(BM=16, BN=16, BK=16, SUBK=16, num_warps=4)]
+    cands.append(dict(BM=64, BN=32, BK=16, SUBK=16, num_warps=4))
+    fake_ms = {32: 3.0, 16: 1.0, 64: 2.0}
+    timed = []
+
+    def fake_time(run, device):
+        timed.append(run())
+        return fake_ms[cands[len(timed) - 1 if len(timed) <= 3 else 0]["BM"]]
+
+    monkeypatch.setattr(_common, "_can_tune", lambda device: True)
+    monkeypatch.setattr(_common, "_time_candidate", fake_time)
+    monkeypatch.setattr(_common, "extreme_configs", lambda d: [dict(c) for c in cands])
+    monkeypatch.setattr(extreme, "extreme_configs", lambda d: [dict(c) for c in cands])
+    monkeypatch.setattr(_common, "_TUNED", {})
+    x, y, r, z, excl = make_inputs(40, 33, 6, "few", "rect", torch.float32, seed=9)
+    for _ in range(2):
+        val, idx, found = K.row_extreme(x, y, r, z, excl, "l2", "neg", "min", -INF, INF, None, "")
+        (rv, ri, rf), _, _ = ref_call("row_extreme", x, y, r, z, excl, "l2", "neg", "min", -INF, INF, None, "")
+        assert torch.equal(found.cpu(), rf) and torch.equal(idx.cpu()[rf], ri[rf])
+        assert_close_scaled(val, rv, tol[torch.float32], "value")
+    assert len(timed) == 3, "each candidate timed once, on the first call of the key only"
+    (choice,) = _common._TUNED.values()
+    assert cands[choice]["BM"] == 16, "the fastest candidate is kept"
+    # another key (another kind) is tuned separately
+    K.row_extreme(x, y, r, z, excl, "dot", "neg", "min", -INF, INF, None, "")
+    assert len(timed) == 6 and len(_common._TUNED) == 2
