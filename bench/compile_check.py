@@ -65,6 +65,7 @@ class State:
     records: dict = {}
     failures: list = []
     grids: dict = {}  # kernel name -> smallest grid size of the current call
+    partial: str | None = None  # where records so far are dumped every 10 variants
 
 
 def _grid_size(grid) -> int:
@@ -130,7 +131,7 @@ def _compile(fn, grid, args, kwargs):
     name = fn.__name__
     if State.mode == "grid":  # record the grid, and compile too: the launch plans at large N (BP, BT) differ
         State.grids[name] = min(State.grids.get(name, 1 << 62), _grid_size(grid))
-    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     sig, const, attrs = _signature(fn, args, kwargs)
     key = (
         name,
@@ -163,10 +164,13 @@ def _compile(fn, grid, args, kwargs):
         triton_version=triton.__version__,
         shared_bytes=getattr(md, "shared", None),
         global_scratch=getattr(md, "global_scratch_size", 0) or 0,
-        constexprs={c: const[c] for c in _SHOWN if c in const} | ({"num_warps": opts["num_warps"]} if opts else {}),
+        constexprs={c: const[c] for c in _SHOWN if c in const} | dict(opts),
         compile_s=round(time.time() - t, 2),
     )
     State.records[key] = rec
+    if State.partial and len(State.records) % 10 == 0:  # a run cut short still leaves its records
+        with open(State.partial, "w") as f:
+            json.dump(dict(partial=True, triton_version=triton.__version__, records=list(State.records.values())), f)
     print(
         f"  {name:24s} {State.dtype} {prec:6s} regs={regs} spill={spill} dots={rec['dot_ops']} "
         f"mma={rec['mma_instructions']} {rec['constexprs']} {rec['compile_s']}s",
@@ -258,6 +262,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "compile_report.json"))
     ap.add_argument("--quick", action="store_true", help="fp32 only, D = 128 (a smoke run)")
     opts = ap.parse_args()
+    State.partial = opts.out + ".partial"
     t0 = time.time()
     dtypes = [torch.float32] if opts.quick else [torch.float32, torch.float16, torch.bfloat16]
     for dtype in dtypes:

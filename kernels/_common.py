@@ -184,8 +184,9 @@ def poison(shape, device, dtype=torch.float32):
 def precision(allow_tf32=None, dtype=None) -> str:
     """The ``input_precision`` of the fp32 ``tl.dot``: ``"tf32"`` when ``allow_tf32`` is True, ``"ieee"`` when
     it is False, else ``fastdml.config.fp32_precision()`` (thread-local override, ``FASTDML_FP32_PRECISION``,
-    default ieee). Always ``"ieee"`` on ROCm (``torch.version.hip``) and for fp16/bf16 inputs under their
-    native dot (the setting concerns fp32 operands only; their fp32 gradient dots follow it)."""
+    default ieee). Always ``"ieee"`` on ROCm (``torch.version.hip``). It applies to fp32 operands: the
+    distance dot of fp16/bf16 inputs stays their native one (``dprime_tile``), their gradient dots (fp32
+    weights) follow it."""
     if allow_tf32 is not None:
         name = "tf32" if allow_tf32 else "ieee"
     else:
@@ -310,7 +311,10 @@ def dprime_tile(
     for k0 in range(0, D, BK):
         a = load_rows(x_ptr, rows, rmask, k0, D, BK, UPCAST)
         b = load_rows(r_ptr, cols, cmask, k0, D, BK, UPCAST)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+        if UPCAST:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)  # fp16/bf16 operands: native tensor-core dot, fp32 accumulation
     inb = rmask[:, None] & cmask[None, :]
     if KIND == 2:
         dp = -acc
@@ -417,11 +421,12 @@ def extreme_configs(d: int) -> list[dict]:
     sm_90 by bench/compile_check.py."""
     if interpreting():
         return [dict(BM=32, BN=32, BK=block_d(d), SUBK=16, num_warps=4)]
-    # 8 warps: with 4 the (64, 32) tile needs > 255 registers and spills on sm_90 (compile_check)
+    # 8 warps and maxnreg=255: with 4 warps the tiles need > 255 registers, and without maxnreg ptxas may cap
+    # 8-warp programs at 128 registers and spill (bench/compile_check.py)
     return [
-        dict(BM=64, BN=32, BK=32, SUBK=1, num_warps=8),
-        dict(BM=32, BN=32, BK=32, SUBK=1, num_warps=8),
-        dict(BM=64, BN=64, BK=32, SUBK=1, num_warps=8),
+        dict(BM=64, BN=32, BK=32, SUBK=1, num_warps=8, maxnreg=255),
+        dict(BM=32, BN=32, BK=32, SUBK=1, num_warps=8, maxnreg=255),
+        dict(BM=64, BN=64, BK=32, SUBK=1, num_warps=8, maxnreg=255),
     ]
 
 

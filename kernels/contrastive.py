@@ -212,9 +212,10 @@ def _config(d):
     """Block sizes: one config under the interpreter (speed there comes from few, large programs)."""
     if interpreting():
         return dict(BM=32, BN=32, BK=block_d(d), BG=grad_group(d), SUBK=16, num_warps=4)
-    # one D group up to D = 128 (d' once per pair); (32, 16) tiles and 8 warps keep the two (BM, BG)
-    # accumulators in registers without spills on sm_90 (4 warps spill: bench/compile_check.py)
-    return dict(BM=32, BN=16, BK=16, BG=grad_group(d), SUBK=1, num_warps=8)
+    # one D group up to D = 128 (d' once per pair); (32, 16) tiles, 8 warps and maxnreg=255 keep the two
+    # (BM, BG) accumulators in registers on sm_90 (4 warps, or 8 capped at 128 registers by ptxas, spill:
+    # bench/compile_check.py)
+    return dict(BM=32, BN=16, BK=16, BG=grad_group(d), SUBK=1, num_warps=8, maxnreg=255)
 
 
 def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, need_grad, margins, scale, prec):

@@ -126,7 +126,7 @@ def config(d):
     if interpreting():
         return dict(BM=32, BN=32, BK=block_d(d), SUBK=16, num_warps=4)
     # 8 warps: with 4 the run-time WRITE branch needs 255 registers and spills on sm_90 (compile_check)
-    return dict(BM=32, BN=32, BK=32, SUBK=1, num_warps=8)
+    return dict(BM=32, BN=32, BK=32, SUBK=1, num_warps=8, maxnreg=255)
 
 
 def pair_list(x, y, r, z, excl, kind, pos_lo, neg_hi, allow_tf32=None):
