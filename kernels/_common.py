@@ -421,10 +421,11 @@ def extreme_configs(d: int) -> list[dict]:
     sm_90 by bench/compile_check.py."""
     if interpreting():
         return [dict(BM=32, BN=32, BK=block_d(d), SUBK=16, num_warps=4)]
-    # Only configs seen spill-free on sm_90 (bench/compile_check.py) are candidates: (64, 32) with 8 warps.
-    # Seen spilling: 4 warps; (32, 32) and (64, 64) with 8 warps, with or without maxnreg=255 (Triton 3.6
-    # and 3.9). A candidate added here is timed on CUDA by ``autotuned``.
-    return [dict(BM=64, BN=32, BK=32, SUBK=1, num_warps=8)]
+    # Only configs seen spill-free on sm_90 (bench/compile_check.py) are candidates: (64, 32) with 8 warps
+    # and 16-wide D chunks. Seen spilling: 4 warps; (32, 32) and (64, 64) with 8 warps, with or without
+    # maxnreg=255; 32-wide D chunks (row_hardest on Triton 3.9, the dot kind on 3.6). A candidate added
+    # here is timed on CUDA by ``autotuned``.
+    return [dict(BM=64, BN=32, BK=16, SUBK=1, num_warps=8)]
 
 
 def extreme_config(d: int) -> dict:

@@ -221,7 +221,7 @@ class Stager:
             self.cfg["BP"] = max(16, triton.next_power_of_2(max(kmax, 1)))
             self.cfg["BT"] = max(16, min(self.cfg["BT"], BP_BT // self.cfg["BP"]))
         elif not interpreting():
-            self.cfg["BP"] = 64
+            self.cfg["BP"] = 32  # BP = 64 spills in semihard_anchor_kernel on sm_90 (Triton 3.9)
         self.ch = chunk_rows(p.n, p.m, need_grad, stage_bytes())
         self.buf = torch.empty((self.ch, max(1, p.m)), device=dev, dtype=torch.float32)
         self.w = torch.empty(self.buf.shape, device=dev, dtype=torch.float32) if need_grad else self.buf
