@@ -1,17 +1,34 @@
-"""Compile every Triton kernel for a Hopper GPU (sm_90) on a machine without one.
+"""Compile every Triton kernel variant for a Hopper GPU (sm_90) on a machine without one, and report it.
 
 The interpreter (the CPU tests) ignores layouts, register limits and several type rules of the real
 compiler; this script catches those errors before GPU time is spent. It calls each public launcher on small
 CPU tensors with the GPU configs, but instead of launching, each kernel is compiled ahead of time with
-``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (ptxas ships with Triton). Usage:
+``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (ptxas ships with Triton), for every fp32 precision
+(``ieee`` is the default setting; ``tf32x3`` and ``tf32`` are what ``fastdml.config`` can select).
 
-    TRITON_INTERPRET=0 python -m bench.compile_check [fp32] [fp16] [bf16]     (default: all three)
+One record per compiled variant goes to ``bench/out/compile_report.json`` (``--out``): ``kernel``,
+``dtype``, ``precision``, ``default`` (a config the API launches without an explicit precision setting),
+``sweep`` (the kernel's work grows with N x M), ``registers`` and ``spill_bytes`` (REG and STACK + LOCAL of
+the cubin Triton built, by cuobjdump; ``local_stores``: STL instructions in its SASS),
+``dot_ops`` (``tt.dot`` in the TTIR), ``mma_instructions`` (mma / wgmma in the PTX), ``ctas_n4096`` and
+``ctas_n65536`` (grid size of the default launch, square fp32 l2 at D = 128, the smallest over the
+launches of one call), ``triton_version``, and the constexprs that tell variants apart. Exits non-zero when
+a variant fails to compile, a default variant spills, a default sweep launches fewer than 264 CTAs at
+N = 4096, or an fp32 kernel with a ``tl.dot`` has no spill-free tf32x3 variant with tensor-core
+instructions. Usage:
+
+    TRITON_INTERPRET=0 python -m bench.compile_check [--quick] [--out FILE]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ["TRITON_INTERPRET"] = "0"
@@ -24,8 +41,10 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fastdml  # noqa: E402,F401  (aliases kernels/ as fastdml.kernels)
+from fastdml import config  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+MIN_CTAS = 264  # two per multiprocessor of an H100
 _DT = {
     torch.float32: "fp32",
     torch.float16: "fp16",
@@ -36,23 +55,34 @@ _DT = {
     torch.int8: "i8",
     torch.bool: "i1",
 }
-seen: dict = {}
-scratch_kernels: list = []
+_SHOWN = ("KIND", "BM", "BN", "BK", "BG", "BP", "BT", "NEED_GRAD", "COLMODE", "STATS", "SMOOTH", "ONE_BLOCK")
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def _compile(fn, args, kwargs):
-    """Compile ``fn`` for TARGET as the GPU runtime would for these arguments.
+class State:
+    mode = "compile"  # or "grid": record grid sizes, compile nothing
+    dtype = "fp32"
+    records: dict = {}
+    failures: list = []
+    grids: dict = {}  # kernel name -> smallest grid size of the current call
+    partial: str | None = None  # where records so far are dumped every 10 variants
 
-    Like the launcher's specialization: tensor pointers are 16-byte aligned (``tt.divisibility``), an int
-    argument that the kernel specializes (not in ``do_not_specialize``) becomes a constant when it is 1 and
-    carries ``tt.divisibility`` when it is a multiple of 16 (e.g. D = 64), otherwise it is i32 / i64.
-    """
+
+def _grid_size(grid) -> int:
+    n = 1
+    for g in grid if isinstance(grid, (tuple, list)) else (grid,):
+        n *= int(g)
+    return n
+
+
+def _signature(fn, args, kwargs):
+    """The compile-time signature, constexprs and attributes that the launcher's call would give, like the
+    runtime's specialization: 16-byte aligned pointers, a specialized int equal to 1 becomes a constant,
+    a specialized multiple of 16 carries ``tt.divisibility``."""
     sig, const, attrs = {}, {}, {}
-    names = fn.arg_names
-    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    vals = dict(zip(names, args))
+    vals = dict(zip(fn.arg_names, args))
     vals.update(kwargs)
-    for i, name in enumerate(names):
+    for i, name in enumerate(fn.arg_names):
         v = vals[name]
         param = fn.params[i]
         if param.is_constexpr:
@@ -75,70 +105,95 @@ def _compile(fn, args, kwargs):
             sig[name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: cannot type argument {name}={v!r}")
+    return sig, const, attrs
+
+
+def _cubin_usage(cubin: bytes) -> tuple[int | None, int | None, int | None]:
+    """(registers, local-memory bytes per thread, local stores in the SASS) of the cubin Triton built, read
+    with the cuobjdump that ships with Triton. Spills live in local memory: STACK + LOCAL > 0 or STL."""
+    tool = os.path.join(_BIN, "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, timeout=120)
+        sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, timeout=300)
+    txt = usage.stdout
+    reg = re.search(r"REG:(\d+)", txt)
+    stack = re.search(r"STACK:(\d+)", txt)
+    local = re.search(r"LOCAL:(\d+)", txt)
+    spill = int(stack.group(1)) + int(local.group(1)) if stack and local else None
+    stl = len(re.findall(r"\bSTL(?:\.\w+)*\b", sass.stdout)) if sass.returncode == 0 else None
+    return (int(reg.group(1)) if reg else None), spill, stl
+
+
+def _compile(fn, grid, args, kwargs):
+    name = fn.__name__
+    if State.mode == "grid":  # record the grid, and compile too: the launch plans at large N (BP, BT) differ
+        State.grids[name] = min(State.grids.get(name, 1 << 62), _grid_size(grid))
+    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
+    sig, const, attrs = _signature(fn, args, kwargs)
     key = (
-        fn.__name__,
+        name,
         tuple(sorted((k, str(v)) for k, v in sig.items())),
         tuple(sorted((k, str(v)) for k, v in const.items())),
         tuple(sorted(attrs)),
         tuple(sorted(opts.items())),
     )
-    if key in seen:
+    if key in State.records:
         return
     t = time.time()
     k = triton.compile(ASTSource(fn, sig, const, attrs), target=TARGET, options=opts)
     md = k.metadata
-    seen[key] = (time.time() - t, getattr(md, "shared", None), getattr(md, "num_warps", None))
-    shown = {k: v for k, v in const.items() if k in ("KIND", "BM", "BN", "BG", "NEED_GRAD", "COLMODE", "D")}
-    # a kernel that needs global scratch memory fails at launch unless triton.set_allocator was called
-    scratch = getattr(md, "global_scratch_size", 0) or 0
-    if scratch:
-        scratch_kernels.append(f"{fn.__name__} {shown}: {scratch} B")
+    ptx = k.asm.get("ptx", "")
+    regs, spill, stl = _cubin_usage(k.asm["cubin"])
+    prec = str(const.get("PREC", "none"))
+    rec = dict(
+        kernel=name,
+        dtype=State.dtype,
+        precision=prec,
+        default=prec in ("ieee", "none"),
+        sweep=True,  # every kernel here loops over all N x M pairs (or a chunk's rows x M)
+        registers=regs,
+        spill_bytes=spill,
+        local_stores=stl,
+        dot_ops=len(re.findall(r"\btt\.dot\b", k.asm.get("ttir", ""))),
+        mma_instructions=len(re.findall(r"^\s*(?:@\S+\s+)?(?:mma|wgmma)\.", ptx, flags=re.M)),
+        ctas_n4096=None,
+        ctas_n65536=None,
+        triton_version=triton.__version__,
+        shared_bytes=getattr(md, "shared", None),
+        global_scratch=getattr(md, "global_scratch_size", 0) or 0,
+        constexprs={c: const[c] for c in _SHOWN if c in const} | dict(opts),
+        compile_s=round(time.time() - t, 2),
+    )
+    State.records[key] = rec
+    if State.partial and len(State.records) % 10 == 0:  # a run cut short still leaves its records
+        with open(State.partial, "w") as f:
+            json.dump(dict(partial=True, triton_version=triton.__version__, records=list(State.records.values())), f)
     print(
-        f"  ok {fn.__name__:28s} {time.time() - t:5.1f}s smem={getattr(md, 'shared', '?')} {_usage(k)} "
-        f"warps={opts.get('num_warps', '?')} {shown}",
+        f"  {name:24s} {State.dtype} {prec:6s} regs={regs} spill={spill} dots={rec['dot_ops']} "
+        f"mma={rec['mma_instructions']} {rec['constexprs']} {rec['compile_s']}s",
         flush=True,
     )
 
 
-def _usage(k) -> str:
-    """Registers / spill stores of the cubin, read with the cuobjdump that ships with Triton."""
-    import re
-    import subprocess
-    import tempfile
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    cubin = k.asm.get("cubin") if hasattr(k, "asm") else None
-    if not cubin or not os.path.exists(tool):
-        return ""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        try:
-            txt = subprocess.run(
-                [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60
-            ).stdout
-        except Exception:
-            return ""
-    reg = re.search(r"REG:(\d+)", txt)
-    stack = re.search(r"STACK:(\d+)", txt)
-    return f"regs={reg.group(1) if reg else '?'} stack={stack.group(1) if stack else '?'}"
-
-
 class _Launcher:
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, grid):
+        self.fn, self.grid = fn, grid
 
     def __call__(self, *args, **kwargs):
-        _compile(self.fn, args, dict(kwargs))
+        _compile(self.fn, self.grid, args, dict(kwargs))
 
 
-JITFunction.__getitem__ = lambda self, grid: _Launcher(self)
+JITFunction.__getitem__ = lambda self, grid: _Launcher(self, grid)
 _common._cpu_ok = lambda: True
 
 
 def _calls(K, x, y, r, z, kind):
     """(name, thunk) for every launcher on these inputs."""
     inf = float("inf")
+    n = x.shape[0]
     return [
         ("contrastive", lambda: K.contrastive_stats_fwd(x, y, r, z, None, kind, 0.1, 1.0, -inf, inf, 0.0, inf, True)),
         (
@@ -151,46 +206,134 @@ def _calls(K, x, y, r, z, kind):
         ("row_extreme", lambda: K.row_extreme(x, y, r, z, None, kind, "pos", "max", -inf, inf, None, "")),
         (
             "row_extreme-thr",
-            lambda: K.row_extreme(x, y, r, z, None, kind, "neg", "min", -inf, inf, torch.zeros(40), "gt"),
+            lambda: K.row_extreme(x, y, r, z, None, kind, "neg", "min", -inf, inf, torch.zeros(n), "gt"),
         ),
         ("pair_list", lambda: K.pair_list(x, y, r, z, None, kind, -inf, inf)),
         ("triplet_list", lambda: K.triplet_list(x, y, r, z, None, kind, -inf, inf)),
-    ] + ([("row_hardest", lambda: K.row_hardest(x, y, r, z, None, kind))] if hasattr(K, "row_hardest") else [])
+        ("row_hardest", lambda: K.row_hardest(x, y, r, z, None, kind)),
+    ]
+
+
+def _run(call, what):
+    """Run one launcher call; the autotuned row sweeps once per candidate config (all are default)."""
+    if what.split()[0].startswith(("row_extreme", "row_hardest")):
+        for i in range(len(_common.extreme_configs(128))):
+            _common.FORCE_CANDIDATE[:] = [i]
+            try:
+                _run_one(call, f"{what} candidate {i}")
+            finally:
+                _common.FORCE_CANDIDATE.clear()
+        return
+    _run_one(call, what)
+
+
+def _run_one(call, what):
+    try:
+        call()
+    except Exception as exc:  # keep going: report every failing kernel
+        # after a "launch" the launchers read their (unwritten) outputs back: harmless errors here
+        if "compil" in type(exc).__name__.lower() or "triton" in repr(type(exc)).lower():
+            State.failures.append(f"{what}: {type(exc).__name__}: {str(exc)[:400]}")
+            print(f"FAIL {what}: {exc}", flush=True)
+        elif not isinstance(exc, (RuntimeError, ValueError)):
+            State.failures.append(f"{what}: {type(exc).__name__}: {exc}")
+            print(f"FAIL {what}: {type(exc).__name__}: {exc}", flush=True)
+
+
+def _grids(K, n):
+    """Smallest grid size per kernel of the default launches, square fp32 l2 at D = 128, N = n (the variants
+    these launches pick are compiled too)."""
+    State.mode = "grid"
+    State.dtype = "fp32"
+    State.grids = {}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 128, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    for name, call in _calls(K, x, y, None, None, "l2"):
+        _run(call, f"{name} grid N={n}")
+    State.mode = "compile"
+    return dict(State.grids)
 
 
 def main() -> int:
     from fastdml import kernels as K
 
-    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    dtypes = [names[a] for a in sys.argv[1:] if a in names] or list(names.values())
-    fails = 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "compile_report.json"))
+    ap.add_argument("--quick", action="store_true", help="fp32 only, D = 128 (a smoke run)")
+    opts = ap.parse_args()
+    State.partial = opts.out + ".partial"
+    t0 = time.time()
+    dtypes = [torch.float32] if opts.quick else [torch.float32, torch.float16, torch.bfloat16]
     for dtype in dtypes:
-        for kind in ("l2", "sql2", "dot"):
-            for rect in (False, True):
-                for d in (1, 3, 64, 130):
-                    x = torch.randn(40, d).to(dtype)
-                    y = torch.randint(0, 3, (40,))
-                    r = torch.randn(30, d).to(dtype) if rect else None
-                    z = torch.randint(0, 3, (30,)) if rect else None
-                    calls = _calls(K, x, y, r, z, kind)
-                    for name, call in calls:
-                        if d != 64 and name not in ("contrastive", "triplet"):
-                            continue
-                        try:
-                            call()
-                        except Exception as exc:  # keep going: report every failing kernel
-                            # the launchers read outputs back (.tolist()) after "launching": harmless here
-                            if "compile" in type(exc).__name__.lower() or "triton" in repr(type(exc)):
-                                fails += 1
-                                print(f"FAIL {name} {dtype} {kind} rect={rect} d={d}: {exc}", flush=True)
-                            elif not isinstance(exc, (RuntimeError, ValueError)):
-                                fails += 1
-                                print(f"FAIL {name} {dtype} {kind} rect={rect} d={d}: {type(exc).__name__}: {exc}")
-    for line in scratch_kernels:
-        fails += 1
-        print(f"FAIL needs global scratch (no allocator is set): {line}")
-    print(f"{len(seen)} kernel variants compiled, {fails} failures")
-    return 1 if fails else 0
+        State.dtype = _DT[dtype]
+        precs = ("ieee", "tf32x3", "tf32") if dtype == torch.float32 else ("ieee",)
+        for prec in precs:
+            main_set = dtype == torch.float32 and prec == "ieee"
+            # every kind in fp32 (ieee, tf32x3); l2 and dot for fp16/bf16 (sql2 differs from l2 by one sqrt);
+            # tf32 on l2 (its code shape; tf32x3 is the precision that must be clean)
+            kinds = ("l2", "sql2", "dot") if (dtype == torch.float32 and prec != "tf32") else ("l2", "dot")
+            if prec == "tf32":
+                kinds = ("l2",)
+            with config.fp32_precision_override(prec):
+                for kind in kinds:
+                    for rect in (False, True):
+                        # D = 128 for every launcher; D = 3, 64, 130 (other D groups, no divisibility) for the
+                        # two launchers whose constexprs follow D, in the default set
+                        dims = (3, 64, 128, 130) if main_set and not opts.quick else (128,)
+                        for d in dims:
+                            x = torch.randn(40, d).to(dtype)
+                            y = torch.randint(0, 3, (40,))
+                            r = torch.randn(30, d).to(dtype) if rect else None
+                            z = torch.randint(0, 3, (30,)) if rect else None
+                            for name, call in _calls(K, x, y, r, z, kind):
+                                if d != 128 and name not in ("contrastive", "triplet"):
+                                    continue
+                                _run(call, f"{name} {State.dtype} {prec} {kind} rect={rect} d={d}")
+    g4096 = _grids(K, 4096)
+    g65536 = _grids(K, 65536)
+    records = list(State.records.values())
+    for rec in records:
+        rec["ctas_n4096"] = g4096.get(rec["kernel"])
+        rec["ctas_n65536"] = g65536.get(rec["kernel"])
+    problems = list(State.failures)
+    for rec in records:
+        tag = f"{rec['kernel']} {rec['dtype']} {rec['precision']} {rec['constexprs']}"
+        if rec["default"] and (rec["spill_bytes"] is None or rec["spill_bytes"] > 0 or rec["local_stores"]):
+            problems.append(f"default variant spills ({rec['spill_bytes']} B): {tag}")
+        if rec["global_scratch"]:
+            problems.append(f"needs global scratch ({rec['global_scratch']} B; no allocator is set): {tag}")
+        if rec["default"] and rec["sweep"] and (rec["ctas_n4096"] or 0) < MIN_CTAS:
+            problems.append(f"default sweep launches {rec['ctas_n4096']} < {MIN_CTAS} CTAs at N = 4096: {tag}")
+    for kernel in sorted({r["kernel"] for r in records if r["dtype"] == "fp32" and r["dot_ops"] > 0}):
+        good = [
+            r
+            for r in records
+            if r["kernel"] == kernel
+            and r["dtype"] == "fp32"
+            and r["precision"] == "tf32x3"
+            and r["mma_instructions"] > 0
+            and r["spill_bytes"] == 0
+            and not r["local_stores"]
+        ]
+        if not good:
+            problems.append(f"{kernel}: no spill-free fp32 tf32x3 variant with mma instructions")
+    report = dict(
+        triton_version=triton.__version__,
+        torch_version=torch.__version__,
+        target="sm_90",
+        min_ctas=MIN_CTAS,
+        seconds=round(time.time() - t0, 1),
+        problems=problems,
+        records=records,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
+    with open(opts.out, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    for line in problems:
+        print("PROBLEM", line)
+    print(f"{len(records)} variants compiled with Triton {triton.__version__}, {len(problems)} problems -> {opts.out}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -9,16 +9,18 @@ The jit helpers compute one tile of the signed distance d' (ARCHITECTURE.md):
 - ``sql2``: d' = max(q, 0)
 - ``dot``:  d' = -(x . r)
 
-with ``tl.dot`` over chunks of D (``input_precision`` set explicitly: "ieee" for fp32 unless tf32 is asked
-for). The expansion of q cancels for near-duplicates (q small against |x|^2 + |r|^2), so every entry with
-``q < 1e-2 (|x|^2 + |r|^2)`` ("near") is recomputed by direct differences sum_k (x_k - r_k)^2, only in the
-tiles that hold such an entry (rare outside genuine near-duplicates; the excluded diagonal of the square
-case is one tile per row block). The gradient helpers treat near entries by direct differences too, because
+with ``tl.dot`` over chunks of D (``input_precision`` from :func:`precision`: ``fastdml.config``'s fp32
+precision, ``ieee | tf32x3 | tf32``). The expansion of q cancels for near-duplicates (q small against
+s = |x|^2 + |r|^2), so every entry with ``q < f_p s`` ("near", f_p = :func:`near_fraction` of the precision)
+is recomputed by direct differences sum_k (x_k - r_k)^2, only in the tiles that hold such an entry (rare
+outside genuine near-duplicates; the excluded diagonal of the square case is one tile per row block).
+The gradient helpers treat near entries by direct differences too, because
 the GEMM form ``(sum_j c_ij) x_i - sum_j c_ij r_j`` cancels the same way when c = g / d is large.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from types import SimpleNamespace
@@ -28,8 +30,15 @@ import triton
 import triton.language as tl
 
 KINDS = {"l2": 0, "sql2": 1, "dot": 2}
-# The "near" fraction 1e-2 is written as a literal in dprime_tile and _staged.wpass_kernel (keep them equal):
-# below it the expansion's absolute error ~1e-7 (|x|^2 + |r|^2) exceeds ~1e-5 of q; above it d is good to 5e-6.
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+# Error of the expansion q = s - 2 x.r per unit of s = |x|^2 + |r|^2 (2 sum_k |x_k r_k| <= s), per precision:
+# ieee 16 u32 (u32 = 2^-24: the norms, products, sums and the subtraction; <= 10.4 u32 seen for D <= 1024 in
+# tests/test_kernels_gpu_path.py), tf32x3 adds the dropped lo*lo product and the lo parts' rounding,
+# 3 u_t^2 (u_t = 2^-11), tf32 one rounding of each operand to 10 bits, 2 u_t = 2^-10.
+EXPANSION_ERROR = {"ieee": 16 * 2.0**-24, "tf32x3": 16 * 2.0**-24 + 3 * 2.0**-22, "tf32": 2.0**-10}
+# Target relative error of q on the entries not recomputed ("far": q >= f s): |dq| / q <= E / f.
+NEAR_RHO = 1e-4
 
 
 # Sizes and offsets (N, M, chunk starts) are not specialized by the kernels (``do_not_specialize``): a new
@@ -172,8 +181,77 @@ def poison(shape, device, dtype=torch.float32):
     return torch.full(shape, float("nan"), device=device, dtype=dtype)
 
 
-def precision(allow_tf32: bool) -> str:
-    return "tf32" if allow_tf32 else "ieee"
+def precision(allow_tf32=None, dtype=None) -> str:
+    """The ``input_precision`` of the fp32 ``tl.dot``: ``"tf32"`` when ``allow_tf32`` is True, ``"ieee"`` when
+    it is False, else ``fastdml.config.fp32_precision()`` (thread-local override, ``FASTDML_FP32_PRECISION``,
+    default ieee). Always ``"ieee"`` on ROCm (``torch.version.hip``). It applies to fp32 operands: the
+    distance dot of fp16/bf16 inputs stays their native one (``dprime_tile``), their gradient dots (fp32
+    weights) follow it."""
+    if allow_tf32 is not None:
+        name = "tf32" if allow_tf32 else "ieee"
+    else:
+        from fastdml import config
+
+        name = config.fp32_precision()
+    if name not in PRECISIONS:
+        _fail(ValueError, f"fp32 precision must be one of {PRECISIONS}, got {name!r}")
+    if getattr(torch.version, "hip", None):
+        return "ieee"
+    return name
+
+
+def near_fraction(prec: str) -> float:
+    """f_p of the near-duplicate test ``q < f_p s``: entries below it are recomputed by direct differences
+    (exact up to fp32 rounding of the differences); above it the expansion's error E_p s is at most
+    E_p / f_p of q. f_p = clamp(E_p / NEAR_RHO, 1e-2, 0.5), NEAR_RHO = 1e-4: ieee 1e-2 (far entries within
+    ~1e-4 of q, 5e-5 of d), tf32x3 ~1.7e-2 (1e-4), tf32 0.5 (tf32 cannot reach NEAR_RHO without recomputing
+    everything: at the cap its far entries keep ~2e-3 relative error in q, about tf32's own operand rounding).
+    """
+    return min(0.5, max(1e-2, EXPANSION_ERROR[prec] / NEAR_RHO))
+
+
+def device_guard(device):
+    """``torch.cuda.device(device)`` for a CUDA tensor's device (a launch goes to the tensor's GPU, not the
+    current one), a no-op context otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def target_ctas(device) -> int:
+    """How many programs a sweep aims to launch: two per multiprocessor on CUDA (264 on an H100 where the
+    device cannot be asked); 48 under the interpreter (enough to exercise the column-split merge)."""
+    if interpreting():
+        return 48
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 264
+
+
+def column_split(row_programs: int, m: int, bn: int, device) -> tuple[int, int]:
+    """``(splits, span)``: the reference columns cut into ``splits`` contiguous ranges of ``span`` columns (a
+    multiple of ``bn``) so that row_programs x splits reaches :func:`target_ctas`; 1 split when the row
+    blocks alone do."""
+    tiles = max(1, triton.cdiv(m, bn))
+    want = max(1, min(tiles, triton.cdiv(target_ctas(device), max(1, row_programs))))
+    span = triton.cdiv(tiles, want) * bn
+    return max(1, triton.cdiv(m, span)), span
+
+
+def merge_extremes(val, idx, found, maximize: bool):
+    """Merge per-split running extremes ``(S, N)`` (splits in increasing column order) into ``(N,)``: the best
+    value over the splits that found one, ties to the earliest split (so the lowest index); a NaN best (a
+    NaN row) takes the first split that found anything, so the index stays in range."""
+    f = found == 1
+    if val.shape[0] == 1:
+        return val[0], idx[0], f[0]
+    fill = float("-inf") if maximize else float("inf")
+    v = torch.where(f, val, torch.full_like(val, fill))
+    best = v.amax(0) if maximize else v.amin(0)
+    hit = f & (v == best)
+    hit = torch.where(hit.any(0, keepdim=True), hit, f)
+    s = hit.to(torch.int8).argmax(0, keepdim=True)  # the first split that attains it
+    return val.gather(0, s)[0], idx.gather(0, s)[0], f.any(0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,6 +301,7 @@ def dprime_tile(
     SUBK: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    NEAR: tl.constexpr,
 ):
     """The (BM, BN) tile of d' and the mask of its "near" entries (recomputed by direct differences).
 
@@ -232,7 +311,10 @@ def dprime_tile(
     for k0 in range(0, D, BK):
         a = load_rows(x_ptr, rows, rmask, k0, D, BK, UPCAST)
         b = load_rows(r_ptr, cols, cmask, k0, D, BK, UPCAST)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+        if UPCAST:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)  # fp16/bf16 operands: native tensor-core dot, fp32 accumulation
     inb = rmask[:, None] & cmask[None, :]
     if KIND == 2:
         dp = -acc
@@ -242,7 +324,7 @@ def dprime_tile(
         rn = tl.load(rn_ptr + cols, mask=cmask, other=0.0)
         s = xn[:, None] + rn[None, :]
         q = s - 2.0 * acc
-        near = inb & (q < 1e-2 * s)
+        near = inb & (q < NEAR * s)
         if tl.max(near.to(tl.int32)) > 0:
             qd = direct_q(x_ptr, r_ptr, rows, rmask, cols, cmask, D, BM, BN, SUBK)
             q = tl.where(near, qd, q)
@@ -286,6 +368,7 @@ def labelled_tile(
     SUBK: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    NEAR: tl.constexpr,
 ):
     """One (BM, BN) tile of a row-owned sweep of queries ``rows`` (labels ``yl``, excluded reference ``ex``)
     over references ``j0 .. j0 + BN``: ``(cols, d', valid, same)`` where ``valid`` marks in-range pairs other
@@ -294,7 +377,7 @@ def labelled_tile(
     cmask = cols < M
     zl = tl.load(z_ptr + cols, mask=cmask, other=0)
     dp, near = dprime_tile(
-        x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D, KIND, BM, BN, BK, SUBK, PREC, UPCAST
+        x_ptr, r_ptr, xn_ptr, rn_ptr, rows, rmask, cols, cmask, D, KIND, BM, BN, BK, SUBK, PREC, UPCAST, NEAR
     )
     ok = rmask[:, None] & cmask[None, :] & (ex[:, None] != cols[None, :])
     same = yl[:, None] == zl[None, :]
@@ -316,25 +399,80 @@ def running_extreme(ok, dp, cols, best, bidx, found, M, MAXIMIZE: tl.constexpr):
         m = tl.min(tl.where(ok, dp, float("inf")), axis=1)
         better = any_ok & ((~found) | (m < best))
     at = tl.min(tl.where(ok & (dp == m[:, None]), cols[None, :], M), axis=1)
+    # a NaN extreme equals no entry: take the lowest eligible column, so a found index is always in range
+    at = tl.where(at < M, at, tl.min(tl.where(ok, cols[None, :], M), axis=1))
     return tl.where(better, m, best), tl.where(better, at, bidx), found | any_ok
 
 
-def extreme_outputs(n: int, device):
-    """Poisoned outputs of one running extreme: value NaN, index -1, found 2 (a row the kernel does not write
-    reads as not found and is caught by the tests)."""
+def extreme_outputs(n: int, device, splits: int = 1):
+    """Poisoned per-split outputs ``(splits, n)`` of one running extreme: value NaN, index -1, found 2 (a row
+    the kernel does not write reads as not found and is caught by the tests)."""
     return (
-        poison((n,), device),
-        torch.full((n,), -1, device=device, dtype=torch.int64),
-        torch.full((n,), 2, device=device, dtype=torch.int8),
+        poison((splits, n), device),
+        torch.full((splits, n), -1, device=device, dtype=torch.int64),
+        torch.full((splits, n), 2, device=device, dtype=torch.int8),
     )
 
 
-def extreme_config(d: int) -> dict:
-    """Launch configuration of the row-owned extreme sweeps (``row_extreme``, ``row_hardest``)."""
+def extreme_configs(d: int) -> list[dict]:
+    """Candidate launch configurations of the row-owned extreme sweeps (``row_extreme``, ``row_hardest``),
+    the first the default: one under the interpreter; on CUDA a small set that :func:`autotuned` times once
+    per (kernel, D bucket, dtype, kind, precision). Every candidate is compiled and checked spill-free on
+    sm_90 by bench/compile_check.py."""
     if interpreting():
-        return dict(BM=32, BN=32, BK=block_d(d), SUBK=16, num_warps=4)
-    # 8 warps: with 4 the (64, 32) tile needs > 255 registers and spills on sm_90 (compile_check)
-    return dict(BM=64, BN=32, BK=32, SUBK=1, num_warps=8)
+        return [dict(BM=32, BN=32, BK=block_d(d), SUBK=16, num_warps=4)]
+    # Only configs seen spill-free on sm_90 (bench/compile_check.py) are candidates: (64, 32) with 8 warps
+    # and 16-wide D chunks. Seen spilling: 4 warps; (32, 32) and (64, 64) with 8 warps, with or without
+    # maxnreg=255; 32-wide D chunks (row_hardest on Triton 3.9, the dot kind on 3.6). A candidate added
+    # here is timed on CUDA by ``autotuned``.
+    return [dict(BM=64, BN=32, BK=16, SUBK=1, num_warps=8)]
+
+
+def extreme_config(d: int) -> dict:
+    """The default (first) candidate of :func:`extreme_configs`."""
+    return dict(extreme_configs(d)[0])
+
+
+# autotuning: the chosen candidate index per key; FORCE_CANDIDATE (tests, compile_check) pins an index
+_TUNED: dict = {}
+FORCE_CANDIDATE: list[int] = []
+
+
+def _can_tune(device) -> bool:
+    return device is not None and device.type == "cuda" and not interpreting()
+
+
+def _time_candidate(run, device) -> float:
+    """Median time in ms of three launches of ``run`` after one warm-up (CUDA events)."""
+    run()
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[1]
+
+
+def autotuned(key, candidates: list[dict], run, device) -> dict:
+    """The candidate to launch for ``key``: ``FORCE_CANDIDATE`` if set; the first under the interpreter or
+    off CUDA; on CUDA the fastest of ``candidates`` by :func:`_time_candidate` of ``run(candidate)`` (which
+    must only write its own outputs), measured on the first call of the key and cached."""
+    if FORCE_CANDIDATE:
+        return dict(candidates[min(FORCE_CANDIDATE[-1], len(candidates) - 1)])
+    if len(candidates) == 1 or not _can_tune(device):
+        return dict(candidates[0])
+    if key not in _TUNED:
+        times = [_time_candidate(lambda c=c: run(dict(c)), device) for c in candidates]
+        _TUNED[key] = min(range(len(candidates)), key=lambda i: (times[i], i))
+    return dict(candidates[_TUNED[key]])
+
+
+def tune_key(name: str, p, prec: str) -> tuple:
+    """(kernel, D bucket, dtype, kind, precision): the key of :func:`autotuned`."""
+    return (name, triton.next_power_of_2(p.d), str(p.x.dtype), p.kind, prec)
 
 
 @triton.jit

@@ -4,8 +4,11 @@ The triplet ops (batch-all, semi-hard, triplet listing) compare, per anchor, eve
 negative: O(N K M) compares that each need two d' values. Recomputing d' inside that loop would cost
 O(N K M D); instead each chunk of anchors gets its d' rows staged once in a (CH, M) fp32 buffer by a
 GEMM-shaped kernel (O(CH M D), same precision handling as every other kernel), and the per-anchor kernels
-read them. CH is chosen so that the staging buffers stay under ``stage_bytes()`` (512 MB by default,
-``FASTDML_TRITON_STAGE_MB``): peak extra memory is bounded, independent of N.
+read them. CH (any number of rows, down to 1) is chosen so that the staging buffers (d' and, with a
+gradient, W: 4 or 8 bytes per anchor and reference) stay under ``stage_bytes()`` (256 MB by default,
+``FASTDML_TRITON_STAGE_MB``): peak extra memory is bounded, independent of N, except that one row must fit
+(a single row of M references over the budget is staged anyway). The staging buffer is not pre-filled:
+the staging kernel writes every in-range entry.
 
 Positives are enumerated without scanning all M columns: the references are sorted by label once
 (stable argsort, so each class's members stay in ascending index order) and anchor i's positives are
@@ -26,16 +29,45 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_d, dprime_tile, grad_finish, grad_group, grad_tile, interpreting, pair_coef, poison
+from ._common import (
+    block_d,
+    device_guard,
+    dprime_tile,
+    grad_finish,
+    grad_group,
+    grad_tile,
+    interpreting,
+    near_fraction,
+    pair_coef,
+    poison,
+    target_ctas,
+)
 
 _STAGE_OVERRIDE: list[int] = []
+# the largest class whose positives one per-anchor program holds at once, and the tile size BP x BT
+MAX_ONE_BLOCK = 1024
+BP_BT = 4096
 
 
 def stage_bytes() -> int:
     """Budget for the staging buffers of one chunk of anchors, in bytes."""
     if _STAGE_OVERRIDE:
         return _STAGE_OVERRIDE[-1]
-    return int(float(os.environ.get("FASTDML_TRITON_STAGE_MB", "512")) * 2**20)
+    raw = os.environ.get("FASTDML_TRITON_STAGE_MB", "").strip()
+    try:
+        mb = float(raw) if raw else 256.0
+    except ValueError as exc:
+        raise ValueError(f"FASTDML_TRITON_STAGE_MB must be a number of megabytes, got {raw!r}") from exc
+    if not mb > 0:
+        raise ValueError(f"FASTDML_TRITON_STAGE_MB must be positive, got {raw!r}")
+    return int(mb * 2**20)
+
+
+def chunk_rows(n: int, m: int, need_grad: bool, budget: int) -> int:
+    """Anchor rows per chunk: the most rows whose staged d' (and W with a gradient) fit ``budget`` bytes,
+    at least 1 and at most n."""
+    per_row = max(1, m) * 4 * (2 if need_grad else 1)
+    return max(1, min(max(n, 1), budget // per_row))
 
 
 def config(d):
@@ -63,6 +95,7 @@ def stage_dist_kernel(
     SUBK: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    NEAR: tl.constexpr,
 ):
     """buf[i, j] = d'(x[A0 + i], r[j]) for i < CH, j < M.
 
@@ -76,7 +109,7 @@ def stage_dist_kernel(
     cols = (pid % nb) * BN + tl.arange(0, BN).to(tl.int64)
     cmask = cols < M
     dp, near = dprime_tile(
-        x_ptr, r_ptr, xn_ptr, rn_ptr, rows, lmask, cols, cmask, D, KIND, BM, BN, BK, SUBK, PREC, UPCAST
+        x_ptr, r_ptr, xn_ptr, rn_ptr, rows, lmask, cols, cmask, D, KIND, BM, BN, BK, SUBK, PREC, UPCAST, NEAR
     )
     tl.store(buf_ptr + loc[:, None] * M + cols[None, :], dp, mask=lmask[:, None] & cmask[None, :])
 
@@ -106,6 +139,7 @@ def wpass_kernel(
     BG: tl.constexpr,
     SUBK: tl.constexpr,
     PREC: tl.constexpr,
+    NEAR: tl.constexpr,
 ):
     """out[own rows] (+)= scale * sum_j c_ij (own_i - oth_j) over the staged chunk (dot: -sum_j w_ij oth_j).
 
@@ -137,7 +171,7 @@ def wpass_kernel(
                 q = dp * dp
             else:
                 q = dp
-            near = inb & (q < 1e-2 * (ownn[:, None] + othn[None, :]))
+            near = inb & (q < NEAR * (ownn[:, None] + othn[None, :]))
         acc, rs = grad_tile(
             acc,
             rs,
@@ -163,7 +197,8 @@ def wpass_kernel(
 
 
 class Stager:
-    """Chunks of anchors with their staged d' rows (and zeroed weight rows when a gradient is wanted)."""
+    """Chunks of anchors with their staged d' rows and weight rows W (zeroed only for classes over
+    ``MAX_ONE_BLOCK``, where the per-anchor kernels add into W)."""
 
     def __init__(self, p, need_grad, prec, need_grad_r=True):
         self.p = p
@@ -178,16 +213,18 @@ class Stager:
         self.perm = perm.contiguous()
         self.plo = torch.searchsorted(zs, p.y, right=False).contiguous()
         self.phi = torch.searchsorted(zs, p.y, right=True).contiguous()
-        if not interpreting() and p.n > 0:
-            # positive tile: the largest class (PK batches: K = 4 -> 16 rows, not 32 mostly masked)
-            kmax = int((self.phi - self.plo).max())
-            self.cfg["BP"] = max(16, min(64, triton.next_power_of_2(max(kmax, 1))))
-        per_row = max(1, p.m) * 4 * (2 if need_grad else 1)
-        bm = self.cfg["BM"]
-        ch = max(bm, (stage_bytes() // per_row) // bm * bm)
-        self.ch = min(ch, max(bm, triton.cdiv(p.n, bm) * bm))
+        # positive tile: the largest class, whole when it has at most MAX_ONE_BLOCK members (then W is written
+        # by plain stores: ``one_block``), and the negative tile narrowed to keep BP x BT = BP_BT elements
+        kmax = int((self.phi - self.plo).max()) if p.n > 0 else 0
+        self.one_block = kmax <= MAX_ONE_BLOCK
+        if self.one_block:
+            self.cfg["BP"] = max(16, triton.next_power_of_2(max(kmax, 1)))
+            self.cfg["BT"] = max(16, min(self.cfg["BT"], BP_BT // self.cfg["BP"]))
+        elif not interpreting():
+            self.cfg["BP"] = 32  # BP = 64 spills in semihard_anchor_kernel on sm_90 (Triton 3.9)
+        self.ch = chunk_rows(p.n, p.m, need_grad, stage_bytes())
         self.buf = torch.empty((self.ch, max(1, p.m)), device=dev, dtype=torch.float32)
-        self.w = torch.empty_like(self.buf) if need_grad else self.buf
+        self.w = torch.empty(self.buf.shape, device=dev, dtype=torch.float32) if need_grad else self.buf
         if need_grad and p.kind_id != 2:
             self.near_x = torch.zeros((p.n, p.d), device=dev, dtype=torch.float32)
             self.near_r = torch.zeros((p.m if self.need_grad_r else 0, p.d), device=dev, dtype=torch.float32)
@@ -195,43 +232,70 @@ class Stager:
             self.near_x = self.near_r = self.buf
 
     def chunks(self):
-        """Yield (a0, ch): the buffer holds d'(x[a0 + i], r[j]) for i < ch (W zeroed) when yielded."""
-        p, c = self.p, self.cfg
+        """Yield (a0, ch): the buffer holds d'(x[a0 + i], r[j]) for i < ch when yielded."""
+        p = self.p
         for a0 in range(0, p.n, self.ch):
             ch = min(self.ch, p.n - a0)
             if p.m > 0:
-                self.buf.fill_(float("nan"))
-                stage_dist_kernel[(triton.cdiv(ch, c["BM"]) * triton.cdiv(p.m, c["BN"]),)](
-                    p.x,
-                    p.r,
-                    p.xn,
-                    p.rn,
-                    self.buf,
-                    a0,
-                    ch,
-                    p.m,
-                    p.d,
-                    KIND=p.kind_id,
-                    BM=c["BM"],
-                    BN=c["BN"],
-                    BK=c["BK"],
-                    SUBK=c["SUBK"],
-                    PREC=self.prec,
-                    UPCAST=p.upcast,
-                    num_warps=c["num_warps"],
-                )
-            if self.need_grad:
-                self.w.zero_()
+                with device_guard(p.device):
+                    self._stage(a0, ch)
+            if self.need_grad and not self.one_block:
+                self.w.zero_()  # the multi-block kernels add into W
             yield a0, ch
+
+    def _stage(self, a0, ch):
+        p, c = self.p, self.cfg
+        stage_dist_kernel[(triton.cdiv(ch, c["BM"]) * triton.cdiv(p.m, c["BN"]),)](
+            p.x,
+            p.r,
+            p.xn,
+            p.rn,
+            self.buf,
+            a0,
+            ch,
+            p.m,
+            p.d,
+            KIND=p.kind_id,
+            BM=c["BM"],
+            BN=c["BN"],
+            BK=c["BK"],
+            SUBK=c["SUBK"],
+            PREC=self.prec,
+            UPCAST=p.upcast,
+            NEAR=near_fraction(self.prec),
+            num_warps=c["num_warps"],
+        )
 
     def grad_passes(self, a0, ch, gx, gr, first):
         """Turn the chunk's weights into gradients: gx rows [a0, a0 + ch) written, gr (all M rows) added."""
         p, c = self.p, self.cfg
         groups = triton.cdiv(p.d, c["BG"])
         common = dict(
-            KIND=p.kind_id, BM=c["BM"], BN=c["BN"], BG=c["BG"], SUBK=c["SUBK"], PREC=self.prec, num_warps=c["num_warps"]
+            KIND=p.kind_id,
+            BN=c["BN"],
+            BG=c["BG"],
+            SUBK=c["SUBK"],
+            PREC=self.prec,
+            NEAR=near_fraction(self.prec),
+            num_warps=c["num_warps"],
         )
-        wpass_kernel[(triton.cdiv(ch, c["BM"]), groups)](
+        with device_guard(p.device):
+            self._wpasses(a0, ch, gx, gr, first, groups, common)
+
+    def wpass_bm(self, rows, groups):
+        """Row block of the gradient passes: the largest of 64, 32, 16 (tl.dot needs 16) that still gives
+        ``target_ctas`` programs for ``rows`` own rows and ``groups`` D groups (fewer rows: smaller blocks)."""
+        if interpreting():
+            return self.cfg["BM"]
+        for bm in (64, 32):
+            if triton.cdiv(rows, bm) * groups >= target_ctas(self.p.device):
+                return bm
+        return 16
+
+    def _wpasses(self, a0, ch, gx, gr, first, groups, common):
+        p = self.p
+        bm = self.wpass_bm(ch, groups)
+        wpass_kernel[(triton.cdiv(ch, bm), groups)](
             p.x,
             p.r,
             p.xn,
@@ -249,13 +313,15 @@ class Stager:
             p.d,
             1.0,
             ACCUM=False,
+            BM=bm,
             **common,
         )
         if p.m == 0 or not self.need_grad_r:
             return
         if self.near_r is not self.buf:
             self.near_r.zero_()
-        wpass_kernel[(triton.cdiv(p.m, c["BM"]), groups)](
+        bm = self.wpass_bm(p.m, groups)
+        wpass_kernel[(triton.cdiv(p.m, bm), groups)](
             p.r,
             p.x,
             p.rn,
@@ -273,6 +339,7 @@ class Stager:
             p.d,
             1.0,
             ACCUM=not first,
+            BM=bm,
             **common,
         )
 

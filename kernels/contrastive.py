@@ -11,6 +11,11 @@ part 1 = dS-/d(x, r) with g = -[counted, t > 0], turned into gradients by the co
 (``_common.grad_tile``): every program owns a block of rows and a D group and keeps its accumulators in
 registers, no atomics, deterministic.
 
+Each program owns a block of rows, a D group (one group up to D = 128, so d' is computed once per pair and
+sweep there) and a contiguous range of columns (``_common.column_split``: more programs when there are few
+row blocks); each range writes its own partial statistics and gradient rows, summed over the ranges in a
+fixed order by torch (no atomics, deterministic).
+
 Square case: the weights are symmetric (g_ij = g_ji), so one row sweep with a factor 2 gives the whole
 gradient (row and column contributions). Rectangular case: a second, column-owned sweep (programs own
 blocks of r's rows, the same kernel with the roles of x and r swapped) gives gr.
@@ -25,11 +30,14 @@ import triton.language as tl
 from ._common import (
     block_d,
     check_float,
+    column_split,
+    device_guard,
     dprime_tile,
     grad_finish,
     grad_group,
     grad_tile,
     interpreting,
+    near_fraction,
     pair_coef,
     poison,
     precision,
@@ -37,7 +45,7 @@ from ._common import (
 )
 
 
-@triton.jit(do_not_specialize=["N_OWN", "N_OTH"])
+@triton.jit(do_not_specialize=["N_OWN", "N_OTH", "SPAN"])
 def contrastive_kernel(
     own_ptr,
     oth_ptr,
@@ -54,6 +62,7 @@ def contrastive_kernel(
     N_OWN,
     N_OTH,
     D,
+    SPAN,
     pos_margin,
     neg_margin,
     pos_lo,
@@ -72,9 +81,19 @@ def contrastive_kernel(
     SUBK: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    NEAR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g0 = tl.program_id(1).to(tl.int64) * BG
+    sid = tl.program_id(2).to(tl.int64)
+    c0 = sid * SPAN
+    c1 = tl.minimum(c0 + SPAN, N_OTH)
+    # this column range's partials: stats (4, N_OWN), gradients and near scratch (N_OWN, D) each
+    stats_ptr += sid * 4 * N_OWN
+    gp_ptr += sid * N_OWN * D
+    gn_ptr += sid * N_OWN * D
+    nearp_ptr += sid * N_OWN * D
+    nearn_ptr += sid * N_OWN * D
     rows = pid.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
     rmask = rows < N_OWN
     yl = tl.load(ylab_ptr + rows, mask=rmask, other=0)
@@ -88,12 +107,28 @@ def contrastive_kernel(
     accn = tl.zeros((BM, BG), tl.float32)
     rsp = tl.zeros((BM,), tl.float32)
     rsn = tl.zeros((BM,), tl.float32)
-    for j0 in range(0, N_OTH, BN):
+    for j0 in range(c0, c1, BN):
         cols = j0 + tl.arange(0, BN).to(tl.int64)
-        cmask = cols < N_OTH
+        cmask = cols < c1
         zl = tl.load(zlab_ptr + cols, mask=cmask, other=0)
         dp, near = dprime_tile(
-            own_ptr, oth_ptr, ownn_ptr, othn_ptr, rows, rmask, cols, cmask, D, KIND, BM, BN, BK, SUBK, PREC, UPCAST
+            own_ptr,
+            oth_ptr,
+            ownn_ptr,
+            othn_ptr,
+            rows,
+            rmask,
+            cols,
+            cmask,
+            D,
+            KIND,
+            BM,
+            BN,
+            BK,
+            SUBK,
+            PREC,
+            UPCAST,
+            NEAR,
         )
         valid = rmask[:, None] & cmask[None, :]
         if COLMODE == 0:
@@ -177,54 +212,68 @@ def _config(d):
     """Block sizes: one config under the interpreter (speed there comes from few, large programs)."""
     if interpreting():
         return dict(BM=32, BN=32, BK=block_d(d), BG=grad_group(d), SUBK=16, num_warps=4)
-    # Measured with bench/compile_check.py (sm_90 cubin, cuobjdump): wider tiles (BM 64 or BN 32) spill past
-    # 255 registers; (32, 16) with one 64-wide D group per program keeps every variant spill-free.
-    return dict(BM=32, BN=16, BK=16, BG=min(64, grad_group(d)), SUBK=1, num_warps=4)
+    # one D group up to D = 128 (d' once per pair); (32, 16) tiles, 8 warps and maxnreg=255 keep the two
+    # (BM, BG) accumulators in registers on sm_90 (4 warps, or 8 capped at 128 registers by ptxas, spill:
+    # bench/compile_check.py)
+    return dict(BM=32, BN=16, BK=16, BG=grad_group(d), SUBK=1, num_warps=8, maxnreg=255)
 
 
-def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, need_grad, margins, scale, allow_tf32):
+def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, need_grad, margins, scale, prec):
+    """One sweep over (row block, D group, column range) programs; returns the statistics partials summed
+    over the ranges ``(4, n_own)`` and the gradient parts ``(k, n_own, D)``."""
     cfg = _config(p.d)
     dev = p.device
     k = 2 if need_grad else 0
-    parts = poison((k, n_own, p.d), dev)
-    near = torch.zeros((k, n_own, p.d), device=dev, dtype=torch.float32) if (need_grad and p.kind_id != 2) else parts
-    st = poison((4, n_own), dev, torch.float64) if stats else torch.empty((4, 1), device=dev, dtype=torch.float64)
-    if n_own == 0:
-        return st, parts
+    rows = triton.cdiv(n_own, cfg["BM"]) if n_own else 0
     groups = triton.cdiv(p.d, cfg["BG"]) if need_grad else 1
-    gp = parts[0] if need_grad else parts
-    gn = parts[1] if need_grad else parts
-    np_ = near[0] if need_grad and p.kind_id != 2 else parts
-    nn_ = near[1] if need_grad and p.kind_id != 2 else parts
-    num_warps = cfg.pop("num_warps")
-    contrastive_kernel[(triton.cdiv(n_own, cfg["BM"]), groups)](
-        own,
-        oth,
-        ownn,
-        othn,
-        ylab,
-        zlab,
-        p.excl,
-        st,
-        gp,
-        gn,
-        np_,
-        nn_,
-        n_own,
-        n_oth,
-        p.d,
-        *margins,
-        scale,
-        KIND=p.kind_id,
-        COLMODE=colmode,
-        STATS=stats,
-        NEED_GRAD=need_grad,
-        PREC=precision(allow_tf32),
-        UPCAST=p.upcast,
-        num_warps=num_warps,
-        **cfg,
+    splits, span = column_split(rows * groups, n_oth, cfg["BN"], dev)
+    parts = poison((k, splits, n_own, p.d), dev)  # gradient partials: (part, range, row, D)
+    has_near = need_grad and p.kind_id != 2
+    near = torch.zeros((k, splits, n_own, p.d), device=dev, dtype=torch.float32) if has_near else parts
+    st = (
+        poison((splits, 4, n_own), dev, torch.float64)
+        if stats
+        else torch.empty((1, 4, 1), device=dev, dtype=torch.float64)
     )
-    return st, parts
+    if n_own == 0:
+        return st.sum(0), parts.sum(1)
+    gp = parts[0, 0] if need_grad else parts
+    gn = parts[1, 0] if need_grad else parts
+    np_ = near[0, 0] if has_near else parts
+    nn_ = near[1, 0] if has_near else parts
+    num_warps = cfg.pop("num_warps")
+    with device_guard(dev):
+        contrastive_kernel[(rows, groups, splits)](
+            own,
+            oth,
+            ownn,
+            othn,
+            ylab,
+            zlab,
+            p.excl,
+            st,
+            gp,
+            gn,
+            np_,
+            nn_,
+            n_own,
+            n_oth,
+            p.d,
+            span,
+            *margins,
+            scale,
+            KIND=p.kind_id,
+            COLMODE=colmode,
+            STATS=stats,
+            NEED_GRAD=need_grad,
+            PREC=prec,
+            UPCAST=p.upcast,
+            NEAR=near_fraction(prec),
+            num_warps=num_warps,
+            **cfg,
+        )
+    # the ranges' partials, summed in a fixed order (deterministic)
+    return (st[0] if splits == 1 else st.sum(0)), (parts[:, 0] if splits == 1 else parts.sum(1))
 
 
 def contrastive_stats_fwd(
@@ -242,7 +291,7 @@ def contrastive_stats_fwd(
     high,
     need_grad,
     need_grad_r=True,
-    allow_tf32=False,
+    allow_tf32=None,
 ):
     """Contrastive statistics ``[S+, C+, S-, C-]`` (float64) and their gradient parts.
 
@@ -251,7 +300,7 @@ def contrastive_stats_fwd(
     case ``r is None`` the gradient is all in ``gx_parts`` and ``gr_parts`` is ``(0, 0, D)``). With
     ``need_grad_r=False`` (references that need no gradient) ``gr_parts`` is ``(0, M, D)`` and the
     column-side sweep is skipped.
-    ``allow_tf32`` opts into tf32 ``tl.dot`` for fp32 inputs (faster, ~1e-3 relative error in d').
+    ``allow_tf32``: None (default) follows ``fastdml.config.fp32_precision()``; True/False force tf32/ieee.
     """
     p = prepare(x, y, r, z, excl, kind)
     margins = tuple(
@@ -266,14 +315,15 @@ def contrastive_stats_fwd(
         )
     )
     need_grad = bool(need_grad)
+    prec = precision(allow_tf32)
     st, gx = _sweep(
-        p, p.x, p.r, p.xn, p.rn, p.y, p.z, p.n, p.m, 0, True, need_grad, margins, 2.0 if p.square else 1.0, allow_tf32
+        p, p.x, p.r, p.xn, p.rn, p.y, p.z, p.n, p.m, 0, True, need_grad, margins, 2.0 if p.square else 1.0, prec
     )
     stats = st.sum(1) if p.n > 0 else torch.zeros(4, device=p.device, dtype=torch.float64)
     if p.square:
         gr = torch.empty((0, 0, p.d), device=p.device, dtype=torch.float32)
     elif need_grad and need_grad_r:
-        _, gr = _sweep(p, p.r, p.x, p.rn, p.xn, p.z, p.y, p.m, p.n, 1, False, True, margins, 1.0, allow_tf32)
+        _, gr = _sweep(p, p.r, p.x, p.rn, p.xn, p.z, p.y, p.m, p.n, 1, False, True, margins, 1.0, prec)
     else:
         gr = torch.empty((0, p.m, p.d), device=p.device, dtype=torch.float32)
     return stats, gx, gr

@@ -19,8 +19,11 @@ Per anchor i (one program each), positives p in P(i) (an index range of the labe
 The loads of positives/negatives are written out inline in each loop (not jit helpers): the interpreter
 re-patches the language on every helper call, which dominated the CPU test time.
 
-Every per-anchor kernel owns its anchor's weight row, so the read-modify-writes of W need no atomics (a
-barrier orders them inside the program).
+Every per-anchor kernel owns its anchor's weight row (no atomics). When every class has at most
+``_staged.MAX_ONE_BLOCK`` members (``ONE_BLOCK``), an anchor's positives are held in one block and each W
+entry is written once by a plain store (the negative tiles' weights, then the positives'): W needs no
+zeroing and no read-modify-write. Larger classes take positive blocks in turn and add into a zeroed W (a
+barrier orders the read-modify-writes inside the program).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _fail, check_float, poison, precision, prepare
+from ._common import _fail, check_float, device_guard, poison, precision, prepare
 from ._staged import Stager, empty_parts
 
 
@@ -95,6 +98,7 @@ def triplet_anchor_kernel(
     high,
     SMOOTH: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
     BP: tl.constexpr,
     BT: tl.constexpr,
 ):
@@ -104,7 +108,10 @@ def triplet_anchor_kernel(
     w_row = w_ptr + pid.to(tl.int64) * LD
     s = tl.zeros((1,), tl.float64)
     c = tl.zeros((1,), tl.int64)
-    for t0 in range(lo, hi, BP):
+    # ONE_BLOCK: every anchor's positives fit one block, which runs once (even when empty), so each W entry
+    # is written once by a plain store (no zeroed W, no read-modify-write)
+    t_end = lo + 1 if ONE_BLOCK else hi
+    for t0 in range(lo, t_end, BP):
         pidx, pm, dap = _positive_block(buf_row, perm_ptr, t0, hi, ex, BP)
         wp = tl.zeros((BP,), tl.float32)
         for j0 in range(0, M, BT):
@@ -126,11 +133,16 @@ def triplet_anchor_kernel(
                 else:
                     dterm = tl.where(cnt & (v > 0), 1.0, 0.0)
                 wp += tl.sum(dterm, axis=1)
-                old = tl.load(w_row + cols, mask=nm, other=0.0)
-                tl.store(w_row + cols, old - tl.sum(dterm, axis=0), mask=nm)
-                tl.debug_barrier()
+                if ONE_BLOCK:
+                    # the whole tile: the negatives' weights, 0 elsewhere (positives are stored below)
+                    tl.store(w_row + cols, -tl.sum(dterm, axis=0), mask=cols < M)
+                else:
+                    old = tl.load(w_row + cols, mask=nm, other=0.0)
+                    tl.store(w_row + cols, old - tl.sum(dterm, axis=0), mask=nm)
+                    tl.debug_barrier()
         if NEED_GRAD:
-            # positives are never negatives of the same anchor: no overlap with the stores above
+            # after the tiles' stores (which wrote 0 on the positive columns in ONE_BLOCK mode)
+            tl.debug_barrier()
             tl.store(w_row + pidx, wp, mask=pm)
             tl.debug_barrier()
     one = tl.arange(0, 1)
@@ -154,6 +166,7 @@ def semihard_anchor_kernel(
     LD,
     margin,
     NEED_GRAD: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
     BP: tl.constexpr,
     BT: tl.constexpr,
 ):
@@ -163,7 +176,8 @@ def semihard_anchor_kernel(
     w_row = w_ptr + pid.to(tl.int64) * LD
     s = tl.zeros((1,), tl.float64)
     c = tl.zeros((1,), tl.int64)
-    for t0 in range(lo, hi, BP):
+    t_end = lo + 1 if ONE_BLOCK else hi  # as in triplet_anchor_kernel: one block, plain stores of W
+    for t0 in range(lo, t_end, BP):
         pidx, pm, dap = _positive_block(buf_row, perm_ptr, t0, hi, ex, BP)
         ab_v = tl.full((BP,), float("inf"), tl.float32)
         ab_i = tl.full((BP,), -1, tl.int64)
@@ -195,14 +209,18 @@ def semihard_anchor_kernel(
         c += tl.sum(has.to(tl.int32), axis=0).to(tl.int64)
         if NEED_GRAD:
             wpos = tl.where(has & (v > 0), 1.0, 0.0)
-            tl.store(w_row + pidx, wpos, mask=pm)
-            tl.debug_barrier()
             for j0 in range(0, M, BT):
                 cols, nm = _negative_cols(z_ptr, j0, M, ya, ex, BT)
                 hit = tl.where(nstar[:, None] == cols[None, :], wpos[:, None], 0.0)
-                old = tl.load(w_row + cols, mask=nm, other=0.0)
-                tl.store(w_row + cols, old - tl.sum(hit, axis=0), mask=nm)
-                tl.debug_barrier()
+                if ONE_BLOCK:
+                    tl.store(w_row + cols, -tl.sum(hit, axis=0), mask=cols < M)
+                else:
+                    old = tl.load(w_row + cols, mask=nm, other=0.0)
+                    tl.store(w_row + cols, old - tl.sum(hit, axis=0), mask=nm)
+                    tl.debug_barrier()
+            tl.debug_barrier()
+            tl.store(w_row + pidx, wpos, mask=pm)
+            tl.debug_barrier()
     one = tl.arange(0, 1)
     tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + one, s)
     tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + 1 + one, c.to(tl.float64))
@@ -265,9 +283,12 @@ def triplet_list_kernel(
         tl.store(cnt_ptr + a + one, base)
 
 
-def _grid_cfg(st):
+def _grid_cfg(st, one_block=True):
     c = st.cfg
-    return dict(BP=c["BP"], BT=c["BT"], num_warps=c["num_warps"])
+    cfg = dict(BP=c["BP"], BT=c["BT"], num_warps=c["num_warps"])
+    if one_block:
+        cfg["ONE_BLOCK"] = st.one_block
+    return cfg
 
 
 def _stats_run(p, need_grad, allow_tf32, launch, need_grad_r=True):
@@ -278,7 +299,8 @@ def _stats_run(p, need_grad, allow_tf32, launch, need_grad_r=True):
     if need_grad:
         gx, gr = st.grads()
     for k, (a0, ch) in enumerate(st.chunks()):
-        launch(st, a0, ch, part)
+        with device_guard(p.device):
+            launch(st, a0, ch, part)
         if need_grad:
             st.grad_passes(a0, ch, gx, gr, first=(k == 0))
     stats = part.sum(0)
@@ -290,7 +312,7 @@ def _stats_run(p, need_grad, allow_tf32, launch, need_grad_r=True):
 
 
 def triplet_stats_fwd(
-    x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad, need_grad_r=True, allow_tf32=False
+    x, y, r, z, excl, kind, margin, smooth, band_lo, band_hi, low, high, need_grad, need_grad_r=True, allow_tf32=None
 ):
     """All-triplet statistics ``[S, C]`` (float64) and the gradient part dS/d(x, r).
 
@@ -333,7 +355,7 @@ def triplet_stats_fwd(
     return _stats_run(p, need_grad, allow_tf32, launch, bool(need_grad_r))
 
 
-def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, need_grad_r=True, allow_tf32=False):
+def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, need_grad_r=True, allow_tf32=None):
     """Semi-hard statistics ``[S, C]`` (float64, TF-Addons ``triplet_semihard_loss``) and dS/d(x, r).
 
     For each positive pair (i, p) of an anchor with at least one negative: n* = the negative with the
@@ -369,7 +391,7 @@ def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, need_grad_r=Tr
     return _stats_run(p, need_grad, allow_tf32, launch, bool(need_grad_r))
 
 
-def triplet_list(x, y, r, z, excl, kind, band_lo, band_hi, allow_tf32=False):
+def triplet_list(x, y, r, z, excl, kind, band_lo, band_hi, allow_tf32=None):
     """Triplets (a, p, n) with band_lo < d'_an - d'_ap <= band_hi, int64, PML's lexicographic order."""
     p = prepare(x, y, r, z, excl, kind)
     band_lo = check_float("band_lo", band_lo)
@@ -385,27 +407,28 @@ def triplet_list(x, y, r, z, excl, kind, band_lo, band_hi, allow_tf32=False):
     # count pass (the staged rows are recomputed in the write pass: the staging costs O(CH M D) per chunk,
     # far less than the compares, and the budget holds one chunk at a time)
     for a0, ch in st.chunks():
-        triplet_list_kernel[(ch,)](
-            st.buf,
-            p.y,
-            p.z,
-            p.excl,
-            st.perm,
-            st.plo,
-            st.phi,
-            cnt,
-            dummy,
-            dummy,
-            dummy,
-            dummy,
-            a0,
-            p.m,
-            st.buf.shape[1],
-            band_lo,
-            band_hi,
-            WRITE=False,
-            **_grid_cfg(st),
-        )
+        with device_guard(dev):
+            triplet_list_kernel[(ch,)](
+                st.buf,
+                p.y,
+                p.z,
+                p.excl,
+                st.perm,
+                st.plo,
+                st.phi,
+                cnt,
+                dummy,
+                dummy,
+                dummy,
+                dummy,
+                a0,
+                p.m,
+                st.buf.shape[1],
+                band_lo,
+                band_hi,
+                WRITE=False,
+                **_grid_cfg(st),
+            )
         chunks.append((a0, ch))
     off = (torch.cumsum(cnt, 0) - cnt).contiguous()
     total = int(cnt.sum().item())
@@ -413,25 +436,26 @@ def triplet_list(x, y, r, z, excl, kind, band_lo, band_hi, allow_tf32=False):
         _fail(RuntimeError, "triplet count overflow")
     out = [torch.full((max(total, 1),), -1, device=dev, dtype=torch.int64) for _ in range(3)]
     for a0, ch in st.chunks():
-        triplet_list_kernel[(ch,)](
-            st.buf,
-            p.y,
-            p.z,
-            p.excl,
-            st.perm,
-            st.plo,
-            st.phi,
-            cnt,
-            off,
-            out[0],
-            out[1],
-            out[2],
-            a0,
-            p.m,
-            st.buf.shape[1],
-            band_lo,
-            band_hi,
-            WRITE=True,
-            **_grid_cfg(st),
-        )
+        with device_guard(dev):
+            triplet_list_kernel[(ch,)](
+                st.buf,
+                p.y,
+                p.z,
+                p.excl,
+                st.perm,
+                st.plo,
+                st.phi,
+                cnt,
+                off,
+                out[0],
+                out[1],
+                out[2],
+                a0,
+                p.m,
+                st.buf.shape[1],
+                band_lo,
+                band_hi,
+                WRITE=True,
+                **_grid_cfg(st),
+            )
     return tuple(o[:total] for o in out)
