@@ -15,7 +15,7 @@
 #      cache serves every step). TRITON_INTERPRET=0 (tests/conftest.py only sets a default); tests that
 #      force the triton backend on CPU tensors skip themselves
 #   3. the rest of the test suite (CPU paths on this machine's torch), with what is left of its time limit
-#   4. the timing table: bench/gpu_timing.py (fastdml vs PML vs the GEMM floor, peak memory)
+#   4. the timing table: python -m fastdml --bench (fastdml vs PML vs the GEMM floor, peak memory)
 #   5. the pytest-benchmark suites on CUDA and their report
 # Everything is written to OUTDIR: env.txt, pip.log, pytest_kernels.log (+ pytest_kernels_{0,1,2}.log/.xml),
 # pytest_all.log/.xml, timing.log/.json/.md, bench_suites.log, bench/, summary.txt.
@@ -164,7 +164,8 @@ step pytest_all "$T_ALL_TESTS" "${PYTEST[@]}" -v --maxfail=25 --junitxml="$OUT/p
     "${IGNORE[@]}" --ignore=tests/test_demo.py tests
 
 # 4. the timing table (stops starting cases 40 s before its limit; each case is guarded by --case-s)
-step timing "$T_TIMING" $PY bench/gpu_timing.py --out "$OUT" --budget-s $((T_TIMING - 40)) --case-s 45
+step timing "$T_TIMING" $PY -m fastdml --device cuda --no-check --bench --json "$OUT/timing.json" \
+    --markdown "$OUT/timing.md" --budget-s $((T_TIMING - 40)) --case-s 45
 
 # 5. the pytest-benchmark suites on CUDA and their report (publish later here with
 # `python -m bench.report --no-run --json OUTDIR/bench/bench.json`)
