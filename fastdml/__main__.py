@@ -16,7 +16,11 @@ Fast by default (seconds on a CPU). ``--interpret`` adds the Triton kernels on C
 interpreter (``TRITON_INTERPRET=1``, set before the kernels are imported; slow). ``--precision`` lists the
 fp32 precisions to check and time on CUDA (``ieee``, ``tf32x3``, ``tf32``); the CPU computes ieee only.
 ``--json FILE`` writes everything machine-readable, ``--markdown FILE`` the tables.
-Exit status: 0 all passed, 1 a check (or a fastdml timing case) failed, 2 bad usage.
+With ``--device all`` (the default) and a GPU present, the timing table times the GPU only. The JSON and
+markdown files are rewritten after each phase and timing row; a SIGINT (a time limit) ends the run with
+what was measured, marked ``"interrupted"``.
+Exit status: 0 all passed, 1 a check or a fastdml timing case failed (or the run was interrupted), 2 bad
+usage.
 """
 
 from __future__ import annotations
@@ -193,6 +197,93 @@ def _markdown(report: dict) -> str:
     return "\n".join(out)
 
 
+def _save(report: dict, args, t_start: float) -> None:
+    """Write the JSON and markdown files (after each phase and timing row, so a stopped run leaves them)."""
+    report["passed"] = not report["failures"]
+    report["seconds"] = time.perf_counter() - t_start
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        os.replace(args.json + ".tmp", args.json)
+    if args.markdown:
+        with open(args.markdown + ".tmp", "w") as f:
+            f.write(_markdown(report) + "\n")
+        os.replace(args.markdown + ".tmp", args.markdown)
+
+
+def _paths(report: dict, targets, cases) -> None:
+    from fastdml import info, selfcheck
+
+    for label, dev, ctx, _, _ in targets:
+        if label in report["paths"]:
+            continue
+        with ctx():
+            p = info.path_for(dev)
+        p["cases"] = selfcheck.trace_paths(dev, ctx, cases)
+        report["paths"][label] = p
+        _print(f"\n[{label}] path: {p['backend']} ({p['why']}); compiled C helpers: {p['native']}; "
+               f"fp32 precision: {p['fp32_precision']}")  # fmt: skip
+        for row in p["cases"]:
+            calls = ", ".join(row["calls"]) if not row["error"] else f"ERROR {row['error']}"
+            _print(f"  {row['case']:38s} {row['backend']:9s} {calls}")
+
+
+def _checks(report: dict, targets, cases) -> None:
+    from fastdml import selfcheck
+
+    _print("\nSelf-check (float32 against float64 oracles; miners: identical indices)")
+    for label, dev, ctx, prec, sizes in targets:
+        with fp32_precision(prec) as took:
+            if not took:
+                note = f"{label}: fp32 precision {prec!r} cannot be set in this fastdml: not checked"
+                report["notes"].append(note)
+                _print("  " + note)
+                continue
+            checks = selfcheck.run_checks(label, dev, sizes, ctx, prec, cases=cases)
+        report["checks"] += [c.to_dict() for c in checks]
+        for c in checks:
+            if not c.passed:
+                report["failures"].append(f"check {label} {prec} {c.case} N={c.n} vs {c.against}: {c.detail}")
+    for line in _summarise_checks([selfcheck.Check(**c) for c in report["checks"]]):
+        _print(line)
+
+
+def _timing(report: dict, args, devices, t_start: float) -> None:
+    """The timing table: N outermost (so that a time budget cuts the largest sizes, not a precision), then
+    each precision. With ``--device all`` and a GPU present only the GPU is timed."""
+    from fastdml import benchmark
+
+    if args.device == "all" and len(devices) > 1:
+        devices = [d for d in devices if d != "cpu"]
+        report["notes"].append("timing: the GPU only (--device cpu times the CPU)")
+    _print(f"\nTiming (one step, forward + backward, D = {benchmark.D}, float32) on {', '.join(devices)}")
+
+    def show(row):
+        ms, mb = benchmark.fmt_ms(row.ms), benchmark.fmt_mb(row.peak_bytes)
+        _print(f"  {row.device} {row.precision} N={row.n:6d} {row.family:12s} {row.impl:8s} {ms:>9s} ms  "
+               f"peak {mb:>8s} MB {row.note}")  # fmt: skip
+        report["timing"].append(row.to_dict())
+        if row.impl == "fastdml" and row.note.startswith(("error", "non-finite", "out of memory")):
+            report["failures"].append(f"timing {row.device} {row.precision} {row.family} N={row.n}: {row.note}")
+        _save(report, args, t_start)
+
+    for dev in devices:
+        for n in args.sizes:
+            for prec in args.precision if dev != "cpu" else ["ieee"]:
+                with fp32_precision(prec) as took:
+                    if not took:
+                        note = f"{dev}: fp32 precision {prec!r} cannot be set in this fastdml: not timed"
+                        if note not in report["notes"]:
+                            report["notes"].append(note)
+                        continue
+                    spent = time.perf_counter() - t_start
+                    benchmark.run_table(
+                        dev, [n], precision=prec, case_s=args.case_s, budget_s=max(0.0, args.budget_s - spent),
+                        on_row=show,
+                    )  # fmt: skip
+    _print(benchmark.markdown([benchmark.Row(**r) for r in report["timing"]]))
+
+
 def main(argv=None) -> int:
     """Run the report; returns the exit status (0 passed, 1 failed, 2 bad usage)."""
     args = parse_args(argv)
@@ -204,7 +295,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from fastdml import benchmark, info, selfcheck
+    from fastdml import info, selfcheck
 
     t_start = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -231,6 +322,7 @@ def main(argv=None) -> int:
         "timing": [],
         "failures": [],
         "notes": [],
+        "interrupted": False,
     }
     v = report["versions"]
     _print(f"fastdml {v['fastdml']} ({v['fastdml_path']})")
@@ -242,75 +334,19 @@ def main(argv=None) -> int:
     _print("\nDevice table (fastdml.dispatch.backend_for):\n" + info.device_table_markdown())
 
     targets = _targets(args, devices)
-    for label, dev, ctx, _, _ in targets:
-        if label in report["paths"]:
-            continue
-        with ctx():
-            p = info.path_for(dev)
-        p["cases"] = selfcheck.trace_paths(dev, ctx, cases)
-        report["paths"][label] = p
-        _print(f"\n[{label}] path: {p['backend']} ({p['why']}); compiled C helpers: {p['native']}; "
-               f"fp32 precision: {p['fp32_precision']}")  # fmt: skip
-        for row in p["cases"]:
-            calls = ", ".join(row["calls"]) if not row["error"] else f"ERROR {row['error']}"
-            _print(f"  {row['case']:38s} {row['backend']:9s} {calls}")
-
     failures = report["failures"]
-    if not args.no_check:
-        _print("\nSelf-check (float32 against float64 oracles; miners: identical indices)")
-        for label, dev, ctx, prec, sizes in targets:
-            with fp32_precision(prec) as took:
-                if not took:
-                    note = f"{label}: fp32 precision {prec!r} cannot be set in this fastdml: not checked"
-                    report["notes"].append(note)
-                    _print("  " + note)
-                    continue
-                checks = selfcheck.run_checks(label, dev, sizes, ctx, prec, cases=cases)
-            report["checks"] += [c.to_dict() for c in checks]
-            for c in checks:
-                if not c.passed:
-                    failures.append(f"check {label} {prec} {c.case} N={c.n} vs {c.against}: {c.detail}")
-        for line in _summarise_checks([selfcheck.Check(**c) for c in report["checks"]]):
-            _print(line)
-
-    if args.bench:
-        _print("\nTiming (one step, forward + backward, D = 128, float32)")
-        for dev in devices:
-            for prec in args.precision if dev != "cpu" else ["ieee"]:
-                with fp32_precision(prec) as took:
-                    if not took:
-                        report["notes"].append(f"{dev}: fp32 precision {prec!r} cannot be set: not timed")
-                        continue
-
-                    def show(row):
-                        _print(f"  {row.device} {row.precision} N={row.n:6d} {row.family:12s} {row.impl:8s} "
-                               f"{benchmark.fmt_ms(row.ms):>9s} ms  peak {benchmark.fmt_mb(row.peak_bytes):>8s} MB "
-                               f"{row.note}")  # fmt: skip
-
-                    spent = time.perf_counter() - t_start
-                    rows = benchmark.run_table(
-                        dev,
-                        args.sizes,
-                        precision=prec,
-                        case_s=args.case_s,
-                        budget_s=max(0.0, args.budget_s - spent),
-                        on_row=show,
-                    )
-                report["timing"] += [r.to_dict() for r in rows]
-                for r in rows:
-                    bad = r.note.startswith(("error", "non-finite", "out of memory"))
-                    if r.impl == "fastdml" and bad:
-                        failures.append(f"timing {r.device} {r.precision} {r.family} N={r.n}: {r.note}")
-        _print(benchmark.markdown([benchmark.Row(**r) for r in report["timing"]]))
-
-    report["passed"] = not failures
-    report["seconds"] = time.perf_counter() - t_start
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(_markdown(report) + "\n")
+    try:
+        _paths(report, targets, cases)
+        _save(report, args, t_start)
+        if not args.no_check:
+            _checks(report, targets, cases)
+            _save(report, args, t_start)
+        if args.bench:
+            _timing(report, args, devices, t_start)
+    except KeyboardInterrupt:  # a time limit's SIGINT: keep what was measured
+        report["interrupted"] = True
+        failures.append("interrupted (SIGINT) before the end: the report is partial")
+    _save(report, args, t_start)
     _print("")
     for line in failures:
         _print("FAILED: " + line)

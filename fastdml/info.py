@@ -169,8 +169,8 @@ def path_for(device: str | torch.device, dtype: torch.dtype = torch.float32) -> 
     out = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "backend": effective, "row": row}
     out["why"] = why
     out["native"] = native_status() if effective == "blocked" and device.type == "cpu" else None
-    if effective == "triton":
-        out["fp32_precision"] = fp32_precision()
+    if effective == "triton":  # on ROCm the kernels compute ieee whatever the setting says
+        out["fp32_precision"] = "ieee (ROCm)" if is_rocm else fp32_precision()
     else:  # the blocked path's GEMMs follow torch's setting ("highest": ieee)
         out["fp32_precision"] = f"torch.get_float32_matmul_precision() = {torch.get_float32_matmul_precision()!r}"
     return out

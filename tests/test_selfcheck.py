@@ -177,3 +177,15 @@ def test_interpret_checks_the_kernels_on_cpu_tensors(tmp_path):
     assert interp and all(c["backend"] == "triton" and c["passed"] for c in interp)
     paths = {r["case"]: r for r in report["paths"]["cpu (triton interpreter)"]["cases"]}
     assert paths["BatchHardMiner"]["calls"] == ["ops.row_hardest", "kernels.row_hardest"]
+
+
+def test_an_interrupted_run_keeps_what_it_measured(monkeypatch, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(selfcheck, "run_checks", interrupted)
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    assert main(["--device", "cpu", "--cases", "BatchHardMiner", "--json", str(out), "--markdown", str(md)]) == 1
+    report = json.loads(out.read_text())
+    assert report["interrupted"] is True and report["passed"] is False and report["paths"]["cpu"]["cases"]
+    assert "## Paths on cpu" in md.read_text()
