@@ -410,12 +410,15 @@ def _recording(modules: dict):
 
 def trace_paths(device: str, backend_ctx=contextlib.nullcontext, cases=CASES) -> list[dict]:
     """For each case: dispatch's answer for a float32 tensor on ``device`` and the ``fastdml.ops`` primitives
-    and backend functions (``blocked.*``, ``kernels.*``, ``reference.*``) one small call reaches."""
+    and backend functions (``blocked.*``, ``kernels.*``, ``portable.*``, ``reference.*``) one small call
+    reaches."""
     import importlib
 
     from fastdml import dispatch, ops, reference
 
     modules = {"ops": ops, "reference": reference, "blocked": importlib.import_module("fastdml.blocked")}
+    with contextlib.suppress(ImportError):  # device-independent torch code, where this fastdml has it
+        modules["portable"] = importlib.import_module("fastdml.portable")
     out = []
     for i, case in enumerate(cases):
         x, y, extra = make_inputs(case, 16, 4, seed=i)

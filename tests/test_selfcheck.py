@@ -37,7 +37,7 @@ def test_the_command_passes_on_the_cpu(tmp_path):
     assert {r["case"] for r in cpu["cases"]} == {c.name for c in selfcheck.CASES}
     for row in cpu["cases"]:
         assert row["error"] is None and row["backend"] == "blocked" and row["calls"], row
-        assert all(c.split(".")[0] in ("ops", "blocked", "reference", "kernels") for c in row["calls"])
+        assert all(c.split(".")[0] in ("ops", "blocked", "portable", "reference", "kernels") for c in row["calls"])
     checks = report["checks"]
     assert {c["case"] for c in checks} == {c.name for c in selfcheck.CASES}
     assert {c["n"] for c in checks} == {n for n, _ in CHECK_SIZES["cpu"]}
