@@ -117,7 +117,7 @@ step parity "$T_PARITY" $PY bench/gpu_parity.py --out "$OUT" --precision ieee,tf
 
 # 4. the self-check and the timing table (fastdml/benchmark.py)
 step selfcheck "$T_SELFCHECK" $PY -m fastdml --precision ieee,tf32x3 --bench --sizes "$SIZES" \
-    --json "$OUT/selfcheck.json" --markdown "$OUT/selfcheck.md"
+    --json "$OUT/selfcheck.json" --markdown "$OUT/selfcheck.md" --budget-s $((T_SELFCHECK - 20)) --case-s 30
 
 rm -rf "$TMPROOT"
 echo "total $SECONDS s; failed=$FAILED; outputs in $OUT" | tee -a "$OUT/summary.txt"
