@@ -242,8 +242,50 @@ class Geometry:
 
 
 def zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
-    """Zero with zero gradient, attached to the graph (PML's ``torch.sum(embeddings * 0)``)."""
+    """PML's zero loss, ``sum(embeddings * 0)``: 0 with zero gradient, attached to the graph (NaN when the
+    embeddings hold NaN or infinity, as PML's). The one place every loss, reducer and path takes it from."""
     return torch.sum(embeddings * 0)
+
+
+@dataclass(frozen=True, eq=False)
+class BandRecord:
+    """How a listing miner selected (for fastdml's losses to evaluate it fused, listing nothing): ``op`` is
+    ``"triplet_band"`` (``lo < d'_an - d'_ap <= hi``) or ``"pair_band"`` (positives ``d' > lo``, negatives
+    ``d' < hi``), on the tensors ``x`` / ``ref`` at ``versions``, with the ops' arguments of that call."""
+
+    op: str
+    x: torch.Tensor
+    ref: torch.Tensor
+    versions: tuple | None  # None when traced (a graph cannot branch on version counters)
+    spec: tuple
+    square: bool
+    y: torch.Tensor | None
+    z: torch.Tensor | None
+    excl: torch.Tensor | None
+    band: tuple
+
+    @classmethod
+    def of(cls, op: str, inp: Inputs, geo: Geometry, band: tuple) -> BandRecord:
+        versions = None if torch.compiler.is_compiling() else (inp.embeddings._version, inp.ref_emb._version)
+        return cls(op, inp.embeddings, inp.ref_emb, versions, geo.spec, inp.square, inp.y, inp.z, inp.excl, band)
+
+    def usable(self, op: str, inp: Inputs, geo: Geometry) -> bool:
+        """Mined by ``op`` on the very same tensors (identity, unmodified since) with the same fused spec."""
+        if self.op != op or self.x is not inp.embeddings or self.ref is not inp.ref_emb or self.spec != geo.spec:
+            return False
+        return torch.compiler.is_compiling() or self.versions == (inp.embeddings._version, inp.ref_emb._version)
+
+
+@dataclass(frozen=True, eq=False)
+class RowPairsRecord:
+    """One positive ``p[a]`` and one negative ``neg[a]`` per anchor ``a`` of an (n, m) batch, the anchors
+    without ``valid`` masked (BatchHardMiner / BatchEasyHardMiner): indices, usable on any batch of that shape."""
+
+    n: int
+    m: int
+    valid: torch.Tensor
+    p: torch.Tensor
+    neg: torch.Tensor
 
 
 def window_value(stats_s, stats_c, window, embeddings):

@@ -29,6 +29,8 @@ import sys
 
 import torch
 
+from ._common import zero_loss
+
 __all__ = [
     "BaseReducer",
     "MeanReducer",
@@ -77,8 +79,8 @@ class BaseReducer(torch.nn.Module):
 
     @staticmethod
     def zero_loss(embeddings):
-        """Zero with zero gradient, attached to the graph (PML's ``torch.sum(embeddings * 0)``)."""
-        return torch.sum(embeddings * 0)
+        """PML's zero loss (:func:`fastdml._common.zero_loss`)."""
+        return zero_loss(embeddings)
 
 
 class MeanReducer(BaseReducer):
