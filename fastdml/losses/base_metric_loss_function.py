@@ -7,9 +7,10 @@ import copy
 import torch
 
 from .. import _validation as V
-from .._common import resolve_inputs
+from .._common import overrides_hook, resolve_inputs
 from ..distances import LpDistance
 from ..reducers import MeanReducer, MultipleReducers, is_do_nothing, is_multiple, reducer_window
+from ..utils.common_functions import resolve_collect_stats
 from ._paths import _already_reduced
 
 
@@ -19,6 +20,7 @@ class BaseMetricLossFunction(torch.nn.Module):
 
     _stat_names: tuple = ()
     _indices_supported = True
+    _per_element = False
 
     def __init__(
         self,
@@ -29,7 +31,7 @@ class BaseMetricLossFunction(torch.nn.Module):
         collect_stats=None,
     ):
         super().__init__()
-        self.collect_stats = bool(collect_stats) if collect_stats is not None else False
+        self.collect_stats = resolve_collect_stats(collect_stats)
         self.embedding_regularizer = embedding_regularizer
         self.embedding_reg_weight = embedding_reg_weight
         self.distance = self.get_default_distance() if distance is None else distance
@@ -71,12 +73,12 @@ class BaseMetricLossFunction(torch.nn.Module):
 
     def window(self, name):
         """The fused window of sub-loss ``name``'s reducer, or None (per-element path)."""
-        if is_do_nothing(self.reducer):
+        if is_do_nothing(self.reducer) or self._per_element:
             return None
         return reducer_window(self.sub_reducer(name))
 
     def zero_losses(self):
-        return {k: _already_reduced(0) for k in self._sub_loss_names()}
+        return {k: self.zero_loss() for k in self.sub_loss_names()}
 
     def reset_stats(self):
         if self.collect_stats:
@@ -84,16 +86,28 @@ class BaseMetricLossFunction(torch.nn.Module):
                 setattr(self, k, 0)
 
     # ---- the call ----
+    # the PML hooks a fused path replaces: a subclass overriding one of them takes PML's general path
+    _fused_hooks: tuple = ("compute_loss",)
+    _compute = None  # fastdml's fused implementation, ``_compute(inp, indices_tuple) -> loss dict``
+
+    def _fusable(self):
+        return type(self)._compute is not None and not overrides_hook(self, *self._fused_hooks)
+
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """The loss (a 0-dim tensor), or the loss dict with a DoNothingReducer."""
         self.reset_stats()
         if indices_tuple is not None and not self._indices_supported:
             raise ValueError(f"indices_tuple is not supported by {type(self).__name__}: it selects its own triplets")
         if labels is None and indices_tuple is None:
+            if torch.is_tensor(embeddings):
+                raise ValueError("labels and indices_tuple cannot both be None")
             V.check_embeddings(embeddings, "embeddings")
-            raise ValueError("labels and indices_tuple cannot both be None")
-        inp = resolve_inputs(embeddings, labels, ref_emb, ref_labels, labels_required=indices_tuple is None)
-        loss_dict = self.compute_loss(inp, indices_tuple)
+        inp = resolve_inputs(embeddings, labels, ref_emb, ref_labels, indices_tuple is None, self.distance)
+        if self._fusable():
+            loss_dict = self._compute(inp, indices_tuple)
+        else:
+            # PML's forward: the user's hook gets PML's arguments (ref_emb / ref_labels resolved as PML does)
+            loss_dict = self.compute_loss(embeddings, inp.labels, indices_tuple, inp.ref_emb, inp.ref_labels)
         if self.embedding_regularizer is not None:
             reg = self.embedding_regularizer(embeddings) * self.embedding_reg_weight
             loss_dict["embedding_reg_loss"] = _already_reduced(reg)
@@ -103,5 +117,24 @@ class BaseMetricLossFunction(torch.nn.Module):
             out = out.to(embeddings.dtype)
         return out
 
-    def compute_loss(self, inp, indices_tuple):
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's hook: the loss dict ``{name: {"losses", "indices", "reduction_type"}}`` of one call."""
         raise NotImplementedError
+
+    def _resolve(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """A direct hook call's inputs, resolved as :meth:`forward` resolves them."""
+        if labels is None and indices_tuple is None:
+            raise ValueError("labels and indices_tuple cannot both be None")
+        return resolve_inputs(embeddings, labels, ref_emb, ref_labels, indices_tuple is None, self.distance)
+
+    def _per_element_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """``_compute`` with every reducer window off: the loss dict of the per-element terms, as PML's hook."""
+        inp = self._resolve(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        self._per_element = True
+        try:
+            return self._compute(inp, indices_tuple)
+        finally:
+            self._per_element = False
+
+    def zero_loss(self):
+        return _already_reduced(0)

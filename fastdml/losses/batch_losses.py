@@ -53,7 +53,11 @@ class BatchHardTripletLoss(BaseMetricLossFunction):
     def get_default_distance(self):
         return _plain_euclidean()
 
-    def compute_loss(self, inp, indices_tuple):
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's hook: the per-element loss dict (the terms, not their fused reduction)."""
+        return self._per_element_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _compute(self, inp, indices_tuple):
         geo = Geometry(self.distance, inp)
         _, ip, fp, _, ineg, fn = geo.row_hardest()  # one sweep for both picks
         win = self.window("loss")
@@ -158,7 +162,11 @@ class SemiHardTripletLoss(BaseMetricLossFunction):
     def get_default_distance(self):
         return _plain_euclidean()
 
-    def compute_loss(self, inp, indices_tuple):
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's hook: the per-element loss dict (the terms, not their fused reduction)."""
+        return self._per_element_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _compute(self, inp, indices_tuple):
         geo = Geometry(self.distance, inp)
         win = self.window("loss")
         emb = inp.embeddings

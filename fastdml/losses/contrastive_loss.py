@@ -20,22 +20,36 @@ from ._paths import (
     _r_for,
     _row_pairs,
 )
-from .base_metric_loss_function import BaseMetricLossFunction
+from .generic_pair_loss import GenericPairLoss
 
 
-class ContrastiveLoss(BaseMetricLossFunction):
+class ContrastiveLoss(GenericPairLoss):
     """PML's ``ContrastiveLoss``: positive pairs ``relu(d - pos_margin)``, negative pairs ``relu(neg_margin - d)``
     (unsquared hinges; for a similarity s: ``relu(pos_margin - s)`` and ``relu(s - neg_margin)``), the positive
     and the negative terms reduced separately (AvgNonZero by default) and added.
 
     Without ``indices_tuple``: all pairs (the diagonal excluded), fused (``ops.contrastive_stats``). PML's
     quirk is kept: when every index list has at most one pair, the loss is zero.
+
+    PML's hooks (``compute_loss``, ``_compute_loss``, ``get_per_pair_loss``, ``pos_calc``, ``neg_calc``) are
+    PML's general algorithm: calling them directly gives PML's loss dict, and a subclass overriding one of them
+    takes that path instead of the fused one.
     """
+
+    _fused_hooks = (
+        "compute_loss",
+        "_compute_loss",
+        "get_per_pair_loss",
+        "pos_calc",
+        "neg_calc",
+        "pair_based_loss",
+        "mat_based_loss",
+    )
 
     def __init__(self, pos_margin=0, neg_margin=1, **kwargs):
         self.pos_margin = V.check_number(pos_margin, "pos_margin")
         self.neg_margin = V.check_number(neg_margin, "neg_margin")
-        super().__init__(**kwargs)
+        super().__init__(mat_based_loss=False, **kwargs)
 
     def get_default_reducer(self):
         return AvgNonZeroReducer()
@@ -43,7 +57,27 @@ class ContrastiveLoss(BaseMetricLossFunction):
     def _sub_loss_names(self):
         return ["pos_loss", "neg_loss"]
 
-    def compute_loss(self, inp, indices_tuple):
+    # ---- PML's hooks (the general path) ----
+    def _compute_loss(self, pos_pair_dist, neg_pair_dist, indices_tuple):
+        pos_loss = self.get_per_pair_loss(pos_pair_dist, "pos") if len(pos_pair_dist) > 0 else 0
+        neg_loss = self.get_per_pair_loss(neg_pair_dist, "neg") if len(neg_pair_dist) > 0 else 0
+        return {
+            "pos_loss": {"losses": pos_loss, "indices": tuple(indices_tuple[:2]), "reduction_type": "pos_pair"},
+            "neg_loss": {"losses": neg_loss, "indices": tuple(indices_tuple[2:]), "reduction_type": "neg_pair"},
+        }
+
+    def get_per_pair_loss(self, pair_dists, pos_or_neg):
+        calc = self.pos_calc if pos_or_neg == "pos" else self.neg_calc
+        return calc(pair_dists, self.pos_margin if pos_or_neg == "pos" else self.neg_margin)
+
+    def pos_calc(self, pos_pair_dist, margin):
+        return F.relu(self.distance.margin(pos_pair_dist, margin))
+
+    def neg_calc(self, neg_pair_dist, margin):
+        return F.relu(self.distance.margin(margin, neg_pair_dist))
+
+    # ---- fused ----
+    def _compute(self, inp, indices_tuple):
         geo = Geometry(self.distance, inp)
         wp, wn = self.window("pos_loss"), self.window("neg_loss")
         fusable = geo.spec is not None and wp is not None and wn is not None

@@ -40,7 +40,9 @@ import torch
 from torch import Tensor
 
 from .. import _context
+from .._common import overrides_hook
 from ..lazy import LazyIndices, TracedIndices
+from ..utils.common_functions import resolve_collect_stats
 
 __all__ = ["CrossBatchMemory"]
 
@@ -97,8 +99,9 @@ class CrossBatchMemory(torch.nn.Module):
     ``indices_tuple`` and ``enqueue_mask`` are mutually exclusive.
     """
 
-    def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None, collect_stats=None):
+        super().__init__()
+        self.collect_stats = resolve_collect_stats(collect_stats)
         self.check_loss_support(type(loss).__name__)
         if int(embedding_size) < 1:
             raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
@@ -233,8 +236,9 @@ class CrossBatchMemory(torch.nn.Module):
 
         n = embeddings.shape[0]
         excl = self.curr_batch_idx if remove_self else None
+        fusable = indices_tuple is None and not overrides_hook(self, "create_indices_tuple")
 
-        if self.miner is None and indices_tuple is None:
+        if fusable and self.miner is None:
             with _context.pool_context(n, e_mem.shape[0], excl) as ctx:
                 loss = self.loss(embeddings, labels, None, e_mem, l_mem)
             if excl is None or ctx.applied > 0 or n == 0:
@@ -243,24 +247,44 @@ class CrossBatchMemory(torch.nn.Module):
             # pairs without self comparisons, as PML does
             return self.loss(embeddings, labels, _remove_self(_all_pairs(labels, l_mem), excl), e_mem, l_mem)
 
-        if self.miner is not None:
+        if fusable and _band_miner(self.miner):
+            # a threshold miner judges each pair / triplet on its own, so skipping the self slots while mining
+            # (the ops' exclusion) selects exactly what PML's removal after mining keeps: evaluated fused
             with _context.pool_context(n, e_mem.shape[0], excl):
                 mined = self.miner(embeddings, labels, e_mem, l_mem)
-                lazy = isinstance(mined, (LazyIndices, TracedIndices)) and not mined.is_materialized
-                if indices_tuple is None and lazy:
-                    # a fastdml miner's unlisted selection: the loss evaluates it fused (or lists it) here,
-                    # where the ops skip the self slots
+                if isinstance(mined, (LazyIndices, TracedIndices)) and not mined.is_materialized:
                     return self.loss(embeddings, labels, mined, e_mem, l_mem)
-                mined = tuple(mined)
+            mined = tuple(mined)
+            return self.loss(embeddings, labels, mined if excl is None else _remove_self(mined, excl), e_mem, l_mem)
+
+        # PML's general path: the miner mines the batch against the whole memory, then self comparisons go
+        mined = self.create_indices_tuple(embeddings, labels, e_mem, l_mem, indices_tuple, remove_self)
+        return self.loss(embeddings, labels, mined, e_mem, l_mem)
+
+    def create_indices_tuple(self, embeddings, labels, E_mem, L_mem, input_indices_tuple, do_remove_self_comparisons):
+        """PML's hook: the index tuple the loss gets. The inner miner's tuple (``miner(embeddings, labels, E_mem,
+        L_mem)``), else every (query, memory) pair; without the self comparisons (query i against its own slot
+        ``curr_batch_idx[i]``) if asked; then ``input_indices_tuple`` appended (converted to the same arity)."""
+        if self.miner is not None:
+            mined = tuple(self.miner(embeddings, labels, E_mem, L_mem))
         else:
-            mined = _all_pairs(labels, l_mem)
-        if excl is not None:
-            mined = _remove_self(mined, excl)
-        if indices_tuple is not None:
-            given = tuple(torch.as_tensor(t, device=device) for t in indices_tuple)
+            mined = _all_pairs(labels, L_mem)
+        if do_remove_self_comparisons:
+            mined = _remove_self(mined, self.curr_batch_idx)
+        if input_indices_tuple is not None:
+            given = tuple(torch.as_tensor(t, device=embeddings.device) for t in input_indices_tuple)
             if len(given) == 3 and len(mined) == 4:
                 given = (given[0], given[1], given[0], given[2])
             elif len(given) == 4 and len(mined) == 3:
                 given = _pairs_to_triplets(given)
-            mined = tuple(torch.cat([m, g.to(m.dtype)], 0) for m, g in zip(mined, given))
-        return self.loss(embeddings, labels, mined, e_mem, l_mem)
+            mined = tuple(torch.cat([m, g.to(m.device, m.dtype)], 0) for m, g in zip(mined, given))
+        return mined
+
+
+def _band_miner(miner) -> bool:
+    """fastdml's TripletMarginMiner / PairMarginMiner, as fastdml runs them (no overridden hook, no statistics)."""
+    from ..miners import PairMarginMiner, TripletMarginMiner
+
+    if type(miner) not in (TripletMarginMiner, PairMarginMiner) or miner.collect_stats:
+        return False
+    return not overrides_hook(miner, *miner._fused_hooks)

@@ -9,6 +9,7 @@ from .. import _validation as V
 from .. import ops
 from .._common import _normalize
 from ..distances import LpDistance
+from ..utils.common_functions import resolve_collect_stats
 
 
 class PairedContrastiveLoss(torch.nn.Module):
@@ -41,7 +42,7 @@ class PairedContrastiveLoss(torch.nn.Module):
         self.positive_weight = V.check_number(positive_weight, "positive_weight")
         self.embedding_regularizer = embedding_regularizer
         self.embedding_reg_weight = embedding_reg_weight
-        self.collect_stats = bool(collect_stats) if collect_stats is not None else False
+        self.collect_stats = resolve_collect_stats(collect_stats)
 
     def pair_distances(self, x, y):
         from .distances import fused_spec

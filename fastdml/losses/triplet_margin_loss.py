@@ -85,7 +85,17 @@ class TripletMarginLoss(BaseMetricLossFunction):
     def get_default_reducer(self):
         return AvgNonZeroReducer()
 
-    def compute_loss(self, inp, indices_tuple):
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's hook (its general algorithm: the distance matrix, indexed): the per-triplet loss dict."""
+        inp = self._resolve(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        geo = Geometry(self.distance, inp, generic=True)
+        if indices_tuple is not None:
+            return self._given(geo, _convert_to_triplets(_materialize_indices(indices_tuple, inp)))
+        if self.triplets_per_anchor != "all":
+            return self._given(geo, random_triplets(inp, self.triplets_per_anchor))
+        return self._given(geo, geo.triplet_list())
+
+    def _compute(self, inp, indices_tuple):
         geo = Geometry(self.distance, inp)
         win = self.window("loss")
         fusable = geo.spec is not None and win is not None and not self.swap

@@ -22,7 +22,7 @@ also set PML's statistics (``pos_pair_dist``, ``neg_pair_dist``, ``avg_triplet_m
 ...), which are means/extremes over all pairs or triplets and are computed on the materialized matrix.
 """
 
-from .base_miner import BaseMiner
+from .base_miner import BaseMiner, BaseTupleMiner
 from .batch_easy_hard_miner import BatchEasyHardMiner, BatchHardMiner
 from .multi_similarity_miner import MultiSimilarityMiner
 from .pair_margin_miner import PairMarginMiner
@@ -30,6 +30,7 @@ from .triplet_margin_miner import TripletMarginMiner
 
 __all__ = [
     "BaseMiner",
+    "BaseTupleMiner",
     "TripletMarginMiner",
     "PairMarginMiner",
     "BatchEasyHardMiner",

@@ -5,18 +5,27 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._common import resolve_inputs
+from .._common import overrides_hook, resolve_inputs
 from ..distances import LpDistance
+from ..utils.common_functions import resolve_collect_stats
 
 
 class BaseMiner(torch.nn.Module):
-    """PML's ``BaseMiner``: ``forward(embeddings, labels, ref_emb=None, ref_labels=None)`` under no_grad."""
+    """PML's ``BaseMiner``: ``forward(embeddings, labels, ref_emb=None, ref_labels=None)`` under no_grad.
+
+    PML's hook ``mine(embeddings, labels, ref_emb, ref_labels)`` returns a plain tuple of int64 index tensors
+    (fastdml's miners: the listed selection); ``output_assertion`` checks it and records ``num_triplets`` or
+    ``num_pos_pairs`` / ``num_neg_pairs``. fastdml's own miners are called through ``_mine`` instead (a lazy
+    result, fused into fastdml's losses) unless a subclass overrides ``mine`` or ``output_assertion``.
+    """
 
     _stat_names: tuple = ()
+    _fused_hooks: tuple = ("mine", "output_assertion")
+    _mine = None  # fastdml's implementation, ``_mine(inp) -> LazyIndices``
 
     def __init__(self, distance=None, collect_stats=None):
         super().__init__()
-        self.collect_stats = bool(collect_stats) if collect_stats is not None else False
+        self.collect_stats = resolve_collect_stats(collect_stats)
         self.distance = self.get_default_distance() if distance is None else distance
         self._last_arity = self._last_counts = self._last_handle = None
         self.reset_stats()
@@ -28,15 +37,45 @@ class BaseMiner(torch.nn.Module):
         if self.collect_stats:
             for k in self._stat_names:
                 setattr(self, k, 0)
+            self._last_arity, self._last_counts, self._last_handle = None, {}, None
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
-        """The mined index tuple (a :class:`~fastdml.lazy.LazyIndices`)."""
+        """The mined index tuple (fastdml's miners: a :class:`~fastdml.lazy.LazyIndices`)."""
         self.reset_stats()
+        fused = type(self)._mine is not None and not overrides_hook(self, *self._fused_hooks)
         with torch.no_grad():
-            inp = resolve_inputs(embeddings, labels, ref_emb, ref_labels, labels_required=True)
-            out = self.mine(inp)
-        self._remember(out)
+            inp = resolve_inputs(embeddings, labels, ref_emb, ref_labels, True, self.distance)
+            if fused:
+                out = self._mine(inp)
+            else:
+                out = self.mine(embeddings, inp.labels, inp.ref_emb, inp.ref_labels)
+        if fused:
+            self._remember(out)
+        else:
+            self.output_assertion(out)
         return out
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        """PML's hook: the plain tuple ``(a, p, n)`` or ``(a1, p, a2, n)`` of int64 index tensors."""
+        if type(self)._mine is None:
+            raise NotImplementedError
+        with torch.no_grad():
+            inp = resolve_inputs(embeddings, labels, ref_emb, ref_labels, True, self.distance)
+            return tuple(self._mine(inp))
+
+    def output_assertion(self, output):
+        """PML's check of a mined tuple; records ``num_triplets`` or ``num_pos_pairs`` / ``num_neg_pairs``."""
+        if len(output) == 3:
+            self.num_triplets = len(output[0])
+            if not self.num_triplets == len(output[1]) == len(output[2]):
+                raise ValueError("a mined triplet tuple must hold three index lists of one length")
+        elif len(output) == 4:
+            self.num_pos_pairs = len(output[0])
+            self.num_neg_pairs = len(output[2])
+            if self.num_pos_pairs != len(output[1]) or self.num_neg_pairs != len(output[3]):
+                raise ValueError("a mined pair tuple must hold (a1, p) and (a2, n) lists of equal lengths")
+        else:
+            raise TypeError(f"a miner must return 3 or 4 index tensors, got {len(output)}")
 
     def _remember(self, out):
         # the counts PML records, readable later without keeping the result (and through it the embeddings'
@@ -45,33 +84,28 @@ class BaseMiner(torch.nn.Module):
         self._last_counts = None
         self._last_handle = out.count_handle()
 
-    def mine(self, inp):
-        raise NotImplementedError
-
-    # PML sets these on every call; here they are counted on first read
+    # PML sets these on every call; after a fused call they are counted on first read
     def _count(self, slot):
-        if self._last_arity is None:
-            return 0
         if self._last_counts is None:
-            self._last_counts = self._last_handle()
+            if self._last_handle is None:
+                return 0
+            c = self._last_handle()
+            self._last_counts = {"t": c[0]} if self._last_arity == 3 else {"p": c[0], "n": c[1]}
             self._last_handle = None
-        counts = self._last_counts
-        arity = self._last_arity
-        if arity == 3:
-            return counts[0] if slot == "t" else 0
-        return {"p": counts[0], "n": counts[1]}.get(slot, 0)
+        return self._last_counts.get(slot, 0)
 
-    @property
-    def num_triplets(self):
-        return self._count("t")
+    def _set_count(self, slot, value):
+        if self._last_counts is None:
+            self._last_counts, self._last_handle = {}, None
+        self._last_counts[slot] = value
 
-    @property
-    def num_pos_pairs(self):
-        return self._count("p")
+    num_triplets = property(lambda self: self._count("t"), lambda self, v: self._set_count("t", v))
+    num_pos_pairs = property(lambda self: self._count("p"), lambda self, v: self._set_count("p", v))
+    num_neg_pairs = property(lambda self: self._count("n"), lambda self, v: self._set_count("n", v))
 
-    @property
-    def num_neg_pairs(self):
-        return self._count("n")
+
+class BaseTupleMiner(BaseMiner):
+    """PML's earlier name for a miner returning an index tuple (every miner here does): :class:`BaseMiner`."""
 
 
 def _raw_matrix(geo):

@@ -120,7 +120,7 @@ class BatchEasyHardMiner(BaseMiner):
             self._set_stats(geo, pv, nv)
         return out
 
-    def mine(self, inp):
+    def _mine(self, inp):
         geo = Geometry(self.distance, inp)
         out = self._select(geo, inp)
         if callable(out[0]):
@@ -153,7 +153,7 @@ class BatchHardMiner(BatchEasyHardMiner):
     def __init__(self, **kwargs):
         super().__init__(pos_strategy=self.HARD, neg_strategy=self.HARD, **kwargs)
 
-    def mine(self, inp):
+    def _mine(self, inp):
         geo = Geometry(self.distance, inp)
         out = self._select(geo, inp)
         if callable(out[0]):

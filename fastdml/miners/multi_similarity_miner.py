@@ -23,7 +23,7 @@ class MultiSimilarityMiner(BaseMiner):
     def get_default_distance(self):
         return CosineSimilarity()
 
-    def mine(self, inp):
+    def _mine(self, inp):
         geo = Geometry(self.distance, inp)
         dev = inp.embeddings.device
         a1, p, a2, n = geo.pair_list()

@@ -28,7 +28,7 @@ class PairMarginMiner(BaseMiner):
             return -self.pos_margin, -self.neg_margin
         return self.pos_margin, self.neg_margin
 
-    def mine(self, inp):
+    def _mine(self, inp):
         geo = Geometry(self.distance, inp)
         pos_lo, neg_hi = self.thresholds(geo.inverted)
         if self.collect_stats:

@@ -34,7 +34,7 @@ class TripletMarginMiner(BaseMiner):
             "easy": (m, INF),
         }[self.type_of_triplets]
 
-    def mine(self, inp):
+    def _mine(self, inp):
         geo = Geometry(self.distance, inp)
         lo, hi = self.band()
         if self.collect_stats:
