@@ -20,7 +20,7 @@ class BaseMetricLossFunction(torch.nn.Module):
 
     _stat_names: tuple = ()
     _indices_supported = True
-    _per_element = False
+    _terms_only = False  # a direct compute_loss call: the per-element terms, every window off
 
     def __init__(
         self,
@@ -73,7 +73,7 @@ class BaseMetricLossFunction(torch.nn.Module):
 
     def window(self, name):
         """The fused window of sub-loss ``name``'s reducer, or None (per-element path)."""
-        if is_do_nothing(self.reducer) or self._per_element:
+        if is_do_nothing(self.reducer) or self._terms_only:
             return None
         return reducer_window(self.sub_reducer(name))
 
@@ -130,11 +130,11 @@ class BaseMetricLossFunction(torch.nn.Module):
     def _per_element_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """``_compute`` with every reducer window off: the loss dict of the per-element terms, as PML's hook."""
         inp = self._resolve(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        self._per_element = True
+        self._terms_only = True
         try:
             return self._compute(inp, indices_tuple)
         finally:
-            self._per_element = False
+            self._terms_only = False
 
     def zero_loss(self):
         return _already_reduced(0)
