@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .. import _validation as V
 from .. import ops
 from .._common import _normalize
-from ..distances import LpDistance
+from ..distances import LpDistance, fused_spec
 from ..utils.common_functions import resolve_collect_stats
 
 
@@ -45,7 +45,6 @@ class PairedContrastiveLoss(torch.nn.Module):
         self.collect_stats = resolve_collect_stats(collect_stats)
 
     def pair_distances(self, x, y):
-        from .distances import fused_spec
 
         spec = fused_spec(self.distance)
         if spec is not None:
