@@ -49,9 +49,29 @@ class Inputs:
         return self.ref_emb.shape[0]
 
 
-def resolve_inputs(embeddings, labels, ref_emb, ref_labels, labels_required: bool = True) -> Inputs:
-    """Validate and resolve a PML-style call (see the module docstring)."""
-    V.check_embeddings(embeddings, "embeddings")
+def overrides_hook(obj, *names: str) -> bool:
+    """Whether ``type(obj)`` takes any of the methods ``names`` from a class outside fastdml (a user's subclass
+    overriding a PML hook): fastdml's fused paths replace those hooks, so such an object takes the general path."""
+    for name in names:
+        for klass in type(obj).__mro__:
+            if name in vars(klass):
+                if not klass.__module__.startswith("fastdml."):
+                    return True
+                break
+    return False
+
+
+def resolve_inputs(embeddings, labels, ref_emb, ref_labels, labels_required: bool = True, distance=None) -> Inputs:
+    """Validate and resolve a PML-style call (see the module docstring). A ``distance`` whose ``check_shapes``
+    is a user's override decides which embeddings shapes are valid (PML's rule); otherwise they are (N, D)."""
+    if distance is not None and overrides_hook(distance, "check_shapes"):
+        if not torch.is_tensor(embeddings) or embeddings.ndim < 1:
+            raise ValueError(f"embeddings must be a tensor with a batch dimension, got {type(embeddings).__name__}")
+        distance.check_shapes(embeddings, ref_emb)
+        check_ref = lambda e, r, name: r  # noqa: E731
+    else:
+        V.check_embeddings(embeddings, "embeddings")
+        check_ref = V.check_ref
     n = embeddings.shape[0]
     if labels is None:
         if labels_required:
@@ -60,7 +80,7 @@ def resolve_inputs(embeddings, labels, ref_emb, ref_labels, labels_required: boo
         V.check_labels(labels, n, "labels")
         labels = V.move_labels(labels, embeddings.device)
     if ref_emb is not None:
-        V.check_ref(embeddings, ref_emb, "ref_emb")
+        check_ref(embeddings, ref_emb, "ref_emb")
         if ref_labels is not None:
             V.check_labels(ref_labels, ref_emb.shape[0], "ref_labels")
             ref_labels = V.move_labels(ref_labels, ref_emb.device)
@@ -134,13 +154,14 @@ class Geometry:
     """Distances for one call: ``raw(i, j)`` (PML's convention, differentiable), lists, row extremes.
 
     With a fused spec ``(kind, normalize)`` the embeddings are L2-normalized once (if asked) and every value
-    comes from :mod:`fastdml.ops` (exact, O(T D)); otherwise the distance object's matrix is built once.
+    comes from :mod:`fastdml.ops` (exact, O(T D)); otherwise (or ``generic=True``: PML's own algorithm, as the
+    public hooks run it) the distance object's matrix is built once.
     """
 
-    def __init__(self, distance, inp: Inputs):
+    def __init__(self, distance, inp: Inputs, generic: bool = False):
         self.distance = distance
         self.inp = inp
-        self.spec = fused_spec(distance)
+        self.spec = None if generic else fused_spec(distance)
         self.inverted = bool(getattr(distance, "is_inverted", False))
         self._mat = None
         if self.spec is not None:
@@ -242,8 +263,50 @@ class Geometry:
 
 
 def zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
-    """Zero with zero gradient, attached to the graph (PML's ``torch.sum(embeddings * 0)``: NaN for NaN input)."""
+    """PML's zero loss, ``sum(embeddings * 0)``: 0 with zero gradient, attached to the graph (NaN when the
+    embeddings hold NaN or infinity, as PML's). The one place every loss, reducer and path takes it from."""
     return _nanrule.zero_loss(embeddings)
+
+
+@dataclass(frozen=True, eq=False)
+class BandRecord:
+    """How a listing miner selected (for fastdml's losses to evaluate it fused, listing nothing): ``op`` is
+    ``"triplet_band"`` (``lo < d'_an - d'_ap <= hi``) or ``"pair_band"`` (positives ``d' > lo``, negatives
+    ``d' < hi``), on the tensors ``x`` / ``ref`` at ``versions``, with the ops' arguments of that call."""
+
+    op: str
+    x: torch.Tensor
+    ref: torch.Tensor
+    versions: tuple | None  # None when traced (a graph cannot branch on version counters)
+    spec: tuple
+    square: bool
+    y: torch.Tensor | None
+    z: torch.Tensor | None
+    excl: torch.Tensor | None
+    band: tuple
+
+    @classmethod
+    def of(cls, op: str, inp: Inputs, geo: Geometry, band: tuple) -> BandRecord:
+        versions = None if torch.compiler.is_compiling() else (inp.embeddings._version, inp.ref_emb._version)
+        return cls(op, inp.embeddings, inp.ref_emb, versions, geo.spec, inp.square, inp.y, inp.z, inp.excl, band)
+
+    def usable(self, op: str, inp: Inputs, geo: Geometry) -> bool:
+        """Mined by ``op`` on the very same tensors (identity, unmodified since) with the same fused spec."""
+        if self.op != op or self.x is not inp.embeddings or self.ref is not inp.ref_emb or self.spec != geo.spec:
+            return False
+        return torch.compiler.is_compiling() or self.versions == (inp.embeddings._version, inp.ref_emb._version)
+
+
+@dataclass(frozen=True, eq=False)
+class RowPairsRecord:
+    """One positive ``p[a]`` and one negative ``neg[a]`` per anchor ``a`` of an (n, m) batch, the anchors
+    without ``valid`` masked (BatchHardMiner / BatchEasyHardMiner): indices, usable on any batch of that shape."""
+
+    n: int
+    m: int
+    valid: torch.Tensor
+    p: torch.Tensor
+    neg: torch.Tensor
 
 
 def window_value(stats_s, stats_c, window, embeddings):

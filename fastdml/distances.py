@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .utils.common_functions import resolve_collect_stats
+
 __all__ = ["BaseDistance", "LpDistance", "DotProductSimilarity", "CosineSimilarity", "fused_spec"]
 
 # relative size of q = |a - b|^2 below which the expansion's cancellation matters: recompute directly
@@ -62,7 +64,7 @@ class BaseDistance(torch.nn.Module):
         self.p = p
         self.power = power
         self.is_inverted = is_inverted
-        self.collect_stats = bool(collect_stats) if collect_stats is not None else False
+        self.collect_stats = resolve_collect_stats(collect_stats)
         if self.collect_stats:
             self.reset_stats()
 
@@ -201,8 +203,11 @@ def fused_spec(distance) -> tuple[str, bool] | None:
     ``LpDistance(p=2, power=2)``, ``"dot"`` for ``DotProductSimilarity`` / ``CosineSimilarity`` (power 1).
     ``normalize``: L2-normalize the embeddings first (only p = 2 normalization is fused). fastdml's and PML's
     own classes qualify (exact classes, not subclasses, which may override the math); anything else returns
-    None and is computed through the object's ``__call__``.
+    None and is computed through the object's ``__call__``, as does a distance collecting statistics (PML
+    records them from that call).
     """
+    if getattr(distance, "collect_stats", False):
+        return None
     cls = type(distance)
     name = None
     if cls in (LpDistance, DotProductSimilarity, CosineSimilarity):

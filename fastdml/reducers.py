@@ -30,6 +30,8 @@ import sys
 import torch
 
 from . import _nanrule
+from ._common import zero_loss
+from .utils.common_functions import resolve_collect_stats
 
 __all__ = [
     "BaseReducer",
@@ -45,12 +47,15 @@ __all__ = [
 ]
 
 
+_REDUCTION_TYPES = ("already_reduced", "element", "pos_pair", "neg_pair", "triplet")
+
+
 class BaseReducer(torch.nn.Module):
     """PML's reducer protocol: ``forward(loss_dict, embeddings, labels)`` with a one-entry ``loss_dict``."""
 
     def __init__(self, collect_stats=None):
         super().__init__()
-        self.collect_stats = bool(collect_stats) if collect_stats is not None else False
+        self.collect_stats = resolve_collect_stats(collect_stats)
         if self.collect_stats:
             self.losses_size = 0
 
@@ -59,28 +64,55 @@ class BaseReducer(torch.nn.Module):
             self.losses_size = 0
 
     def forward(self, loss_dict, embeddings, labels):
+        """Reduce the one entry of ``loss_dict`` with the hook named after its ``reduction_type``."""
         self.reset_stats()
         if len(loss_dict) != 1:
             raise ValueError(f"a reducer takes a one-entry loss dict, got {list(loss_dict)}")
         info = next(iter(loss_dict.values()))
-        losses, reduction_type = info["losses"], info["reduction_type"]
-        if self.collect_stats:
-            self.losses_size = 1 if (not torch.is_tensor(losses) or losses.ndim == 0) else len(losses)
-        if not torch.is_tensor(losses) and losses == 0:
-            return self.zero_loss(embeddings)
-        if reduction_type == "already_reduced":
-            return losses
-        if reduction_type not in ("element", "pos_pair", "neg_pair", "triplet"):
-            raise ValueError(f"unknown reduction_type {reduction_type!r}")
-        return self.element_reduction(losses, embeddings)
+        losses, loss_indices, reduction_type, kwargs = self.unpack_loss_info(info)
+        return self.reduce_the_loss(losses, loss_indices, reduction_type, kwargs, embeddings, labels)
 
-    def element_reduction(self, losses, embeddings):
+    # ---- PML's hooks ----
+    def unpack_loss_info(self, loss_info):
+        return loss_info["losses"], loss_info["indices"], loss_info["reduction_type"], {}
+
+    def reduce_the_loss(self, losses, loss_indices, reduction_type, kwargs, embeddings, labels):
+        self.set_losses_size_stat(losses)
+        if self.input_is_zero_loss(losses):
+            return self.zero_loss(embeddings)
+        if reduction_type not in _REDUCTION_TYPES:
+            raise ValueError(f"unknown reduction_type {reduction_type!r}")
+        return self.get_reduction_func(reduction_type)(losses, loss_indices, embeddings, labels, **kwargs)
+
+    def get_reduction_func(self, reduction_type):
+        return getattr(self, f"{reduction_type}_reduction")
+
+    def already_reduced_reduction(self, losses, loss_indices, embeddings, labels):
+        return losses
+
+    def element_reduction(self, losses, loss_indices, embeddings, labels):
         raise NotImplementedError
 
-    @staticmethod
-    def zero_loss(embeddings):
-        """Zero with zero gradient, attached to the graph (PML's ``torch.sum(embeddings * 0)``: NaN for NaN input)."""
-        return _nanrule.zero_loss(embeddings)
+    # (PML's base raises for these three; here they default to element_reduction)
+    def pos_pair_reduction(self, losses, loss_indices, embeddings, labels):
+        return self.element_reduction(losses, loss_indices, embeddings, labels)
+
+    def neg_pair_reduction(self, losses, loss_indices, embeddings, labels):
+        return self.element_reduction(losses, loss_indices, embeddings, labels)
+
+    def triplet_reduction(self, losses, loss_indices, embeddings, labels):
+        return self.element_reduction(losses, loss_indices, embeddings, labels)
+
+    def input_is_zero_loss(self, losses):
+        return not torch.is_tensor(losses) and losses == 0
+
+    def set_losses_size_stat(self, losses):
+        if self.collect_stats:
+            self.losses_size = 1 if (not torch.is_tensor(losses) or losses.ndim == 0) else len(losses)
+
+    def zero_loss(self, embeddings):
+        """PML's zero loss (:func:`fastdml._common.zero_loss`)."""
+        return zero_loss(embeddings)
 
 
 class MeanReducer(BaseReducer):
@@ -88,7 +120,7 @@ class MeanReducer(BaseReducer):
 
     window = (-math.inf, math.inf, True)
 
-    def element_reduction(self, losses, embeddings):
+    def element_reduction(self, losses, loss_indices, embeddings, labels):
         if torch.compiler.is_compiling():
             # traced: the number of terms may be data (a listed tuple), and may be 0 (PML: a zero loss)
             return losses.sum() / max(losses.shape[0], 1) if losses.ndim else losses
@@ -100,7 +132,7 @@ class SumReducer(MeanReducer):
 
     window = (-math.inf, math.inf, False)
 
-    def element_reduction(self, losses, embeddings):
+    def element_reduction(self, losses, loss_indices, embeddings, labels):
         return torch.sum(losses)
 
 
@@ -123,11 +155,15 @@ class ThresholdReducer(BaseReducer):
     def reset_stats(self):
         super().reset_stats()
         if self.collect_stats:
+            # PML's names (it resets num_below_high and sets num_above_high, the count of terms below high)
             self.num_past_filter = 0
             self.num_above_low = 0
-            self.num_above_high = 0
+            self.num_below_high = 0
 
-    def element_reduction(self, losses, embeddings):
+    def element_reduction(self, losses, loss_indices, embeddings, labels):
+        return self.element_reduction_helper(losses, embeddings)
+
+    def element_reduction_helper(self, losses, embeddings):
         if torch.compiler.is_compiling() and not self.collect_stats:
             # traced: the mean over a mask instead of boolean indexing (whose size is data); nothing counted
             # gives an exact 0 with zero gradient, still attached to the graph
@@ -221,7 +257,9 @@ def _pml_name(obj, sub="reducers"):
 def reducer_window(reducer) -> tuple[float, float, bool] | None:
     """``(low, high, divide)`` for Mean/Sum/AvgNonZero/Threshold reducers (fastdml's or PML's, exact classes),
     else None (per-element path). A term ``t`` is counted iff ``low < t < high`` (an infinite bound imposes
-    nothing); the value is ``S / C`` if ``divide`` else ``S``."""
+    nothing); the value is ``S / C`` if ``divide`` else ``S``. A reducer collecting statistics gets the terms."""
+    if getattr(reducer, "collect_stats", False):
+        return None
     if type(reducer) in (MeanReducer, SumReducer, ThresholdReducer, AvgNonZeroReducer):
         return reducer.window
     name = _pml_name(reducer)

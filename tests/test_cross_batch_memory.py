@@ -11,9 +11,9 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning import reducers as pml_reducers
 
 import fastdml
-from fastdml import cross_batch_memory as cbm_module
 from fastdml import losses, miners, reducers
 from fastdml.cross_batch_memory import CrossBatchMemory
+from fastdml.losses import cross_batch_memory as cbm_module
 
 from .conftest import TOL, triton_on_cpu
 

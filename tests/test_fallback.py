@@ -29,12 +29,12 @@ def test_unimplemented_names_are_pml_classes(module, name, pml_module):
 
 def test_fastdml_names_are_fastdml_classes():
     assert fastdml.losses.ContrastiveLoss is not pml_losses.ContrastiveLoss
-    assert fastdml.losses.ContrastiveLoss.__module__ == "fastdml.losses"
-    assert fastdml.miners.TripletMarginMiner.__module__ == "fastdml.miners"
+    assert fastdml.losses.ContrastiveLoss.__module__.startswith("fastdml.losses.")
+    assert fastdml.miners.TripletMarginMiner.__module__.startswith("fastdml.miners.")
     assert fastdml.distances.LpDistance.__module__ == "fastdml.distances"
     assert fastdml.reducers.AvgNonZeroReducer.__module__ == "fastdml.reducers"
     # fastdml's own CrossBatchMemory (not PML's, which the fallback would give)
-    assert fastdml.losses.CrossBatchMemory.__module__ == "fastdml.cross_batch_memory"
+    assert fastdml.losses.CrossBatchMemory.__module__ == "fastdml.losses.cross_batch_memory"
 
 
 def test_unknown_name_raises_attribute_error_listing_fastdml_names():

@@ -241,8 +241,10 @@ _POOL_LOSSES = (
 
 def _supports_pool(loss) -> bool:
     """True when the rank-local evaluation with summed sums and counts is exactly the global loss."""
-    if type(loss).__module__ != "fastdml.losses" or type(loss).__name__ not in _POOL_LOSSES:
+    if not type(loss).__module__.startswith("fastdml.losses.") or type(loss).__name__ not in _POOL_LOSSES:
         return False
+    if not loss._fusable():
+        return False  # a subclass overriding a PML hook runs PML's general path
     if getattr(loss, "embedding_regularizer", None) is not None:
         return False  # a mean over this rank's embeddings, already reduced: not a global sum
     if getattr(loss, "swap", False) or getattr(loss, "triplets_per_anchor", "all") != "all":
