@@ -9,7 +9,7 @@
   draws the chart, and updates ``bench/RESULTS.md``.
 - ``python -m bench.calibrate``: re-derives the per-unit time costs the suites use to skip slow baselines.
 - ``bench/experiments/``: investigations behind figures in ``bench/RESULTS.md`` (not part of ``make bench``).
-- GPU tools: ``bench/gpu_check.sh``, ``bench/gpu_timing.py``, ``bench/compile_check.py``,
+- GPU tools: ``bench/gpu_check.sh``, ``bench/gpu_parity.py``, ``bench/compile_check.py``,
   ``bench/fetch_wheels.sh``.
 
 CI runs the same files with ``--benchmark-disable`` on tiny sizes (``FASTDML_BENCH_TINY=1``) so they stay
