@@ -203,7 +203,7 @@ class Stager:
     def __init__(self, p, need_grad, prec, need_grad_r=True):
         self.p = p
         self.need_grad = need_grad
-        # [issue 7] rectangular references that need no gradient: no column-side pass, gr_parts (0, M, D)
+        # rectangular references that need no gradient: no column-side pass, gr_parts (0, M, D)
         self.need_grad_r = bool(need_grad_r) or p.square
         self.prec = prec
         self.cfg = config(p.d)

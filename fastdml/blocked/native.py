@@ -7,7 +7,7 @@ the strips, lets the GEMM shrink).
 * ``row_hardest_scan`` (``csrc/row_scan.c``): finding each anchor's farthest positive and nearest negative in
   a (b, M) score block takes about a dozen ATen ops per block in torch (gather the positives, ``max`` with
   its index, fill them with +inf, chunked ``amin``, ``min`` with its index, ...), and ``torch.max/min`` along
-  a dimension are scalar loops on the CPU. One pass of the C scan over a 512 x 1024 block: 0.11 ms.
+  a dimension are scalar loops on the CPU; the C scan is one vectorized pass.
 * ``row_hardest_strip`` (same file): the square case from the upper triangle only, each entry
   ``x_a . x_c`` read once for anchor a and once for anchor c, so the GEMM shrinks to the strips
   ``x[s:e] x[s:]^T``; the column direction needs running extremes per anchor across strips, which in torch

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOSSES,
         default="contrastive",
         help="contrastive: all pairs of a batch (Hadsell et al. 2006, batch form); paired-contrastive: "
-        "the write-up's squared-hinge pair loss with positive_weight, on mined pairs (or the siamese pairs "
+        "the squared-hinge pair loss of Hadsell et al. with positive_weight, on mined pairs (or the siamese pairs "
         "(i, i + B/2) with --mining none); triplet: margin triplet loss on mined triplets",
     )
     g.add_argument(

@@ -41,25 +41,7 @@ MININGS = {
     "triplet": ("batch-all", "batch-hard", "semi-hard", "hard"),
 }
 
-# Per-loss defaults, chosen from measured runs (see the README): margin, batch layout, schedule.
-# Measured on the 2-core CPU, seed 0, 2-D embedding, PK batches 10 x 25, AdamW + one-cycle lr 3e-3,
-# test-set precision@1 (leave-one-out kNN):
-#   contrastive, all pairs, neg_margin 2, pos_margin 0,   hidden 128, 10 epochs: 97.8 %
-#   contrastive, all pairs, neg_margin 2, pos_margin 0,   hidden 128, 20 epochs: 98.0 %
-#   contrastive, all pairs, neg_margin 2, pos_margin 0,   hidden 512, 15 epochs: 98.4 %
-#   contrastive, all pairs, neg_margin 2, pos_margin 0.5, hidden 128, 20 epochs: 98.4 %
-#   contrastive, all pairs, neg_margin 2, pos_margin 0.5, hidden 512, 20 epochs: 98.8 %  <- default
-#   triplet, batch-hard, margin 1, hidden 128, 20 epochs: 70.9 % (near collapse: loss stuck at the margin)
-#   triplet, batch-all,  margin 1, hidden 128, 20 epochs: 98.5 %
-#   triplet, batch-all,  margin 1, hidden 512, 20 epochs: 98.9 %  <- default
-#   paired-contrastive, margin 2, positive_weight 0.5, shuffled 250-image batches (pairs i, i + 125),
-#     hidden 512, 10 epochs: 97.3 %  (--mining none)
-# Validation split (--validation 10000: train on the first 50,000 training images, evaluate on the last
-# 10,000), seed 0, 1 thread:
-#   contrastive, defaults, 10 epochs: 97.66 %; with --shift 2: 97.73 %
-#   contrastive, defaults, 20 epochs: 98.41 %
-#   paired-contrastive, pair-margin mining (pos_margin 0, margin 2), positive_weight 0.5, 20 epochs: 98.76 %
-#     <- default
+# Per-loss defaults: margin, batch layout, schedule, chosen from the runs listed in docs/demo.md.
 # pos_margin > 0 lets AvgNonZero average over the positive pairs still too far apart (as it does over the
 # violating negatives), instead of over every positive pair: the loss keeps focusing on the hard ones.
 DEFAULTS = {
@@ -97,7 +79,7 @@ def _paired_contrastive(losses, distances, margin: float, positive_weight: float
     def fn(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         half = len(embeddings) // 2
         x, y = embeddings[:half], embeddings[half : 2 * half]
-        # the write-up's loss is a sum over pairs; the mean keeps the step size independent of the batch size
+        # Hadsell et al.'s loss is a sum over pairs; the mean keeps the step size independent of the batch size
         return criterion(x, y, labels[:half], labels[half : 2 * half]) / max(half, 1)
 
     return fn
