@@ -14,8 +14,8 @@ auto, any other device                 ``blocked``: the memory-bounded torch pat
 float64 on ``triton``                  ``blocked`` (the kernels take fp16/bf16/fp32 only)
 ``pair_values``, ``chosen_triplet``    ``fastdml.portable`` on every device (O(T D) row gathers)
 NaN, inf or overflowing ``x``/``r``   :mod:`fastdml.reference` (PML's NaN rule): eagerly for every op, inside
-                                       a compiled blocked op too (:func:`stats_from_reference`; mechanism in
-                                       ``blocked/nonfinite.py``)
+                                       a compiled blocked or Triton op too (:func:`stats_from_reference`;
+                                       mechanism in ``blocked/nonfinite.py``)
 D = 0                                  :mod:`fastdml.reference` (every distance is 0: PML's values)
 CPU, float32/float64 rows, blocked     the compiled C helpers, unless switched off (``FASTDML_NATIVE=0``,
   batch-hard scans, chosen triplets    ``native.disabled()``) or not built: :func:`native_helpers`
@@ -121,7 +121,28 @@ def implementation(x: torch.Tensor, name: str):
     fn = getattr(module, name, None)
     if fn is None:
         raise NotImplementedError(f"{module.__name__} does not implement {name}; use FASTDML_BACKEND=reference")
+    if module.__name__ == "fastdml.kernels":
+        fn = _kernel_with_nan_rule(name, fn)
     return fn
+
+
+_GUARDED: dict = {}
+
+
+def _kernel_with_nan_rule(name: str, fn):
+    """``fn`` wrapped so that NaN, inf or overflowing input gets the reference's results (PML's rule), as the
+    blocked ops are: a compiled graph reaches the kernels without the eager check of :func:`use_reference`."""
+    if (name, fn) not in _GUARDED:
+        from .blocked import nonfinite
+
+        if name.endswith("_stats_fwd"):
+            wrapped = nonfinite.reference_stats_if_nonfinite(name[: -len("_fwd")])(fn)
+        elif name in ("row_hardest", "row_extreme", "triplet_list", "pair_list"):
+            wrapped = nonfinite.reference_mining_if_nonfinite(name)(fn)
+        else:
+            wrapped = fn
+        _GUARDED[(name, fn)] = wrapped
+    return _GUARDED[(name, fn)]
 
 
 def stats_from_reference(x: torch.Tensor, r: torch.Tensor | None) -> bool:

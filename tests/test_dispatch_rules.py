@@ -1,6 +1,7 @@
 """The routing rules of ``fastdml.dispatch`` beyond the requested backend: float64, portable ops, non-finite
 input, the compiled C helpers."""
 
+import importlib
 import math
 
 import torch
@@ -56,3 +57,28 @@ def test_native_helpers_follow_device_dtype_and_the_switch():
     with native.disabled():
         assert not dispatch.native_helpers(cpu, torch.float32)
     assert dispatch.native_helpers(cpu, torch.float32) == native.enabled()
+
+
+def test_kernels_inside_a_compiled_graph_follow_the_nan_rule():
+    # a compiled call reaches the backend without the eager check: the kernels' entry points carry the same
+    # rule as the blocked ops (NaN rows: the reference's picks and stats)
+    from fastdml import reference
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 4, generator=g)
+    x[4] = math.nan
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2])
+    with fastdml.use_backend("triton"):
+        hardest = dispatch.implementation(x, "row_hardest")
+        stats_fwd = dispatch.implementation(x, "contrastive_stats_fwd")
+    assert hardest is not importlib.import_module("fastdml.kernels").row_hardest
+    got = hardest(x, y, None, None, None, "l2")
+    want = reference.row_hardest(x, y, None, None, None, "l2")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    args = (x, y, None, None, None, "l2", 0.0, 1.0, -math.inf, math.inf, -math.inf, math.inf)
+    stats, gx, _ = stats_fwd(*args, True, need_grad_r=False)
+    ref = reference.contrastive_stats(*args)
+    assert torch.equal(stats.isnan(), ref.to(stats.dtype).isnan())
+    torch.testing.assert_close(stats[~stats.isnan()], ref.to(stats.dtype)[~stats.isnan()])
+    assert gx.shape == (2, 9, 4)
