@@ -21,7 +21,9 @@ ls -l "$WORK/dist"
 WHEEL=$(ls "$WORK"/dist/fastdml-*.whl)
 # what the wheel must contain besides the Python modules
 "$PY" -m zipfile -l "$WHEEL" >"$WORK/wheel_files.txt"
-for f in fastdml/py.typed fastdml/kernels/__init__.py fastdml/blocked/csrc/row_scan.c fastdml/__main__.py; do
+for f in fastdml/py.typed fastdml/kernels/__init__.py fastdml/blocked/csrc/row_scan.c \
+    fastdml/blocked/csrc/chosen_triplets.c fastdml/blocked/csrc/fastdml_native.h fastdml/__main__.py \
+    fastdml/losses/__init__.py fastdml/miners/__init__.py fastdml/portable/__init__.py; do
     grep -q "^$f " "$WORK/wheel_files.txt" || { echo "the wheel lacks $f"; exit 1; }
 done
 echo "build: $((SECONDS - t0)) s"
@@ -36,6 +38,7 @@ echo "install: $((SECONDS - t0)) s"
 # from outside the checkout: the installed package, never the source tree
 mkdir -p "$WORK/run/tests"
 cd "$WORK/run"
+export FASTDML_CACHE_DIR="$WORK/native_cache"  # an empty cache: the helpers build from the wheel's sources
 "$VPY" - "$SRC" <<'EOF'
 import os, sys, sysconfig
 import fastdml, fastdml.kernels
@@ -48,6 +51,12 @@ for mod in (fastdml, fastdml.kernels):
 typed = os.path.join(os.path.dirname(fastdml.__file__), "py.typed")
 assert os.path.exists(typed), "py.typed is not installed"
 print("installed package:", os.path.dirname(fastdml.__file__))
+# the compiled helpers build from the installed C sources wherever a compiler exists
+import shutil
+from fastdml.blocked import native
+if shutil.which(os.environ.get("CC", "cc").split()[0]):
+    assert native.enabled(), f"the compiled helpers did not build from the wheel: {native.status()}"
+print("native helpers:", native.status())
 EOF
 
 t0=$SECONDS

@@ -50,12 +50,13 @@ class Inputs:
 
 
 def overrides_hook(obj, *names: str) -> bool:
-    """Whether ``type(obj)`` takes any of the methods ``names`` from a class outside fastdml (a user's subclass
-    overriding a PML hook): fastdml's fused paths replace those hooks, so such an object takes the general path."""
+    """Whether ``type(obj)`` takes any of the methods ``names`` from a class outside fastdml and PML (a user's
+    subclass overriding a PML hook): fastdml's fused paths replace those hooks, so such an object takes the
+    general path."""
     for name in names:
         for klass in type(obj).__mro__:
             if name in vars(klass):
-                if not klass.__module__.startswith("fastdml."):
+                if not klass.__module__.startswith(("fastdml.", "pytorch_metric_learning.")):
                     return True
                 break
     return False

@@ -148,11 +148,11 @@ def _kernel_with_nan_rule(name: str, fn):
 def stats_from_reference(x: torch.Tensor, r: torch.Tensor | None) -> bool:
     """Whether an op takes PML's arithmetic from the reference (eagerly by :func:`use_reference`, inside a
     compiled blocked op by ``blocked/nonfinite.py``): ``x`` or ``r`` holds a NaN or an infinity, or entries
-    large enough that a squared distance can overflow (``fastdml._nanrule.extreme``). The fused sweeps mask by
+    large enough that a squared distance can overflow (``fastdml._nanrule.extreme``), or D = 0. The fused sweeps mask by
     interval arithmetic, which NaN defeats; the reference follows PML's comparisons exactly."""
     from . import _nanrule
 
-    return _nanrule.extreme(x, r)
+    return (x.dim() == 2 and x.shape[1] == 0) or _nanrule.extreme(x, r)
 
 
 def native_helpers(device: torch.device, dtype: torch.dtype | None = None) -> bool:

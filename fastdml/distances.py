@@ -69,6 +69,7 @@ class BaseDistance(torch.nn.Module):
             self.reset_stats()
 
     def reset_stats(self):
+        """PML's hook: zero the statistics this object records."""
         if self.collect_stats:
             self.initial_avg_query_norm = 0
             self.initial_avg_ref_norm = 0
@@ -92,6 +93,7 @@ class BaseDistance(torch.nn.Module):
         return mat
 
     def compute_mat(self, query_emb, ref_emb):
+        """PML's hook: the (N, M) matrix of distances or similarities between ``query`` and ``ref`` rows."""
         raise NotImplementedError
 
     def pairwise_distance(self, query_emb, ref_emb):
@@ -100,9 +102,11 @@ class BaseDistance(torch.nn.Module):
         raise NotImplementedError
 
     def smallest_dist(self, *args, **kwargs):
+        """PML's hook: the minimum of ``x`` along ``dim`` (the maximum for a similarity)."""
         return torch.max(*args, **kwargs) if self.is_inverted else torch.min(*args, **kwargs)
 
     def largest_dist(self, *args, **kwargs):
+        """PML's hook: the maximum of ``x`` along ``dim`` (the minimum for a similarity)."""
         return torch.min(*args, **kwargs) if self.is_inverted else torch.max(*args, **kwargs)
 
     def margin(self, x, y):
@@ -111,15 +115,19 @@ class BaseDistance(torch.nn.Module):
         return y - x if self.is_inverted else x - y
 
     def normalize(self, embeddings, dim=1, **kwargs):
+        """``x / ||x||_p`` along ``dim``."""
         return F.normalize(embeddings, p=self.p, dim=dim, **kwargs)
 
     def maybe_normalize(self, embeddings, dim=1, **kwargs):
+        """``normalize(x)`` when the distance normalizes its embeddings, else ``x``."""
         return self.normalize(embeddings, dim=dim, **kwargs) if self.normalize_embeddings else embeddings
 
     def get_norm(self, embeddings, dim=1, **kwargs):
+        """``||x||_p`` along ``dim``."""
         return torch.norm(embeddings, p=self.p, dim=dim, **kwargs)
 
     def set_default_stats(self, query_emb, ref_emb, qn, rn):
+        """PML's hook: record the average query and reference norms (when collecting statistics)."""
         if self.collect_stats:
             with torch.no_grad():
                 self.initial_avg_query_norm = torch.mean(self.get_norm(query_emb)).item()
@@ -128,10 +136,12 @@ class BaseDistance(torch.nn.Module):
                 self.final_avg_ref_norm = torch.mean(self.get_norm(rn)).item()
 
     def check_shapes(self, query_emb, ref_emb):
+        """PML's hook: raise unless ``query`` and ``ref`` are 2-D with the same number of columns."""
         if query_emb.ndim != 2 or (ref_emb is not None and ref_emb.ndim != 2):
             raise ValueError("embeddings must be a 2D tensor of shape (batch_size, embedding_size)")
 
     def extra_repr(self):
+        """The settings shown by ``repr``."""
         return f"normalize_embeddings={self.normalize_embeddings}, p={self.p}, power={self.power}"
 
 
@@ -147,6 +157,7 @@ class LpDistance(BaseDistance):
             raise ValueError("LpDistance is a distance: is_inverted must be False")
 
     def compute_mat(self, query_emb, ref_emb):
+        """``||q_i - r_j||_p`` for every pair of rows (exact near 0)."""
         if ref_emb is None:
             ref_emb = query_emb
         if self.p == 2:
@@ -160,6 +171,7 @@ class LpDistance(BaseDistance):
 
     def pairwise_distance(self, query_emb, ref_emb):
         # exact (PML's F.pairwise_distance adds eps = 1e-6 to every difference); gradient 0 at d = 0
+        """``||q_i - r_i||_p`` of row pairs."""
         diff = query_emb - ref_emb
         if self.p == 2:
             return _safe_sqrt((diff * diff).sum(-1))
@@ -175,9 +187,11 @@ class DotProductSimilarity(BaseDistance):
         super().__init__(is_inverted=True, **kwargs)
 
     def compute_mat(self, query_emb, ref_emb):
+        """``q_i . r_j`` for every pair of rows."""
         return torch.matmul(query_emb, ref_emb.transpose(-1, -2))
 
     def pairwise_distance(self, query_emb, ref_emb):
+        """``q_i . r_i`` of row pairs."""
         return torch.sum(query_emb * ref_emb, dim=1)
 
 

@@ -60,6 +60,7 @@ class BaseReducer(torch.nn.Module):
             self.losses_size = 0
 
     def reset_stats(self):
+        """PML's hook: zero the statistics this object records."""
         if self.collect_stats:
             self.losses_size = 0
 
@@ -74,9 +75,11 @@ class BaseReducer(torch.nn.Module):
 
     # ---- PML's hooks ----
     def unpack_loss_info(self, loss_info):
+        """PML's hook: ``(losses, indices, reduction_type, kwargs)`` of one loss-dict entry."""
         return loss_info["losses"], loss_info["indices"], loss_info["reduction_type"], {}
 
     def reduce_the_loss(self, losses, loss_indices, reduction_type, kwargs, embeddings, labels):
+        """PML's hook: one entry's terms reduced to a scalar (PML's zero loss when ``losses`` is 0)."""
         self.set_losses_size_stat(losses)
         if self.input_is_zero_loss(losses):
             return self.zero_loss(embeddings)
@@ -85,28 +88,36 @@ class BaseReducer(torch.nn.Module):
         return self.get_reduction_func(reduction_type)(losses, loss_indices, embeddings, labels, **kwargs)
 
     def get_reduction_func(self, reduction_type):
+        """PML's hook: the ``<reduction_type>_reduction`` method for one entry."""
         return getattr(self, f"{reduction_type}_reduction")
 
     def already_reduced_reduction(self, losses, loss_indices, embeddings, labels):
+        """PML's hook: ``losses`` as given (the loss already reduced it)."""
         return losses
 
     def element_reduction(self, losses, loss_indices, embeddings, labels):
+        """PML's hook: the per-element terms ``l`` reduced to a scalar (subclasses define it)."""
         raise NotImplementedError
 
     # (PML's base raises for these three; here they default to element_reduction)
     def pos_pair_reduction(self, losses, loss_indices, embeddings, labels):
+        """PML's hook: the positive-pair terms reduced (default: :meth:`element_reduction`)."""
         return self.element_reduction(losses, loss_indices, embeddings, labels)
 
     def neg_pair_reduction(self, losses, loss_indices, embeddings, labels):
+        """PML's hook: the negative-pair terms reduced (default: :meth:`element_reduction`)."""
         return self.element_reduction(losses, loss_indices, embeddings, labels)
 
     def triplet_reduction(self, losses, loss_indices, embeddings, labels):
+        """PML's hook: the triplet terms reduced (default: :meth:`element_reduction`)."""
         return self.element_reduction(losses, loss_indices, embeddings, labels)
 
     def input_is_zero_loss(self, losses):
+        """PML's hook: whether ``losses`` is the plain 0 a loss returns when nothing counts."""
         return not torch.is_tensor(losses) and losses == 0
 
     def set_losses_size_stat(self, losses):
+        """PML's hook: record ``losses_size`` (the number of terms) when collecting statistics."""
         if self.collect_stats:
             self.losses_size = 1 if (not torch.is_tensor(losses) or losses.ndim == 0) else len(losses)
 
@@ -121,6 +132,7 @@ class MeanReducer(BaseReducer):
     window = (-math.inf, math.inf, True)
 
     def element_reduction(self, losses, loss_indices, embeddings, labels):
+        """``mean(l)`` over the terms (PML's ``MeanReducer``)."""
         if torch.compiler.is_compiling():
             # traced: the number of terms may be data (a listed tuple), and may be 0 (PML: a zero loss)
             return losses.sum() / max(losses.shape[0], 1) if losses.ndim else losses
@@ -133,6 +145,7 @@ class SumReducer(MeanReducer):
     window = (-math.inf, math.inf, False)
 
     def element_reduction(self, losses, loss_indices, embeddings, labels):
+        """``sum(l)`` over the terms (PML's ``SumReducer``)."""
         return torch.sum(losses)
 
 
@@ -149,10 +162,12 @@ class ThresholdReducer(BaseReducer):
 
     @property
     def window(self):
+        """The fused path's counting window ``(low, high, mean)``; a NaN bound keeps nothing, as in PML."""
         low = -math.inf if self.low is None else float(self.low)
         return (*_nanrule.threshold_bounds(low, math.inf if self.high is None else float(self.high)), True)
 
     def reset_stats(self):
+        """PML's hook: zero the statistics this object records."""
         super().reset_stats()
         if self.collect_stats:
             # PML's names (it resets num_below_high and sets num_above_high, the count of terms below high)
@@ -161,9 +176,11 @@ class ThresholdReducer(BaseReducer):
             self.num_below_high = 0
 
     def element_reduction(self, losses, loss_indices, embeddings, labels):
+        """``mean(l)`` over the terms with ``low < l < high`` (PML's ``ThresholdReducer``)."""
         return self.element_reduction_helper(losses, embeddings)
 
     def element_reduction_helper(self, losses, embeddings):
+        """PML's hook: ``mean(l)`` over the terms inside the window, recording the counts."""
         if torch.compiler.is_compiling() and not self.collect_stats:
             # traced: the mean over a mask instead of boolean indexing (whose size is data); nothing counted
             # gives an exact 0 with zero gradient, still attached to the graph
@@ -204,6 +221,7 @@ class DoNothingReducer(BaseReducer):
     """Returns the loss dict unreduced (per-element terms with their indices)."""
 
     def forward(self, loss_dict, embeddings, labels):
+        """The loss dict's terms unreduced (PML's ``DoNothingReducer``)."""
         return loss_dict
 
 
@@ -217,9 +235,11 @@ class MultipleReducers(BaseReducer):
         self.default_reducer = MeanReducer() if default_reducer is None else default_reducer
 
     def reducer_for(self, name):
+        """The reducer of sub-loss ``name`` (the default reducer when it has none)."""
         return self.reducers[name] if name in self.reducers else self.default_reducer
 
     def forward(self, loss_dict, embeddings, labels):
+        """Each sub-loss reduced by its own reducer, then :meth:`sub_loss_reduction` of them."""
         self.reset_stats()
         # PML adds the sub-losses in the embeddings' dtype; half precision adds in float32 (one rounding at the end)
         dtype = torch.float32 if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings.dtype
@@ -229,6 +249,7 @@ class MultipleReducers(BaseReducer):
         return self.sub_loss_reduction(sub, embeddings, labels)
 
     def sub_loss_reduction(self, sub_losses, embeddings=None, labels=None):
+        """PML's hook: the reduced sub-losses combined (their sum)."""
         return torch.sum(sub_losses)
 
 
@@ -275,13 +296,14 @@ def is_do_nothing(reducer) -> bool:
 
 def _pml_reducer_class(name: str):
     """PML's reducer class ``name`` if PML's reducers are imported, else None. An instance of a PML class means
-    its module is loaded, so nothing is imported here (importing PML costs ~0.6 s, which a fastdml call with
-    fastdml's reducers must not pay)."""
+    its module is loaded, so nothing is imported here (a fastdml call with fastdml's reducers must not pay
+    PML's import)."""
     module = sys.modules.get("pytorch_metric_learning.reducers")
     return None if module is None else getattr(module, name, None)
 
 
 def is_multiple(reducer) -> bool:
+    """Whether ``reducer`` is a ``MultipleReducers`` (fastdml's or PML's)."""
     if isinstance(reducer, MultipleReducers):
         return True
     cls = _pml_reducer_class("MultipleReducers")
@@ -289,6 +311,7 @@ def is_multiple(reducer) -> bool:
 
 
 def is_pml_do_nothing(reducer) -> bool:
+    """Whether ``reducer`` is PML's ``DoNothingReducer``."""
     cls = _pml_reducer_class("DoNothingReducer")
     return cls is not None and isinstance(reducer, cls)
 

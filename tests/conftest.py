@@ -19,7 +19,7 @@ import torch  # noqa: E402
 # Tolerances from the arithmetic, stated once per dtype:
 # float64: exact math, rounding ~1e-16 per op, sums of <= 1e6 terms -> 1e-9 relative.
 # float32: ~6e-8 per op; GEMM-shaped sums over D <= 256 and tile reductions over N <= 512 -> 1e-4 relative,
-#          1e-5 absolute (the parity target of ALGORITHMS.md).
+#          1e-5 absolute (the parity target of docs/ARCHITECTURE.md).
 # float16: inputs rounded to 11 bits (~5e-4), fp32 accumulation -> 1e-2.
 TOL = {
     torch.float64: dict(atol=1e-9, rtol=1e-9),

@@ -118,3 +118,18 @@ def test_zero_width_embeddings_give_pmls_values(backend, case):
     torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=1e-6)
     got.backward()
     assert x.grad.shape == (16, 0)
+
+
+@pytest.mark.parametrize("case", ["contrastive", "triplet_batch_hard"])
+def test_zero_width_embeddings_compiled_equal_eager(case):
+    # inside a compiled graph the op itself sends D = 0 to the reference (no eager check runs there)
+    x = torch.zeros(8, 0, requires_grad=True)
+    y = torch.arange(8) % 3
+    fn = {
+        "contrastive": lambda t: losses.ContrastiveLoss()(t, y),
+        "triplet_batch_hard": lambda t: losses.TripletMarginLoss()(t, y, miners.BatchHardMiner()(t, y)),
+    }[case]
+    eager = fn(x)
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True)(x)
+    torch.testing.assert_close(got, eager)

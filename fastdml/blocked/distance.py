@@ -12,7 +12,7 @@ direct differences ``sum_k (x_ik - r_jk)^2``, and for ``D <= 4`` the whole block
 differences. Outside the flagged set the relative error of q is below ~100 D eps: fp32 results stay within
 rtol 1e-4 of float64.
 
-Gradient (ALGORITHMS.md, "One backward for every pairwise loss"): given pair weights ``G_k = dS_k/dd'`` of a
+Gradient (docs/ARCHITECTURE.md, the op contract): given pair weights ``G_k = dS_k/dd'`` of a
 row block, with ``c = G / d`` (L2; 0 at d = 0), ``c = 2 G`` (squared L2)::
 
     dS/dx_i += (sum_j c_ij) x_i - sum_j c_ij r_j        (row side: C @ R)

@@ -416,9 +416,10 @@ _KIND_CODES = {"l2": 0, "sql2": 1, "dot": 2}
 
 
 def chosen_triplets(x, ref, p, n, valid, kind, margin, smooth, low, high, gx, gcol):
-    """The chosen-triplet loss of :mod:`.chosen` (see its docstring and ``csrc/chosen_triplets.c``) in one
-    call: ``S = sum term_i`` and ``C = #counted`` as a float64 ``[S, C]`` tensor; writes ``gx`` (N, D) when
-    given and adds the column parts to ``gcol`` (M, D; may be ``gx``: the square case) when given.
+    """The chosen-triplet loss of :mod:`fastdml.portable.chosen` (see its docstring and
+    ``csrc/chosen_triplets.c``) in one call: ``S = sum term_i`` and ``C = #counted`` as a float64 ``[S, C]``
+    tensor; writes ``gx`` (N, D) when given and adds the column parts to ``gcol`` (M, D; may be ``gx``: the
+    square case) when given.
 
     ``x`` (N, D) and ``ref`` (M, D): contiguous CPU tensors of one dtype, float32 or float64; ``p``, ``n``
     (N,) int64; ``valid`` (N,) bool. Returns None (nothing written) when the library is unavailable, the

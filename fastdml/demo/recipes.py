@@ -71,7 +71,7 @@ class Recipe:
 
 
 def _paired_contrastive(losses, distances, margin: float, positive_weight: float):
-    """The write-up's siamese loss on pairs (i, i + B/2) of a batch of B, averaged over the B/2 pairs."""
+    """Hadsell et al.'s siamese loss on pairs (i, i + B/2) of a batch of B, averaged over the B/2 pairs."""
     criterion = losses.PairedContrastiveLoss(
         distance=distances.LpDistance(normalize_embeddings=False), margin=margin, positive_weight=positive_weight
     )
@@ -86,7 +86,7 @@ def _paired_contrastive(losses, distances, margin: float, positive_weight: float
 
 
 def _paired_mined(losses, miners, distances, margin: float, pos_margin: float, positive_weight: float):
-    """The write-up's loss on the pairs a pair miner picks from a PK batch, averaged over those pairs.
+    """Hadsell et al.'s loss on the pairs a pair miner picks from a PK batch, averaged over those pairs.
 
     ``PairMarginMiner(pos_margin, margin)`` keeps the positive pairs farther apart than ``pos_margin`` and
     the negative pairs nearer than ``margin`` (the only negatives with a non-zero term): the mean is over

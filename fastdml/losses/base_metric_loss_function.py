@@ -40,15 +40,18 @@ class BaseMetricLossFunction(torch.nn.Module):
 
     # ---- PML plumbing ----
     def get_default_distance(self):
+        """PML's hook: the distance used when none is given."""
         return LpDistance(p=2)
 
     def get_default_reducer(self):
+        """PML's hook: the reducer used when none is given."""
         return MeanReducer()
 
     def _sub_loss_names(self):
         return ["loss"]
 
     def sub_loss_names(self):
+        """PML's hook: the names of the loss dict's entries (``_sub_loss_names``)."""
         extra = ["embedding_reg_loss"] if self.embedding_regularizer is not None else []
         return self._sub_loss_names() + extra
 
@@ -66,6 +69,7 @@ class BaseMetricLossFunction(torch.nn.Module):
             self.reducer = MultipleReducers({k: make() for k in names})
 
     def sub_reducer(self, name):
+        """The reducer applied to one sub-loss (PML's ``MultipleReducers`` when there are several)."""
         if is_multiple(self.reducer):
             r = self.reducer
             return r.reducers[name] if name in r.reducers else r.default_reducer
@@ -78,9 +82,11 @@ class BaseMetricLossFunction(torch.nn.Module):
         return reducer_window(self.sub_reducer(name))
 
     def zero_losses(self):
+        """PML's hook: a loss dict of zeros, one entry per sub-loss."""
         return {k: self.zero_loss() for k in self.sub_loss_names()}
 
     def reset_stats(self):
+        """PML's hook: zero the statistics this object records."""
         if self.collect_stats:
             for k in self._stat_names:
                 setattr(self, k, 0)
@@ -137,4 +143,5 @@ class BaseMetricLossFunction(torch.nn.Module):
             self._terms_only = False
 
     def zero_loss(self):
+        """PML's zero loss ``sum(embeddings * 0)`` (NaN for NaN embeddings)."""
         return _already_reduced(0)

@@ -51,6 +51,7 @@ class BatchHardTripletLoss(BaseMetricLossFunction):
         super().__init__(**kwargs)
 
     def get_default_distance(self):
+        """PML's hook: the distance used when none is given."""
         return _plain_euclidean()
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -106,9 +107,11 @@ class BatchAllTripletLoss(TripletMarginLoss):
         super().__init__(margin=margin, smooth_loss=smooth_loss, **kwargs)
 
     def get_default_distance(self):
+        """PML's hook: the distance used when none is given."""
         return _plain_euclidean()
 
     def get_default_reducer(self):
+        """PML's hook: the reducer used when none is given."""
         return AvgNonZeroReducer() if self.average == "nonzero" else MeanReducer()
 
     def _fused_stats(self, geo, square, y, z, excl, band_lo, band_hi, st):
@@ -160,6 +163,7 @@ class SemiHardTripletLoss(BaseMetricLossFunction):
         super().__init__(**kwargs)
 
     def get_default_distance(self):
+        """PML's hook: the distance used when none is given."""
         return _plain_euclidean()
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):

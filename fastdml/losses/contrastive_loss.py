@@ -52,6 +52,7 @@ class ContrastiveLoss(GenericPairLoss):
         super().__init__(mat_based_loss=False, **kwargs)
 
     def get_default_reducer(self):
+        """PML's hook: the reducer used when none is given."""
         return AvgNonZeroReducer()
 
     def _sub_loss_names(self):
@@ -67,13 +68,16 @@ class ContrastiveLoss(GenericPairLoss):
         }
 
     def get_per_pair_loss(self, pair_dists, pos_or_neg):
+        """PML's hook: the terms of the positive (``pos_calc``) or negative (``neg_calc``) pairs."""
         calc = self.pos_calc if pos_or_neg == "pos" else self.neg_calc
         return calc(pair_dists, self.pos_margin if pos_or_neg == "pos" else self.neg_margin)
 
     def pos_calc(self, pos_pair_dist, margin):
+        """PML's hook: ``relu(d - m_pos)`` of a positive pair (sign flipped for a similarity)."""
         return F.relu(self.distance.margin(pos_pair_dist, margin))
 
     def neg_calc(self, neg_pair_dist, margin):
+        """PML's hook: ``relu(m_neg - d)`` of a negative pair (sign flipped for a similarity)."""
         return F.relu(self.distance.margin(margin, neg_pair_dist))
 
     # ---- fused ----

@@ -115,10 +115,12 @@ class CrossBatchMemory(torch.nn.Module):
 
     @staticmethod
     def supported_losses():
+        """The loss classes ``CrossBatchMemory`` can wrap (PML's list)."""
         return list(_SUPPORTED)
 
     @classmethod
     def check_loss_support(cls, loss_name):
+        """Raise a ``TypeError`` naming ``loss_func`` when it is not one of :meth:`supported_losses`."""
         if loss_name not in cls.supported_losses():
             raise Exception(f"CrossBatchMemory not supported for {loss_name}")
 
@@ -142,6 +144,7 @@ class CrossBatchMemory(torch.nn.Module):
 
     @queue_idx.setter
     def queue_idx(self, value: int) -> None:
+        """Where the next batch is written in the memory (PML's attribute)."""
         self.queue_pos.fill_(int(value))
         if not self.has_been_filled:
             self._filled_rows = torch.empty((int(value), 0))
@@ -196,6 +199,7 @@ class CrossBatchMemory(torch.nn.Module):
             )
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        """The wrapped loss of the batch against the memory (PML's semantics); the batch is then enqueued."""
         self._check(embeddings, labels, indices_tuple, enqueue_mask)
         device = embeddings.device
         labels = labels.to(device)

@@ -24,6 +24,7 @@ class GenericPairLoss(BaseMetricLossFunction):
         self.loss_method = self.mat_based_loss if mat_based_loss else self.pair_based_loss
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's hook: the loss dict from the pair distances (matrix- or pair-based)."""
         inp = self._resolve(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         geo = Geometry(self.distance, inp, generic=True)
         if indices_tuple is None:
@@ -38,6 +39,7 @@ class GenericPairLoss(BaseMetricLossFunction):
         raise NotImplementedError
 
     def mat_based_loss(self, mat, indices_tuple):
+        """PML's hook: the loss dict from the distance matrix and the positive and negative pair masks."""
         a1, p, a2, n = indices_tuple
         pos_mask, neg_mask = torch.zeros_like(mat), torch.zeros_like(mat)
         pos_mask[a1, p] = 1
@@ -46,6 +48,7 @@ class GenericPairLoss(BaseMetricLossFunction):
         return self._compute_loss(mat, pos_mask, neg_mask)
 
     def pair_based_loss(self, mat, indices_tuple):
+        """PML's hook: the loss dict from the listed positive and negative pair distances."""
         a1, p, a2, n = indices_tuple
         pos_pair = mat[a1, p] if len(a1) > 0 else []
         neg_pair = mat[a2, n] if len(a2) > 0 else []

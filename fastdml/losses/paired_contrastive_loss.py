@@ -45,7 +45,7 @@ class PairedContrastiveLoss(torch.nn.Module):
         self.collect_stats = resolve_collect_stats(collect_stats)
 
     def pair_distances(self, x, y):
-
+        """``d(x_i, y_i)`` of each listed pair under the loss's distance (raised to its ``power``)."""
         spec = fused_spec(self.distance)
         if spec is not None:
             kind, normalize = spec
@@ -58,6 +58,7 @@ class PairedContrastiveLoss(torch.nn.Module):
         return d**power if power != 1 else d
 
     def forward(self, x, y, x_labels, y_labels):
+        """The mean over pairs of ``w d^2`` (same label) or ``(1 - w) relu(m - d)^2`` (different labels)."""
         V.check_embeddings(x, "x")
         V.check_ref(x, y, "y")
         if y.shape[0] != x.shape[0]:

@@ -83,6 +83,7 @@ class TripletMarginLoss(BaseMetricLossFunction):
         super().__init__(**kwargs)
 
     def get_default_reducer(self):
+        """PML's hook: the reducer used when none is given."""
         return AvgNonZeroReducer()
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):

@@ -31,9 +31,11 @@ class BaseMiner(torch.nn.Module):
         self.reset_stats()
 
     def get_default_distance(self):
+        """PML's hook: the distance used when none is given."""
         return LpDistance(p=2)
 
     def reset_stats(self):
+        """PML's hook: zero the statistics this object records."""
         if self.collect_stats:
             for k in self._stat_names:
                 setattr(self, k, 0)

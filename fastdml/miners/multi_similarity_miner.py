@@ -21,6 +21,7 @@ class MultiSimilarityMiner(BaseMiner):
         super().__init__(**kwargs)
 
     def get_default_distance(self):
+        """PML's hook: the distance used when none is given."""
         return CosineSimilarity()
 
     def _mine(self, inp):

@@ -320,6 +320,7 @@ class DistributedLossWrapper(torch.nn.Module):
         self.group = group
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, enqueue_mask=None):
+        """The wrapped loss on the batch gathered from every process (see the class docstring)."""
         cross_batch = _is_cross_batch(self.loss)
         if not is_distributed():
             warnings.warn(
@@ -436,6 +437,7 @@ class DistributedMinerWrapper(torch.nn.Module):
         self.group = group
 
     def forward(self, emb, labels, ref_emb=None, ref_labels=None):
+        """The wrapped miner's result on the batch gathered from every process (see the class docstring)."""
         if not is_distributed():
             return self.miner(emb, labels, ref_emb, ref_labels)
         _, world = _rank_world(self.group)
