@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import _fail, check_float, device_guard, poison, precision, prepare
-from ._staged import Stager, empty_parts
+from ._staged import Stager, empty_parts, launch_opts
 
 
 @triton.jit
@@ -303,7 +303,7 @@ def triplet_list_kernel(
 
 def _grid_cfg(st, one_block=True):
     c = st.cfg
-    cfg = dict(BP=c["BP"], BT=c["BT"], num_warps=c["num_warps"])
+    cfg = dict(BP=c["BP"], BT=c["BT"], **launch_opts(c))
     if one_block:
         cfg["ONE_BLOCK"] = st.one_block
     return cfg
