@@ -303,7 +303,9 @@ def triplet_list_kernel(
 
 def _grid_cfg(st, one_block=True):
     c = st.cfg
-    cfg = dict(BP=c["BP"], BT=c["BT"], **launch_opts(c))
+    # maxnreg=255 only for the block loop of large classes (it spills there at the 128-register cap on
+    # Triton 3.9); with it the one-block BP = 512 variants spill on 3.6
+    cfg = dict(BP=c["BP"], BT=c["BT"], **(launch_opts(c) if not st.one_block else {"num_warps": c["num_warps"]}))
     if one_block:
         cfg["ONE_BLOCK"] = st.one_block
     return cfg
