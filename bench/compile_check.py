@@ -217,7 +217,8 @@ def _calls(K, x, y, r, z, kind):
 def _run(call, what):
     """Run one launcher call; the autotuned row sweeps once per candidate config (all are default)."""
     if what.split()[0].startswith(("row_extreme", "row_hardest")):
-        for i in range(len(_common.extreme_configs(128))):
+        most = max(len(_common.extreme_configs(128, t, c)) for t in _DT for c in _common.PRECISIONS)
+        for i in range(most):  # FORCE_CANDIDATE past a shorter list repeats its last (compiled once)
             _common.FORCE_CANDIDATE[:] = [i]
             try:
                 _run_one(call, f"{what} candidate {i}")
@@ -263,6 +264,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fp32 only, D = 128 (a smoke run)")
     opts = ap.parse_args()
     State.partial = opts.out + ".partial"
+    os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
     t0 = time.time()
     dtypes = [torch.float32] if opts.quick else [torch.float32, torch.float16, torch.bfloat16]
     for dtype in dtypes:

@@ -414,18 +414,21 @@ def extreme_outputs(n: int, device, splits: int = 1):
     )
 
 
-def extreme_configs(d: int) -> list[dict]:
+def extreme_configs(d: int, dtype=torch.float32, prec: str = "ieee") -> list[dict]:
     """Candidate launch configurations of the row-owned extreme sweeps (``row_extreme``, ``row_hardest``),
-    the first the default: one under the interpreter; on CUDA a small set that :func:`autotuned` times once
-    per (kernel, D bucket, dtype, kind, precision). Every candidate is compiled and checked spill-free on
-    sm_90 by bench/compile_check.py."""
+    the first the default: one under the interpreter; on CUDA a small set per (D bucket, dtype, precision)
+    that :func:`autotuned` times once per (kernel, D bucket, dtype, kind, precision). Every candidate is
+    compiled and checked spill-free on sm_90 by bench/compile_check.py (it lists each one)."""
     if interpreting():
         return [dict(BM=32, BN=32, BK=block_d(d), SUBK=16, num_warps=4)]
-    # Only configs seen spill-free on sm_90 (bench/compile_check.py) are candidates: (64, 32) with 8 warps
-    # and 16-wide D chunks. Seen spilling: 4 warps; (32, 32) and (64, 64) with 8 warps, with or without
-    # maxnreg=255; 32-wide D chunks (row_hardest on Triton 3.9, the dot kind on 3.6). A candidate added
-    # here is timed on CUDA by ``autotuned``.
-    return [dict(BM=64, BN=32, BK=16, SUBK=1, num_warps=8)]
+    # Only configs seen spill-free on sm_90 (Triton 3.6 and 3.9) in every kind are candidates: (64, 32) with
+    # 8 warps and 16-wide D chunks; (32, 16) with 4 warps at D in (64, 128] (the bucket the check compiles)
+    # for fp16/bf16 and fp32 tf32x3/tf32, not fp32 ieee (spills on 3.9). Seen spilling: (32, 32), (64, 64),
+    # (64, 16), (128, 16), (128, 32) with 8 warps; 32-wide D chunks; maxnreg=255.
+    cands = [dict(BM=64, BN=32, BK=16, SUBK=1, num_warps=8)]
+    if triton.next_power_of_2(d) == 128 and (dtype in (torch.float16, torch.bfloat16) or prec != "ieee"):
+        cands.append(dict(BM=32, BN=16, BK=16, SUBK=1, num_warps=4))
+    return cands
 
 
 def extreme_config(d: int) -> dict:

@@ -73,8 +73,15 @@ def chunk_rows(n: int, m: int, need_grad: bool, budget: int) -> int:
 def config(d):
     if interpreting():
         return dict(BM=32, BN=64, BK=block_d(d), BG=grad_group(d), SUBK=16, BP=32, BT=64, num_warps=4)
-    # one (BM, BG) accumulator in wpass_kernel; checked spill-free on sm_90 with bench/compile_check.py
-    return dict(BM=64, BN=32, BK=32, BG=min(64, grad_group(d)), SUBK=1, BP=32, BT=64, num_warps=8)
+    # one (BM, BG) accumulator in wpass_kernel; maxnreg=255 lifts the 128 (or 64) register cap ptxas put on
+    # some 8-warp programs (a spill on Triton 3.6), and 16-wide D chunks keep stage_dist_kernel's fp32 ieee
+    # dot under 255 (32: a spill on 3.9); checked spill-free by bench/compile_check.py
+    return dict(BM=64, BN=32, BK=16, BG=min(64, grad_group(d)), SUBK=1, BP=32, BT=64, num_warps=8, maxnreg=255)
+
+
+def launch_opts(c) -> dict:
+    """The compiler options of config ``c``: num_warps, and maxnreg where the config sets one."""
+    return {k: c[k] for k in ("num_warps", "maxnreg") if k in c}
 
 
 @triton.jit(do_not_specialize=["A0", "CH", "M"])
@@ -263,7 +270,7 @@ class Stager:
             PREC=self.prec,
             UPCAST=p.upcast,
             NEAR=near_fraction(self.prec),
-            num_warps=c["num_warps"],
+            **launch_opts(c),
         )
 
     def grad_passes(self, a0, ch, gx, gr, first):
@@ -277,7 +284,7 @@ class Stager:
             SUBK=c["SUBK"],
             PREC=self.prec,
             NEAR=near_fraction(self.prec),
-            num_warps=c["num_warps"],
+            **launch_opts(c),
         )
         with device_guard(p.device):
             self._wpasses(a0, ch, gx, gr, first, groups, common)

@@ -208,20 +208,21 @@ def contrastive_kernel(
         grad_finish(accn, rsn, own_ptr, nearn_ptr, gn_ptr, rows, rmask, g0, D, scale, KIND, BG, KIND != 2)
 
 
-def _config(d):
+def _config(d, dtype=torch.float32):
     """Block sizes: one config under the interpreter (speed there comes from few, large programs)."""
     if interpreting():
         return dict(BM=32, BN=32, BK=block_d(d), BG=grad_group(d), SUBK=16, num_warps=4)
     # one D group up to D = 128 (d' once per pair); (32, 16) tiles, 8 warps and maxnreg=255 keep the two
-    # (BM, BG) accumulators in registers on sm_90 (4 warps, or 8 capped at 128 registers by ptxas, spill:
-    # bench/compile_check.py)
-    return dict(BM=32, BN=16, BK=16, BG=grad_group(d), SUBK=1, num_warps=8, maxnreg=255)
+    # (BM, BG) accumulators in registers on sm_90 (4 warps, or 8 capped at 128 registers by ptxas, spill);
+    # fp16/bf16 spill at BM = 32 on Triton 3.6, not at BM = 16 (bench/compile_check.py)
+    bm = 32 if dtype in (torch.float32, torch.float64) else 16
+    return dict(BM=bm, BN=16, BK=16, BG=grad_group(d), SUBK=1, num_warps=8, maxnreg=255)
 
 
 def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, need_grad, margins, scale, prec):
     """One sweep over (row block, D group, column range) programs; returns the statistics partials summed
     over the ranges ``(4, n_own)`` and the gradient parts ``(k, n_own, D)``."""
-    cfg = _config(p.d)
+    cfg = _config(p.d, p.x.dtype)
     dev = p.device
     k = 2 if need_grad else 0
     rows = triton.cdiv(n_own, cfg["BM"]) if n_own else 0

@@ -194,5 +194,5 @@ def row_extreme(x, y, r, z, excl, kind, side, mode, lo, hi, thr, thr_op, allow_t
             )
         return val, idx, found
 
-    cfg = autotuned(tune_key("row_extreme", p, prec), extreme_configs(p.d), run, p.device)
+    cfg = autotuned(tune_key("row_extreme", p, prec), extreme_configs(p.d, p.x.dtype, prec), run, p.device)
     return merge_extremes(*run(cfg), mode == "max")

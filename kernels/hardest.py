@@ -151,6 +151,6 @@ def row_hardest(x, y, r, z, excl, kind, allow_tf32=None):
             )
         return pos, neg
 
-    cfg = autotuned(tune_key("row_hardest", p, prec), extreme_configs(p.d), run, p.device)
+    cfg = autotuned(tune_key("row_hardest", p, prec), extreme_configs(p.d, p.x.dtype, prec), run, p.device)
     pos, neg = run(cfg)
     return merge_extremes(*pos, True) + merge_extremes(*neg, False)

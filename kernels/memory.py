@@ -10,6 +10,8 @@ prediction exceeds the free memory.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 
@@ -34,9 +36,11 @@ def predicted_extra_bytes(op: str, n: int, m: int, d: int, need_grad: bool = Tru
     dev = device if device is not None else (torch.device("cuda") if torch.cuda.is_available() else None)
     base = 4 * (n + m) + 8 * n  # row norms, excluded indices
     if op == "contrastive":
-        cfg = contrastive._config(d)
         total = 0
-        for own, oth in ((n, m), (m, n)):
+        # fp32 and fp16/bf16 row blocks differ: the larger prediction
+        for cfg, (own, oth) in itertools.product(
+            (contrastive._config(d), contrastive._config(d, torch.float16)), ((n, m), (m, n))
+        ):
             rows = triton.cdiv(own, cfg["BM"])
             groups = triton.cdiv(d, cfg["BG"]) if need_grad else 1
             s, _ = column_split(rows * groups, oth, cfg["BN"], dev)
@@ -51,7 +55,8 @@ def predicted_extra_bytes(op: str, n: int, m: int, d: int, need_grad: bool = Tru
         return base + staged + grads + 3 * 8 * n + 16 * n + _layers_allowance(n, m, d)
     if op in ("row_hardest", "row_extreme"):
         # the autotuned sweeps may pick any candidate: the most column ranges of them
-        s = max(column_split(triton.cdiv(n, c["BM"]), m, c["BN"], dev)[0] for c in extreme_configs(d))
+        cands = [c for dt in (torch.float32, torch.float16) for c in extreme_configs(d, dt, "tf32x3")]
+        s = max(column_split(triton.cdiv(n, c["BM"]), m, c["BN"], dev)[0] for c in cands)
         per = s * n * (4 + 8 + 1) + n * (4 + 8 + 1)
         return base + (2 if op == "row_hardest" else 1) * per + _layers_allowance(n, m, d)
     cfg = pairs.config(d)

@@ -22,8 +22,10 @@ re-patches the language on every helper call, which dominated the CPU test time.
 Every per-anchor kernel owns its anchor's weight row (no atomics). When every class has at most
 ``_staged.MAX_ONE_BLOCK`` members (``ONE_BLOCK``), an anchor's positives are held in one block and each W
 entry is written once by a plain store (the negative tiles' weights, then the positives'): W needs no
-zeroing and no read-modify-write. Larger classes take positive blocks in turn and add into a zeroed W (a
-barrier orders the read-modify-writes inside the program).
+zeroing and no read-modify-write. Larger classes take positive blocks in turn: in ``triplet_stats`` each
+positive's weight is complete after its block and each negative tile's after a second loop over the blocks
+(plain stores into a zeroed W); ``semihard_stats`` adds its negatives' weights into the zeroed W (a barrier
+orders the read-modify-writes inside the program).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import _fail, check_float, device_guard, poison, precision, prepare
-from ._staged import Stager, empty_parts
+from ._staged import Stager, empty_parts, launch_opts
 
 
 @triton.jit
@@ -77,6 +79,25 @@ def _in_band(dap, dan, pm, nm, band_lo, band_hi):
     return sel & ((t <= band_hi) | (band_hi > 3.0e38))
 
 
+@triton.jit
+def _counted(dap, dan, pm, nm, margin, band_lo, band_hi, low, high, SMOOTH: tl.constexpr):
+    """(term, counted, dterm/dv) of a (positive block, negative tile) of one anchor; dterm is 0 where the
+    triplet is not counted (relu: also where v <= 0)."""
+    v = dap[:, None] - dan[None, :] + margin
+    sel = _in_band(dap, dan, pm, nm, band_lo, band_hi)
+    if SMOOTH:
+        term = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL) + tl.log(1.0 + tl.exp(-tl.abs(v)))
+    else:
+        term = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    # an infinite bound imposes no condition (NaN passes and propagates); a finite one is strict
+    cnt = sel & ((term > low) | (low < -3.0e38)) & ((term < high) | (high > 3.0e38))
+    if SMOOTH:
+        dterm = tl.where(cnt, 1.0 / (1.0 + tl.exp(-v)), 0.0)
+    else:
+        dterm = tl.where(cnt & (v > 0), 1.0, 0.0)
+    return term, cnt, dterm
+
+
 @triton.jit(do_not_specialize=["A0", "M", "LD"])
 def triplet_anchor_kernel(
     buf_ptr,
@@ -117,34 +138,31 @@ def triplet_anchor_kernel(
         for j0 in range(0, M, BT):
             cols, nm = _negative_cols(z_ptr, j0, M, ya, ex, BT)
             dan = tl.load(buf_row + cols, mask=nm, other=0.0)
-            v = dap[:, None] - dan[None, :] + margin
-            sel = _in_band(dap, dan, pm, nm, band_lo, band_hi)
-            if SMOOTH:
-                term = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL) + tl.log(1.0 + tl.exp(-tl.abs(v)))
-            else:
-                term = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
-            # an infinite bound imposes no condition (NaN passes and propagates); a finite one is strict
-            cnt = sel & ((term > low) | (low < -3.0e38)) & ((term < high) | (high > 3.0e38))
+            term, cnt, dterm = _counted(dap, dan, pm, nm, margin, band_lo, band_hi, low, high, SMOOTH)
             s += tl.sum(tl.sum(tl.where(cnt, term, 0.0), axis=1), axis=0).to(tl.float64)
             c += tl.sum(tl.sum(cnt.to(tl.int32), axis=1), axis=0).to(tl.int64)
             if NEED_GRAD:
-                if SMOOTH:
-                    dterm = tl.where(cnt, 1.0 / (1.0 + tl.exp(-v)), 0.0)
-                else:
-                    dterm = tl.where(cnt & (v > 0), 1.0, 0.0)
                 wp += tl.sum(dterm, axis=1)
                 if ONE_BLOCK:
                     # the whole tile: the negatives' weights, 0 elsewhere (positives are stored below)
                     tl.store(w_row + cols, -tl.sum(dterm, axis=0), mask=cols < M)
-                else:
-                    old = tl.load(w_row + cols, mask=nm, other=0.0)
-                    tl.store(w_row + cols, old - tl.sum(dterm, axis=0), mask=nm)
-                    tl.debug_barrier()
         if NEED_GRAD:
             # after the tiles' stores (which wrote 0 on the positive columns in ONE_BLOCK mode)
             tl.debug_barrier()
             tl.store(w_row + pidx, wp, mask=pm)
             tl.debug_barrier()
+    if NEED_GRAD and not ONE_BLOCK:
+        # larger classes: each negative tile's weights summed over the positive blocks, then one plain store
+        # (the terms are evaluated a second time; no read-modify-write of W; positive columns are disjoint)
+        for j0 in range(0, M, BT):
+            cols, nm = _negative_cols(z_ptr, j0, M, ya, ex, BT)
+            dan = tl.load(buf_row + cols, mask=nm, other=0.0)
+            wn = tl.zeros((BT,), tl.float32)
+            for t0 in range(lo, hi, BP):
+                pidx, pm, dap = _positive_block(buf_row, perm_ptr, t0, hi, ex, BP)
+                _, _, dterm = _counted(dap, dan, pm, nm, margin, band_lo, band_hi, low, high, SMOOTH)
+                wn += tl.sum(dterm, axis=0)
+            tl.store(w_row + cols, -wn, mask=nm)
     one = tl.arange(0, 1)
     tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + one, s)
     tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + 1 + one, c.to(tl.float64))
@@ -285,7 +303,9 @@ def triplet_list_kernel(
 
 def _grid_cfg(st, one_block=True):
     c = st.cfg
-    cfg = dict(BP=c["BP"], BT=c["BT"], num_warps=c["num_warps"])
+    # maxnreg=255 only for the block loop of large classes (it spills there at the 128-register cap on
+    # Triton 3.9); with it the one-block BP = 512 variants spill on 3.6
+    cfg = dict(BP=c["BP"], BT=c["BT"], **(launch_opts(c) if not st.one_block else {"num_warps": c["num_warps"]}))
     if one_block:
         cfg["ONE_BLOCK"] = st.one_block
     return cfg

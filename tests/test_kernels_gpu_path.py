@@ -486,8 +486,8 @@ def test_autotune_times_each_candidate_once_per_key_and_keeps_results(monkeypatc
 
     monkeypatch.setattr(_common, "_can_tune", lambda device: True)
     monkeypatch.setattr(_common, "_time_candidate", fake_time)
-    monkeypatch.setattr(_common, "extreme_configs", lambda d: [dict(c) for c in cands])
-    monkeypatch.setattr(extreme, "extreme_configs", lambda d: [dict(c) for c in cands])
+    monkeypatch.setattr(_common, "extreme_configs", lambda d, *a: [dict(c) for c in cands])
+    monkeypatch.setattr(extreme, "extreme_configs", lambda d, *a: [dict(c) for c in cands])
     monkeypatch.setattr(_common, "_TUNED", {})
     x, y, r, z, excl = make_inputs(40, 33, 6, "few", "rect", torch.float32, seed=9)
     for _ in range(2):

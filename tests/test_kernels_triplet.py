@@ -133,3 +133,16 @@ def test_triplet_ops_bf16_on_cuda(kind, tol):
     args = _triplet_args(x, r, kind, "plain")
     _check(triplet_stats_fwd, "triplet_stats", x, y, r, z, excl, kind, args, tol, torch.bfloat16)
     _check(semihard_stats_fwd, "semihard_stats", x, y, r, z, excl, kind, args[:1], tol, torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", ["plain", "smooth", "band"])
+@pytest.mark.parametrize(
+    ("pattern", "case"), [("one", "square"), ("distinct", "excl"), ("imbalanced", "square"), ("pk", "excl")]
+)
+def test_triplet_weights_of_classes_over_one_block(pattern, case, variant, tol, monkeypatch):
+    # classes past MAX_ONE_BLOCK: positive blocks in turn (class 0 of "imbalanced" spans several), the
+    # negatives' weights from a second loop over the blocks (plain stores), random upstream gradient
+    monkeypatch.setattr(_staged, "MAX_ONE_BLOCK", 2)
+    x, y, r, z, excl = make_inputs(71, 0 if case == "square" else 43, 5, pattern, case, torch.float32, seed=13)
+    args = _triplet_args(x, r, "l2", variant)
+    _check(triplet_stats_fwd, "triplet_stats", x, y, r, z, excl, "l2", args, tol, torch.float32)
