@@ -32,10 +32,9 @@ import triton.language as tl
 KINDS = {"l2": 0, "sql2": 1, "dot": 2}
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
-# Error of the expansion q = s - 2 x.r per unit of s = |x|^2 + |r|^2 (2 sum_k |x_k r_k| <= s), per precision:
-# ieee 16 u32 (u32 = 2^-24: the norms, products, sums and the subtraction; <= 10.4 u32 seen for D <= 1024 in
-# tests/test_kernels_gpu_path.py), tf32x3 adds the dropped lo*lo product and the lo parts' rounding,
-# 3 u_t^2 (u_t = 2^-11), tf32 one rounding of each operand to 10 bits, 2 u_t = 2^-10.
+# Error of q = s - 2 x.r per unit of s = |x|^2 + |r|^2, per precision: ieee 16 u32 (u32 = 2^-24; checked in
+# tests/test_kernels_gpu_path.py), tf32x3 adds the dropped lo*lo product, 3 u_t^2 (u_t = 2^-11), and tf32
+# rounds each operand to 10 bits, 2 u_t (the table in docs/gpu.md).
 EXPANSION_ERROR = {"ieee": 16 * 2.0**-24, "tf32x3": 16 * 2.0**-24 + 3 * 2.0**-22, "tf32": 2.0**-10}
 # Target relative error of q on the entries not recomputed ("far": q >= f s): |dq| / q <= E / f.
 NEAR_RHO = 1e-4
@@ -421,10 +420,8 @@ def extreme_configs(d: int, dtype=torch.float32, prec: str = "ieee") -> list[dic
     compiled and checked spill-free on sm_90 by bench/compile_check.py (it lists each one)."""
     if interpreting():
         return [dict(BM=32, BN=32, BK=block_d(d), SUBK=16, num_warps=4)]
-    # Only configs seen spill-free on sm_90 (Triton 3.6 and 3.9) in every kind are candidates: (64, 32) with
-    # 8 warps and 16-wide D chunks; (32, 16) with 4 warps at D in (64, 128] (the bucket the check compiles)
-    # for fp16/bf16 and fp32 tf32x3/tf32, not fp32 ieee (spills on 3.9). Seen spilling: (32, 32), (64, 64),
-    # (64, 16), (128, 16), (128, 32) with 8 warps; 32-wide D chunks; maxnreg=255.
+    # only configs the sm_90 compile check finds spill-free on Triton 3.6 and the latest Triton in every kind
+    # (bench/RESULTS.md lists the ones dropped for spilling)
     cands = [dict(BM=64, BN=32, BK=16, SUBK=1, num_warps=8)]
     if triton.next_power_of_2(d) == 128 and (dtype in (torch.float16, torch.bfloat16) or prec != "ieee"):
         cands.append(dict(BM=32, BN=16, BK=16, SUBK=1, num_warps=4))
