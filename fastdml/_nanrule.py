@@ -59,7 +59,7 @@ def _extreme(t: torch.Tensor | None) -> bool:
     # one read pass without temporaries; NaN propagates through aminmax. With m = max |t_ij|, every squared
     # distance and dot product is at most 4 D m^2 (conservative: at most a factor D above the row bound)
     lo, hi = torch.aminmax(t.detach())
-    m = max(abs(float(lo)), abs(float(hi)))
+    m = float(torch.maximum(lo.abs(), hi.abs()))  # one host sync; NaN propagates
     top = torch.finfo(torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype).max
     return not (4.0 * t.shape[-1] * m * m <= top)
 
