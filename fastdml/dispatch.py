@@ -163,3 +163,12 @@ def native_helpers(device: torch.device, dtype: torch.dtype | None = None) -> bo
     from .blocked import native
 
     return native.enabled()
+
+
+# --- Triton kernels: atomics (used by kernels/contrastive.py) -----------------------------------------------
+def kernel_atomics() -> bool:
+    """Whether a Triton kernel may add partial results with atomics (order-dependent fp32 sums, not bitwise
+    repeatable): True unless ``torch.use_deterministic_algorithms(True)`` is in force, like PyTorch's own
+    atomics-based CUDA ops. The square contrastive gradient then sweeps the upper triangle only (half the
+    distance work) and adds the transposed half atomically; otherwise it sweeps the full square, row-owned."""
+    return not torch.are_deterministic_algorithms_enabled()

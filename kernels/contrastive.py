@@ -45,6 +45,150 @@ from ._common import (
 )
 
 
+@triton.jit
+def _terms(dp, valid, same, pos_margin, neg_margin, pos_lo, neg_hi, low, high):
+    """The selection rules of one tile: ``(tp, tn, cntp, cntn)``, the positive/negative terms and which of
+    them are counted."""
+    # relu keeps NaN (as F.relu); an infinite bound imposes no condition, so a NaN term passes it and
+    # propagates (PML's mean), while a finite bound is a strict comparison that NaN fails (PML's filters)
+    tp = tl.maximum(dp - pos_margin, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    tn = tl.maximum(neg_margin - dp, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    no_low = low < -3.0e38
+    no_high = high > 3.0e38
+    cntp = valid & same & ((dp > pos_lo) | (pos_lo < -3.0e38)) & ((tp > low) | no_low) & ((tp < high) | no_high)
+    cntn = valid & (~same) & ((dp < neg_hi) | (neg_hi > 3.0e38)) & ((tn > low) | no_low) & ((tn < high) | no_high)
+    return tp, tn, cntp, cntn
+
+
+@triton.jit
+def _owned_rmw(
+    c,
+    near,
+    own_ptr,
+    oth_ptr,
+    g_ptr,
+    near_ptr,
+    rows,
+    rmask,
+    cols,
+    cmask,
+    D,
+    KIND: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BG: tl.constexpr,
+    SUBK: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Add one tile's ``c @ oth`` to the owned partial rows ``g[rows]`` group by group (D above one group):
+    a read-modify-write of rows only this program touches, ordered by a barrier (deterministic)."""
+    for g0 in range(0, D, BG):
+        kk = g0 + tl.arange(0, BG)
+        offs = rows[:, None] * D + kk[None, :]
+        m2 = rmask[:, None] & (kk[None, :] < D)
+        acc = tl.load(g_ptr + offs, mask=m2, other=0.0)
+        acc, _ = grad_tile(
+            acc,
+            tl.zeros((BM,), tl.float32),
+            c,
+            near,
+            own_ptr,
+            oth_ptr,
+            near_ptr,
+            rows,
+            rmask,
+            cols,
+            cmask,
+            g0,
+            D,
+            KIND,
+            BM,
+            BN,
+            BG,
+            SUBK,
+            PREC,
+        )
+        tl.store(g_ptr + offs, acc, mask=m2)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _owned_finish(
+    acc,
+    rs,
+    own_ptr,
+    near_ptr,
+    g_ptr,
+    rows,
+    rmask,
+    D,
+    scale,
+    KIND: tl.constexpr,
+    BG: tl.constexpr,
+    ONE_GROUP: tl.constexpr,
+):
+    """g[rows] = scale * (rs * own - acc + near) (l2/sql2) or -scale * acc (dot), from the registers (one
+    group) or from the partial rows accumulated in ``g`` (several groups, finished in place)."""
+    if ONE_GROUP:
+        grad_finish(acc, rs, own_ptr, near_ptr, g_ptr, rows, rmask, 0, D, scale, KIND, BG, KIND != 2)
+    else:
+        tl.debug_barrier()
+        for g0 in range(0, D, BG):
+            kk = g0 + tl.arange(0, BG)
+            m2 = rmask[:, None] & (kk[None, :] < D)
+            part = tl.load(g_ptr + rows[:, None] * D + kk[None, :], mask=m2, other=0.0)
+            grad_finish(part, rs, own_ptr, near_ptr, g_ptr, rows, rmask, g0, D, scale, KIND, BG, KIND != 2)
+
+
+@triton.jit
+def _transposed_add(
+    c,
+    near,
+    x_ptr,
+    t_ptr,
+    rows,
+    rmask,
+    cols,
+    cmask,
+    D,
+    scale,
+    KIND: tl.constexpr,
+    BT: tl.constexpr,
+    SUBK: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The transposed contribution of an upper-triangle tile to the column rows, added atomically to ``t``:
+    t[j] += scale * sum_i c_ij (x_j - x_i) (l2/sql2; near entries by direct differences) or
+    -scale * sum_i c_ij x_i (dot), in D groups of BT."""
+    cf = tl.where(near, 0.0, c)
+    cs = tl.sum(cf, axis=0)
+    cnr = tl.where(near, c, 0.0)
+    has_near = tl.max((cnr != 0).to(tl.int32)) > 0
+    for g0 in range(0, D, BT):
+        kk = g0 + tl.arange(0, BT)
+        km = kk < D
+        xi = tl.load(x_ptr + rows[:, None] * D + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+        xi = xi.to(tl.float32)
+        tm = cmask[:, None] & km[None, :]
+        if KIND == 2:
+            res = -tl.dot(tl.trans(c), xi, input_precision=PREC)
+        else:
+            xj = tl.load(x_ptr + cols[:, None] * D + kk[None, :], mask=tm, other=0.0).to(tl.float32)
+            res = cs[:, None] * xj - tl.dot(tl.trans(cf), xi, input_precision=PREC)
+        tl.atomic_add(t_ptr + cols[:, None] * D + kk[None, :], res * scale, mask=tm, sem="relaxed")
+        if KIND != 2:
+            if has_near:
+                for k0 in range(0, BT, SUBK):
+                    k2 = g0 + k0 + tl.arange(0, SUBK)
+                    m2 = k2 < D
+                    a = tl.load(x_ptr + rows[:, None] * D + k2[None, :], mask=rmask[:, None] & m2[None, :], other=0.0)
+                    b = tl.load(x_ptr + cols[:, None] * D + k2[None, :], mask=cmask[:, None] & m2[None, :], other=0.0)
+                    diff = b.to(tl.float32)[None, :, :] - a.to(tl.float32)[:, None, :]
+                    part = tl.sum(cnr[:, :, None] * diff, axis=0)
+                    nptr = t_ptr + cols[:, None] * D + k2[None, :]
+                    tl.atomic_add(nptr, part * scale, mask=cmask[:, None] & m2[None, :], sem="relaxed")
+
+
 @triton.jit(do_not_specialize=["N_OWN", "N_OTH", "SPAN"])
 def contrastive_kernel(
     own_ptr,
@@ -59,6 +203,8 @@ def contrastive_kernel(
     gn_ptr,
     nearp_ptr,
     nearn_ptr,
+    tp_ptr,
+    tn_ptr,
     N_OWN,
     N_OTH,
     D,
@@ -74,177 +220,300 @@ def contrastive_kernel(
     COLMODE: tl.constexpr,
     STATS: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    TRI: tl.constexpr,
+    ONE_GROUP: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     BG: tl.constexpr,
+    BT: tl.constexpr,
     SUBK: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     NEAR: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    g0 = tl.program_id(1).to(tl.int64) * BG
-    sid = tl.program_id(2).to(tl.int64)
-    c0 = sid * SPAN
-    c1 = tl.minimum(c0 + SPAN, N_OTH)
+    sid = tl.program_id(1).to(tl.int64)
     # this column range's partials: stats (4, N_OWN), gradients and near scratch (N_OWN, D) each
     stats_ptr += sid * 4 * N_OWN
     gp_ptr += sid * N_OWN * D
     gn_ptr += sid * N_OWN * D
     nearp_ptr += sid * N_OWN * D
     nearn_ptr += sid * N_OWN * D
-    rows = pid.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
-    rmask = rows < N_OWN
-    yl = tl.load(ylab_ptr + rows, mask=rmask, other=0)
-    if COLMODE == 0:
-        ex = tl.load(excl_ptr + rows, mask=rmask, other=-1)
-    sp = tl.zeros((BM,), tl.float64)
-    cp = tl.zeros((BM,), tl.int64)
-    sn = tl.zeros((BM,), tl.float64)
-    cn = tl.zeros((BM,), tl.int64)
-    accp = tl.zeros((BM, BG), tl.float32)
-    accn = tl.zeros((BM, BG), tl.float32)
-    rsp = tl.zeros((BM,), tl.float32)
-    rsn = tl.zeros((BM,), tl.float32)
-    for j0 in range(c0, c1, BN):
-        cols = j0 + tl.arange(0, BN).to(tl.int64)
-        cmask = cols < c1
-        zl = tl.load(zlab_ptr + cols, mask=cmask, other=0)
-        dp, near = dprime_tile(
-            own_ptr,
-            oth_ptr,
-            ownn_ptr,
-            othn_ptr,
-            rows,
-            rmask,
-            cols,
-            cmask,
-            D,
-            KIND,
-            BM,
-            BN,
-            BK,
-            SUBK,
-            PREC,
-            UPCAST,
-            NEAR,
-        )
-        valid = rmask[:, None] & cmask[None, :]
-        if COLMODE == 0:
-            valid = valid & (ex[:, None] != cols[None, :])
+    if TRI:
+        # row blocks a = pid and b = nb - 1 - pid, each against its columns from its diagonal block on; their
+        # concatenation (about N + BM columns for every pair) is cut into ranges of SPAN
+        nb = tl.cdiv(N_OWN, BM)
+        rb_a = pid
+        rb_b = nb - 1 - pid
+        la = N_OWN - rb_a * BM
+        lb = tl.where(rb_b > rb_a, N_OWN - rb_b * BM, 0)
+        s0 = sid * SPAN
+        s1 = s0 + SPAN
+        phases = 2
+    else:
+        phases = 1
+    for ph in range(0, phases):
+        if TRI:
+            rb = tl.where(ph == 0, rb_a, rb_b)
+            lo = tl.where(ph == 0, tl.minimum(s0, la), tl.minimum(tl.maximum(s0 - la, 0), lb)) + rb * BM
+            hi = tl.where(ph == 0, tl.minimum(s1, la), tl.minimum(tl.maximum(s1 - la, 0), lb)) + rb * BM
         else:
-            # own rows are references, columns are queries: query `col` skips reference excl[col]
-            exc = tl.load(excl_ptr + cols, mask=cmask, other=-1)
-            valid = valid & (exc[None, :] != rows[:, None])
-        same = yl[:, None] == zl[None, :]
-        # relu keeps NaN (as F.relu); an infinite bound imposes no condition, so a NaN term passes it and
-        # propagates (PML's mean), while a finite bound is a strict comparison that NaN fails (PML's filters)
-        tp = tl.maximum(dp - pos_margin, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        tn = tl.maximum(neg_margin - dp, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        no_low = low < -3.0e38
-        no_high = high > 3.0e38
-        cntp = valid & same & ((dp > pos_lo) | (pos_lo < -3.0e38)) & ((tp > low) | no_low) & ((tp < high) | no_high)
-        cntn = valid & (~same) & ((dp < neg_hi) | (neg_hi > 3.0e38)) & ((tn > low) | no_low) & ((tn < high) | no_high)
-        if STATS:
-            sp += tl.sum(tl.where(cntp, tp, 0.0), axis=1).to(tl.float64)
-            cp += tl.sum(cntp.to(tl.int32), axis=1).to(tl.int64)
-            sn += tl.sum(tl.where(cntn, tn, 0.0), axis=1).to(tl.float64)
-            cn += tl.sum(cntn.to(tl.int32), axis=1).to(tl.int64)
-        if NEED_GRAD:
-            wp = tl.where(cntp & (dp - pos_margin > 0), 1.0, 0.0)
-            wn = tl.where(cntn & (neg_margin - dp > 0), -1.0, 0.0)
-            accp, rsp = grad_tile(
-                accp,
-                rsp,
-                pair_coef(wp, dp, KIND),
-                near,
-                own_ptr,
-                oth_ptr,
-                nearp_ptr,
-                rows,
-                rmask,
-                cols,
-                cmask,
-                g0,
-                D,
-                KIND,
-                BM,
-                BN,
-                BG,
-                SUBK,
-                PREC,
-            )
-            accn, rsn = grad_tile(
-                accn,
-                rsn,
-                pair_coef(wn, dp, KIND),
-                near,
-                own_ptr,
-                oth_ptr,
-                nearn_ptr,
-                rows,
-                rmask,
-                cols,
-                cmask,
-                g0,
-                D,
-                KIND,
-                BM,
-                BN,
-                BG,
-                SUBK,
-                PREC,
-            )
-    if STATS:
-        if g0 == 0:
-            # row k of the (4, N) partials at k * N + rows, formed as int64 (rows is int64)
-            tl.store(stats_ptr + rows, sp, mask=rmask)
-            tl.store(stats_ptr + (rows + N_OWN), cp.to(tl.float64), mask=rmask)
-            tl.store(stats_ptr + (rows + N_OWN + N_OWN), sn, mask=rmask)
-            tl.store(stats_ptr + (rows + N_OWN + N_OWN + N_OWN), cn.to(tl.float64), mask=rmask)
-    if NEED_GRAD:
-        grad_finish(accp, rsp, own_ptr, nearp_ptr, gp_ptr, rows, rmask, g0, D, scale, KIND, BG, KIND != 2)
-        grad_finish(accn, rsn, own_ptr, nearn_ptr, gn_ptr, rows, rmask, g0, D, scale, KIND, BG, KIND != 2)
+            rb = pid
+            lo = sid * SPAN
+            hi = tl.minimum(lo + SPAN, N_OTH)
+        if lo < hi:
+            rows = rb.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+            rmask = rows < N_OWN
+            yl = tl.load(ylab_ptr + rows, mask=rmask, other=0)
+            if COLMODE == 0:
+                ex = tl.load(excl_ptr + rows, mask=rmask, other=-1)
+            diag_end = (rb.to(tl.int64) + 1) * BM  # TRI: columns below it are the diagonal block
+            sp = tl.zeros((BM,), tl.float64)
+            cp = tl.zeros((BM,), tl.int64)
+            sn = tl.zeros((BM,), tl.float64)
+            cn = tl.zeros((BM,), tl.int64)
+            accp = tl.zeros((BM, BG), tl.float32)
+            accn = tl.zeros((BM, BG), tl.float32)
+            rsp = tl.zeros((BM,), tl.float32)
+            rsn = tl.zeros((BM,), tl.float32)
+            for j0 in range(lo, hi, BN):
+                cols = j0 + tl.arange(0, BN).to(tl.int64)
+                cmask = cols < hi
+                zl = tl.load(zlab_ptr + cols, mask=cmask, other=0)
+                dp, near = dprime_tile(
+                    own_ptr,
+                    oth_ptr,
+                    ownn_ptr,
+                    othn_ptr,
+                    rows,
+                    rmask,
+                    cols,
+                    cmask,
+                    D,
+                    KIND,
+                    BM,
+                    BN,
+                    BK,
+                    SUBK,
+                    PREC,
+                    UPCAST,
+                    NEAR,
+                )
+                valid = rmask[:, None] & cmask[None, :]
+                if COLMODE == 0:
+                    valid = valid & (ex[:, None] != cols[None, :])
+                else:
+                    # own rows are references, columns are queries: query `col` skips reference excl[col]
+                    exc = tl.load(excl_ptr + cols, mask=cmask, other=-1)
+                    valid = valid & (exc[None, :] != rows[:, None])
+                tp, tn, cntp, cntn = _terms(
+                    dp, valid, yl[:, None] == zl[None, :], pos_margin, neg_margin, pos_lo, neg_hi, low, high
+                )
+                if STATS:
+                    if TRI:
+                        # an off-diagonal entry stands for the pairs (i, j) and (j, i)
+                        w = tl.where(cols[None, :] >= diag_end, 2, 1)
+                    else:
+                        w = tl.full((1, BN), 1, tl.int32)
+                    sp += tl.sum(tl.where(cntp, tp * w, 0.0), axis=1).to(tl.float64)
+                    cp += tl.sum(tl.where(cntp, w, 0), axis=1).to(tl.int64)
+                    sn += tl.sum(tl.where(cntn, tn * w, 0.0), axis=1).to(tl.float64)
+                    cn += tl.sum(tl.where(cntn, w, 0), axis=1).to(tl.int64)
+                if NEED_GRAD:
+                    cfp = pair_coef(tl.where(cntp & (dp - pos_margin > 0), 1.0, 0.0), dp, KIND)
+                    cfn = pair_coef(tl.where(cntn & (neg_margin - dp > 0), -1.0, 0.0), dp, KIND)
+                    if ONE_GROUP:
+                        accp, rsp = grad_tile(
+                            accp,
+                            rsp,
+                            cfp,
+                            near,
+                            own_ptr,
+                            oth_ptr,
+                            nearp_ptr,
+                            rows,
+                            rmask,
+                            cols,
+                            cmask,
+                            0,
+                            D,
+                            KIND,
+                            BM,
+                            BN,
+                            BG,
+                            SUBK,
+                            PREC,
+                        )
+                        accn, rsn = grad_tile(
+                            accn,
+                            rsn,
+                            cfn,
+                            near,
+                            own_ptr,
+                            oth_ptr,
+                            nearn_ptr,
+                            rows,
+                            rmask,
+                            cols,
+                            cmask,
+                            0,
+                            D,
+                            KIND,
+                            BM,
+                            BN,
+                            BG,
+                            SUBK,
+                            PREC,
+                        )
+                    else:
+                        rsp += tl.sum(tl.where(near, 0.0, cfp), axis=1)
+                        rsn += tl.sum(tl.where(near, 0.0, cfn), axis=1)
+                        _owned_rmw(
+                            cfp,
+                            near,
+                            own_ptr,
+                            oth_ptr,
+                            gp_ptr,
+                            nearp_ptr,
+                            rows,
+                            rmask,
+                            cols,
+                            cmask,
+                            D,
+                            KIND,
+                            BM,
+                            BN,
+                            BG,
+                            SUBK,
+                            PREC,
+                        )
+                        _owned_rmw(
+                            cfn,
+                            near,
+                            own_ptr,
+                            oth_ptr,
+                            gn_ptr,
+                            nearn_ptr,
+                            rows,
+                            rmask,
+                            cols,
+                            cmask,
+                            D,
+                            KIND,
+                            BM,
+                            BN,
+                            BG,
+                            SUBK,
+                            PREC,
+                        )
+                    if TRI:
+                        if j0 + BN > diag_end:
+                            off = cols[None, :] >= diag_end
+                            _transposed_add(
+                                tl.where(off, cfp, 0.0),
+                                near,
+                                own_ptr,
+                                tp_ptr,
+                                rows,
+                                rmask,
+                                cols,
+                                cmask,
+                                D,
+                                scale,
+                                KIND,
+                                BT,
+                                SUBK,
+                                PREC,
+                            )
+                            _transposed_add(
+                                tl.where(off, cfn, 0.0),
+                                near,
+                                own_ptr,
+                                tn_ptr,
+                                rows,
+                                rmask,
+                                cols,
+                                cmask,
+                                D,
+                                scale,
+                                KIND,
+                                BT,
+                                SUBK,
+                                PREC,
+                            )
+            if STATS:
+                # row k of the (4, N) partials at k * N + rows, formed as int64 (rows is int64)
+                tl.store(stats_ptr + rows, sp, mask=rmask)
+                tl.store(stats_ptr + (rows + N_OWN), cp.to(tl.float64), mask=rmask)
+                tl.store(stats_ptr + (rows + N_OWN + N_OWN), sn, mask=rmask)
+                tl.store(stats_ptr + (rows + N_OWN + N_OWN + N_OWN), cn.to(tl.float64), mask=rmask)
+            if NEED_GRAD:
+                _owned_finish(accp, rsp, own_ptr, nearp_ptr, gp_ptr, rows, rmask, D, scale, KIND, BG, ONE_GROUP)
+                _owned_finish(accn, rsn, own_ptr, nearn_ptr, gn_ptr, rows, rmask, D, scale, KIND, BG, ONE_GROUP)
 
 
 def _config(d, dtype=torch.float32):
     """Block sizes: one config under the interpreter (speed there comes from few, large programs)."""
     if interpreting():
-        return dict(BM=32, BN=32, BK=block_d(d), BG=grad_group(d), SUBK=16, num_warps=4)
-    # one D group up to D = 128 (d' once per pair); (32, 16) tiles, 8 warps and maxnreg=255 keep the two
-    # (BM, BG) accumulators in registers on sm_90 (4 warps, or 8 capped at 128 registers by ptxas, spill);
-    # fp16/bf16 spill at BM = 32 on Triton 3.6, not at BM = 16 (bench/compile_check.py)
+        return dict(BM=32, BN=32, BK=block_d(d), BG=grad_group(d), BT=grad_group(d), SUBK=16, num_warps=4)
+    # (32, 16) tiles, 8 warps and maxnreg=255 keep the two (BM, BG) accumulators in registers on sm_90 (4
+    # warps, or 8 capped at 128 registers by ptxas, spill); fp16/bf16 spill at BM = 32 on Triton 3.6, not at
+    # BM = 16; the transposed contribution goes in 32-wide D groups (bench/compile_check.py)
     bm = 32 if dtype in (torch.float32, torch.float64) else 16
-    return dict(BM=bm, BN=16, BK=16, BG=grad_group(d), SUBK=1, num_warps=8, maxnreg=255)
+    return dict(BM=bm, BN=16, BK=16, BG=grad_group(d), BT=32, SUBK=1, num_warps=8, maxnreg=255)
 
 
-def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, need_grad, margins, scale, prec):
-    """One sweep over (row block, D group, column range) programs; returns the statistics partials summed
-    over the ranges ``(4, n_own)`` and the gradient parts ``(k, n_own, D)``."""
-    cfg = _config(p.d, p.x.dtype)
-    dev = p.device
-    k = 2 if need_grad else 0
+def _plan(n_own, n_oth, d, dtype, tri, device):
+    """``(cfg, programs, splits, span)`` of one sweep: the row-block programs (row-block pairs in the upper
+    triangle) times the column ranges reach ``_common.target_ctas``."""
+    cfg = _config(d, dtype)
     rows = triton.cdiv(n_own, cfg["BM"]) if n_own else 0
-    groups = triton.cdiv(p.d, cfg["BG"]) if need_grad else 1
-    splits, span = column_split(rows * groups, n_oth, cfg["BN"], dev)
-    parts = poison((k, splits, n_own, p.d), dev)  # gradient partials: (part, range, row, D)
+    if tri:
+        # a pair of row blocks sweeps at most N + BM columns
+        programs = triton.cdiv(rows, 2)
+        splits, span = column_split(programs, n_own + cfg["BM"], cfg["BN"], device)
+    else:
+        programs = rows
+        splits, span = column_split(rows, n_oth, cfg["BN"], device)
+    return cfg, programs, splits, span
+
+
+def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, need_grad, margins, scale, prec, tri):
+    """One sweep over (row block, column range) programs (``tri``: row-block pairs over the upper triangle);
+    returns the statistics partials summed over the ranges ``(4, n_own)`` and the gradient parts
+    ``(k, n_own, D)``."""
+    dev = p.device
+    cfg, programs, splits, span = _plan(n_own, n_oth, p.d, p.x.dtype, tri, dev)
+    assert cfg["BM"] % cfg["BN"] == 0  # the diagonal block ends on a column tile
+    one_group = p.d <= cfg["BG"]
+    k = 2 if need_grad else 0
+    # every (range, row) slot is written once, except in the triangle (ranges that miss a row block) and
+    # above one D group (accumulated in place): zeros there, NaN elsewhere so that a missed write shows
+    fresh = (
+        poison if (one_group and not tri) else (lambda shape, d, t=torch.float32: torch.zeros(shape, device=d, dtype=t))
+    )
+    parts = fresh((k, splits, n_own, p.d), dev)  # gradient partials: (part, range, row, D)
     has_near = need_grad and p.kind_id != 2
     near = torch.zeros((k, splits, n_own, p.d), device=dev, dtype=torch.float32) if has_near else parts
-    st = (
-        poison((splits, 4, n_own), dev, torch.float64)
-        if stats
-        else torch.empty((1, 4, 1), device=dev, dtype=torch.float64)
-    )
+    # the transposed contributions of the upper triangle (atomic adds)
+    trans = torch.zeros((k, n_own, p.d), device=dev, dtype=torch.float32) if tri and need_grad else parts
+    if stats:
+        st = (
+            poison((splits, 4, n_own), dev, torch.float64)
+            if not tri
+            else torch.zeros((splits, 4, n_own), device=dev, dtype=torch.float64)
+        )
+    else:
+        st = torch.empty((1, 4, 1), device=dev, dtype=torch.float64)
     if n_own == 0:
         return st.sum(0), parts.sum(1)
-    gp = parts[0, 0] if need_grad else parts
-    gn = parts[1, 0] if need_grad else parts
-    np_ = near[0, 0] if has_near else parts
-    nn_ = near[1, 0] if has_near else parts
+    gp, gn = (parts[0, 0], parts[1, 0]) if need_grad else (parts, parts)
+    np_, nn_ = (near[0, 0], near[1, 0]) if has_near else (parts, parts)
+    tp, tn = (trans[0], trans[1]) if tri and need_grad else (parts, parts)
     num_warps = cfg.pop("num_warps")
     with device_guard(dev):
-        contrastive_kernel[(rows, groups, splits)](
+        contrastive_kernel[(programs, splits)](
             own,
             oth,
             ownn,
@@ -257,6 +526,8 @@ def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, ne
             gn,
             np_,
             nn_,
+            tp,
+            tn,
             n_own,
             n_oth,
             p.d,
@@ -267,14 +538,20 @@ def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, ne
             COLMODE=colmode,
             STATS=stats,
             NEED_GRAD=need_grad,
+            TRI=tri,
+            ONE_GROUP=one_group,
             PREC=prec,
             UPCAST=p.upcast,
             NEAR=near_fraction(prec),
             num_warps=num_warps,
             **cfg,
         )
-    # the ranges' partials, summed in a fixed order (deterministic)
-    return (st[0] if splits == 1 else st.sum(0)), (parts[:, 0] if splits == 1 else parts.sum(1))
+    # the ranges' partials, summed in a fixed order (deterministic); then the atomically added part
+    st = st[0] if splits == 1 else st.sum(0)
+    g = parts[:, 0] if splits == 1 else parts.sum(1)
+    if tri and need_grad:
+        g = g + trans
+    return st, g
 
 
 def contrastive_stats_fwd(
@@ -293,6 +570,7 @@ def contrastive_stats_fwd(
     need_grad,
     need_grad_r=True,
     allow_tf32=None,
+    deterministic=None,
 ):
     """Contrastive statistics ``[S+, C+, S-, C-]`` (float64) and their gradient parts.
 
@@ -302,6 +580,10 @@ def contrastive_stats_fwd(
     ``need_grad_r=False`` (references that need no gradient) ``gr_parts`` is ``(0, M, D)`` and the
     column-side sweep is skipped.
     ``allow_tf32``: None (default) follows ``fastdml.config.fp32_precision()``; True/False force tf32/ieee.
+    ``deterministic``: None (default) follows ``fastdml.dispatch.kernel_atomics()`` (atomics unless
+    ``torch.use_deterministic_algorithms(True)``); True keeps the square case's gradient on the row-owned
+    full-square sweep (bitwise repeatable), False lets it sweep the upper triangle and add the transposed
+    half atomically. The statistics are deterministic either way.
     """
     p = prepare(x, y, r, z, excl, kind)
     margins = tuple(
@@ -317,14 +599,20 @@ def contrastive_stats_fwd(
     )
     need_grad = bool(need_grad)
     prec = precision(allow_tf32)
+    if deterministic is None:
+        from fastdml import dispatch
+
+        deterministic = not dispatch.kernel_atomics()
+    # the upper triangle: square case, statistics only (no atomics) or atomics allowed
+    tri = p.square and not (need_grad and deterministic)
     st, gx = _sweep(
-        p, p.x, p.r, p.xn, p.rn, p.y, p.z, p.n, p.m, 0, True, need_grad, margins, 2.0 if p.square else 1.0, prec
+        p, p.x, p.r, p.xn, p.rn, p.y, p.z, p.n, p.m, 0, True, need_grad, margins, 2.0 if p.square else 1.0, prec, tri
     )
     stats = st.sum(1) if p.n > 0 else torch.zeros(4, device=p.device, dtype=torch.float64)
     if p.square:
         gr = torch.empty((0, 0, p.d), device=p.device, dtype=torch.float32)
     elif need_grad and need_grad_r:
-        _, gr = _sweep(p, p.r, p.x, p.rn, p.xn, p.z, p.y, p.m, p.n, 1, False, True, margins, 1.0, prec)
+        _, gr = _sweep(p, p.r, p.x, p.rn, p.xn, p.z, p.y, p.m, p.n, 1, False, True, margins, 1.0, prec, False)
     else:
         gr = torch.empty((0, p.m, p.d), device=p.device, dtype=torch.float32)
     return stats, gx, gr
