@@ -55,7 +55,22 @@ _DT = {
     torch.int8: "i8",
     torch.bool: "i1",
 }
-_SHOWN = ("KIND", "BM", "BN", "BK", "BG", "BP", "BT", "NEED_GRAD", "COLMODE", "STATS", "SMOOTH", "ONE_BLOCK")
+_SHOWN = (
+    "KIND",
+    "BM",
+    "BN",
+    "BK",
+    "BG",
+    "BP",
+    "BT",
+    "NEED_GRAD",
+    "COLMODE",
+    "STATS",
+    "SMOOTH",
+    "ONE_BLOCK",
+    "TRI",
+    "ONE_GROUP",
+)
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -200,6 +215,12 @@ def _calls(K, x, y, r, z, kind):
             "contrastive-nograd",
             lambda: K.contrastive_stats_fwd(x, y, r, z, None, kind, 0.1, 1.0, -inf, inf, 0.0, inf, False),
         ),
+        (  # the row-owned full square of torch.use_deterministic_algorithms(True)
+            "contrastive-det",
+            lambda: K.contrastive_stats_fwd(
+                x, y, r, z, None, kind, 0.1, 1.0, -inf, inf, 0.0, inf, True, deterministic=True
+            ),
+        ),
         ("triplet", lambda: K.triplet_stats_fwd(x, y, r, z, None, kind, 0.1, False, -inf, inf, 0.0, inf, True)),
         ("triplet-smooth", lambda: K.triplet_stats_fwd(x, y, r, z, None, kind, 0.1, True, -inf, inf, 0.0, inf, False)),
         ("semihard", lambda: K.semihard_stats_fwd(x, y, r, z, None, kind, 0.1, True)),
@@ -289,7 +310,7 @@ def main() -> int:
                             r = torch.randn(30, d).to(dtype) if rect else None
                             z = torch.randint(0, 3, (30,)) if rect else None
                             for name, call in _calls(K, x, y, r, z, kind):
-                                if d != 128 and name not in ("contrastive", "triplet"):
+                                if d != 128 and name not in ("contrastive", "contrastive-det", "triplet"):
                                     continue
                                 _run(call, f"{name} {State.dtype} {prec} {kind} rect={rect} d={d}")
     g4096 = _grids(K, 4096)

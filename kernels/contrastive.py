@@ -453,21 +453,21 @@ def contrastive_kernel(
                 _owned_finish(accn, rsn, own_ptr, nearn_ptr, gn_ptr, rows, rmask, D, scale, KIND, BG, ONE_GROUP)
 
 
-def _config(d, dtype=torch.float32):
+def _config(d, dtype=torch.float32, prec="ieee"):
     """Block sizes: one config under the interpreter (speed there comes from few, large programs)."""
     if interpreting():
         return dict(BM=32, BN=32, BK=block_d(d), BG=grad_group(d), BT=grad_group(d), SUBK=16, num_warps=4)
     # (32, 16) tiles, 8 warps and maxnreg=255 keep the two (BM, BG) accumulators in registers on sm_90 (4
-    # warps, or 8 capped at 128 registers by ptxas, spill); fp16/bf16 spill at BM = 32 on Triton 3.6, not at
-    # BM = 16; the transposed contribution goes in 32-wide D groups (bench/compile_check.py)
-    bm = 32 if dtype in (torch.float32, torch.float64) else 16
+    # warps, or 8 capped at 128 registers by ptxas, spill); fp16/bf16 and the split tf32 dots spill at
+    # BM = 32, not at BM = 16; the transposed contribution goes in 32-wide D groups (bench/compile_check.py)
+    bm = 32 if dtype in (torch.float32, torch.float64) and prec == "ieee" else 16
     return dict(BM=bm, BN=16, BK=16, BG=grad_group(d), BT=32, SUBK=1, num_warps=8, maxnreg=255)
 
 
-def _plan(n_own, n_oth, d, dtype, tri, device):
+def _plan(n_own, n_oth, d, dtype, prec, tri, device):
     """``(cfg, programs, splits, span)`` of one sweep: the row-block programs (row-block pairs in the upper
     triangle) times the column ranges reach ``_common.target_ctas``."""
-    cfg = _config(d, dtype)
+    cfg = _config(d, dtype, prec)
     rows = triton.cdiv(n_own, cfg["BM"]) if n_own else 0
     if tri:
         # a pair of row blocks sweeps at most N + BM columns
@@ -479,12 +479,25 @@ def _plan(n_own, n_oth, d, dtype, tri, device):
     return cfg, programs, splits, span
 
 
+def buffer_bytes(n, m, d, need_grad, device=None) -> int:
+    """Upper bound of the bytes of the buffers one call allocates (``kernels.memory``): per sweep the
+    gradient partials and near scratch ``(k, S, rows, D)``, their sum and the transposed part ``(k, rows, D)``,
+    the statistics partials ``(S, 4, rows)``; the largest over the dtypes, precisions and sweeps."""
+    k = 2 if need_grad else 0
+    total = 0
+    for dtype, prec in ((torch.float32, "ieee"), (torch.float32, "tf32x3"), (torch.float16, "ieee")):
+        for own, oth, tri in ((n, m, False), (m, n, False), (n, n, True)):
+            s = _plan(own, oth, d, dtype, prec, tri, device)[2]
+            total = max(total, 2 * k * s * own * d * 4 + 2 * k * own * d * 4 + s * 4 * own * 8)
+    return total
+
+
 def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, need_grad, margins, scale, prec, tri):
     """One sweep over (row block, column range) programs (``tri``: row-block pairs over the upper triangle);
     returns the statistics partials summed over the ranges ``(4, n_own)`` and the gradient parts
     ``(k, n_own, D)``."""
     dev = p.device
-    cfg, programs, splits, span = _plan(n_own, n_oth, p.d, p.x.dtype, tri, dev)
+    cfg, programs, splits, span = _plan(n_own, n_oth, p.d, p.x.dtype, prec, tri, dev)
     assert cfg["BM"] % cfg["BN"] == 0  # the diagonal block ends on a column tile
     one_group = p.d <= cfg["BG"]
     k = 2 if need_grad else 0

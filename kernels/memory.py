@@ -10,8 +10,6 @@ prediction exceeds the free memory.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 
@@ -36,18 +34,7 @@ def predicted_extra_bytes(op: str, n: int, m: int, d: int, need_grad: bool = Tru
     dev = device if device is not None else (torch.device("cuda") if torch.cuda.is_available() else None)
     base = 4 * (n + m) + 8 * n  # row norms, excluded indices
     if op == "contrastive":
-        total = 0
-        # fp32 and fp16/bf16 row blocks differ: the larger prediction
-        for cfg, (own, oth) in itertools.product(
-            (contrastive._config(d), contrastive._config(d, torch.float16)), ((n, m), (m, n))
-        ):
-            rows = triton.cdiv(own, cfg["BM"])
-            groups = triton.cdiv(d, cfg["BG"]) if need_grad else 1
-            s, _ = column_split(rows * groups, oth, cfg["BN"], dev)
-            k = 2 if need_grad else 0
-            # partial gradients and near scratch (k, S, rows, D), their sum, partial stats
-            total = max(total, 2 * k * s * own * d * 4 + k * own * d * 4 + s * 4 * own * 8)
-        return base + total + _layers_allowance(n, m, d)
+        return base + contrastive.buffer_bytes(n, m, d, need_grad, dev) + _layers_allowance(n, m, d)
     if op in ("triplet", "semihard"):
         ch = _staged.chunk_rows(n, m, need_grad, _staged.stage_bytes())
         staged = ch * max(1, m) * 4 * (2 if need_grad else 1)
