@@ -7,18 +7,31 @@ Math (ARCHITECTURE.md, primitive 1), for anchor i and reference j (j not exclude
 - a selected term is counted iff low < t < high; S+/C+ and S-/C- are the sums/counts of counted terms.
 
 Gradient parts (computed in the same sweep): part 0 = dS+/d(x, r) with pair weight g = [counted, t > 0],
-part 1 = dS-/d(x, r) with g = -[counted, t > 0], turned into gradients by the common GEMM-shaped pass
-(``_common.grad_tile``): every program owns a block of rows and a D group and keeps its accumulators in
-registers, no atomics, deterministic.
+part 1 = dS-/d(x, r) with g = -[counted, t > 0]; with c = g dd'/dq (``_common.pair_coef``) the owned rows get
+sum_j c_ij (x_i - r_j) (l2/sql2; near-duplicate entries by direct differences) or -sum_j c_ij r_j (dot).
 
-Each program owns a block of rows, a D group (one group up to D = 128, so d' is computed once per pair and
-sweep there) and a contiguous range of columns (``_common.column_split``: more programs when there are few
-row blocks); each range writes its own partial statistics and gradient rows, summed over the ranges in a
-fixed order by torch (no atomics, deterministic).
+Every program owns a block of rows and a contiguous range of columns (``_common.column_split``: more ranges
+when there are few row blocks). d' is computed once per pair and sweep, for every D: the program loops over
+D chunks for the dot, forms the tile's coefficients, then applies them to every D group, keeping the
+(rows, D) accumulators in registers up to D = 128 (one group) and above it adding each tile into its own
+partial rows (a read-modify-write of rows no other program touches). Each range writes its own partial
+statistics and gradient rows, summed over the ranges in a fixed order by torch.
 
-Square case: the weights are symmetric (g_ij = g_ji), so one row sweep with a factor 2 gives the whole
-gradient (row and column contributions). Rectangular case: a second, column-owned sweep (programs own
-blocks of r's rows, the same kernel with the roles of x and r swapped) gives gr.
+Square case (``r is None``), two modes with identical semantics (exclusions, near-duplicate recompute, NaN
+propagation, band and window):
+
+- upper triangle (the default, and always without gradient): the programs own pairs of row blocks
+  (a, nb - 1 - a, so every program sweeps about N + BM columns) and each row block sweeps only the columns
+  from its diagonal block on, half the d' work. The diagonal block counts once; an off-diagonal entry
+  stands for (i, j) and (j, i): weight 2 in the statistics (still per-program partials, deterministic), and
+  its transposed gradient sum_i c_ij (x_j - x_i) is added to rows j with ``tl.atomic_add`` (fp32 sums in
+  arrival order: not bitwise repeatable);
+- full square, row-owned (``deterministic=True``, chosen under ``torch.use_deterministic_algorithms(True)``
+  by ``fastdml.dispatch.kernel_atomics``): the weights are symmetric (g_ij = g_ji), so one row sweep of
+  every pair with a factor 2 gives the whole gradient, with no atomics (bitwise repeatable).
+
+Rectangular case: a second, column-owned sweep (programs own blocks of r's rows, the same kernel with the
+roles of x and r swapped) gives gr.
 """
 
 from __future__ import annotations
@@ -232,6 +245,9 @@ def contrastive_kernel(
     UPCAST: tl.constexpr,
     NEAR: tl.constexpr,
 ):
+    """Program (pid, sid): row block pid (``TRI``: row blocks pid and nb - 1 - pid) against column range
+    sid; writes its statistics partials (4, rows) and gradient partial rows (``g``, ``near``) in slot sid;
+    ``TRI`` adds the transposed contributions of off-diagonal entries to ``t`` atomically."""
     pid = tl.program_id(0)
     sid = tl.program_id(1).to(tl.int64)
     # this column range's partials: stats (4, N_OWN), gradients and near scratch (N_OWN, D) each
@@ -461,7 +477,7 @@ def _config(d, dtype=torch.float32, prec="ieee"):
     # warps, or 8 capped at 128 registers by ptxas, spill); fp16/bf16 and the split tf32 dots spill at
     # BM = 32, not at BM = 16; the transposed contribution goes in 32-wide D groups (bench/compile_check.py)
     bm = 32 if dtype in (torch.float32, torch.float64) and prec == "ieee" else 16
-    return dict(BM=bm, BN=16, BK=16, BG=grad_group(d), BT=32, SUBK=1, num_warps=8, maxnreg=255)
+    return dict(BM=bm, BN=16, BK=16, BG=grad_group(d), BT=min(32, grad_group(d)), SUBK=1, num_warps=8, maxnreg=255)
 
 
 def _plan(n_own, n_oth, d, dtype, prec, tri, device):
@@ -492,6 +508,11 @@ def buffer_bytes(n, m, d, need_grad, device=None) -> int:
     return total
 
 
+def _fresh(shape, device, dtype=torch.float32, zero=False):
+    """A zeroed buffer, or one filled with NaN (``_common.poison``) where the kernel writes every entry."""
+    return torch.zeros(shape, device=device, dtype=dtype) if zero else poison(shape, device, dtype)
+
+
 def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, need_grad, margins, scale, prec, tri):
     """One sweep over (row block, column range) programs (``tri``: row-block pairs over the upper triangle);
     returns the statistics partials summed over the ranges ``(4, n_own)`` and the gradient parts
@@ -503,22 +524,13 @@ def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, ne
     k = 2 if need_grad else 0
     # every (range, row) slot is written once, except in the triangle (ranges that miss a row block) and
     # above one D group (accumulated in place): zeros there, NaN elsewhere so that a missed write shows
-    fresh = (
-        poison if (one_group and not tri) else (lambda shape, d, t=torch.float32: torch.zeros(shape, device=d, dtype=t))
-    )
-    parts = fresh((k, splits, n_own, p.d), dev)  # gradient partials: (part, range, row, D)
+    once = one_group and not tri
+    parts = _fresh((k, splits, n_own, p.d), dev, zero=not once)  # gradient partials: (part, range, row, D)
     has_near = need_grad and p.kind_id != 2
-    near = torch.zeros((k, splits, n_own, p.d), device=dev, dtype=torch.float32) if has_near else parts
+    near = _fresh((k, splits, n_own, p.d), dev, zero=True) if has_near else parts
     # the transposed contributions of the upper triangle (atomic adds)
-    trans = torch.zeros((k, n_own, p.d), device=dev, dtype=torch.float32) if tri and need_grad else parts
-    if stats:
-        st = (
-            poison((splits, 4, n_own), dev, torch.float64)
-            if not tri
-            else torch.zeros((splits, 4, n_own), device=dev, dtype=torch.float64)
-        )
-    else:
-        st = torch.empty((1, 4, 1), device=dev, dtype=torch.float64)
+    trans = _fresh((k, n_own, p.d), dev, zero=True) if tri and need_grad else parts
+    st = _fresh((splits, 4, n_own) if stats else (1, 4, 1), dev, torch.float64, zero=tri)
     if n_own == 0:
         return st.sum(0), parts.sum(1)
     gp, gn = (parts[0, 0], parts[1, 0]) if need_grad else (parts, parts)
@@ -585,18 +597,29 @@ def contrastive_stats_fwd(
     allow_tf32=None,
     deterministic=None,
 ):
-    """Contrastive statistics ``[S+, C+, S-, C-]`` (float64) and their gradient parts.
+    """Contrastive statistics ``[S+, C+, S-, C-]`` (float64) and their gradient parts, in one sweep.
 
-    Returns ``(stats (4,) float64, gx_parts (2, N, D) float32, gr_parts (2, M, D) float32)``; the parts are
-    ``dS+/d.`` and ``dS-/d.`` (empty ``(0, N, D)`` / ``(0, M, D)`` when ``need_grad`` is False; in the square
-    case ``r is None`` the gradient is all in ``gx_parts`` and ``gr_parts`` is ``(0, 0, D)``). With
-    ``need_grad_r=False`` (references that need no gradient) ``gr_parts`` is ``(0, M, D)`` and the
-    column-side sweep is skipped.
-    ``allow_tf32``: None (default) follows ``fastdml.config.fp32_precision()``; True/False force tf32/ieee.
-    ``deterministic``: None (default) follows ``fastdml.dispatch.kernel_atomics()`` (atomics unless
-    ``torch.use_deterministic_algorithms(True)``); True keeps the square case's gradient on the row-owned
-    full-square sweep (bitwise repeatable), False lets it sweep the upper triangle and add the transposed
-    half atomically. The statistics are deterministic either way.
+    Args:
+        x, y: queries (N, D) float32/float16/bfloat16 and their int64 labels (N,).
+        r, z: references (M, D) and their labels (M,); both None for the square case (r = x, diagonal
+            excluded).
+        excl: int64 (N,), the reference each query skips (-1: none); None in the square case.
+        kind: ``"l2"``, ``"sql2"`` or ``"dot"``.
+        pos_margin, neg_margin, pos_lo, neg_hi, low, high: margins, the miner's band, the reducer's window
+            (infinite: no condition).
+        need_grad: also the gradient parts. need_grad_r: also the references' parts (rectangular case;
+            False skips the column-side sweep).
+        allow_tf32: None (default) follows ``fastdml.config.fp32_precision()``; True/False force tf32/ieee.
+        deterministic: None (default) follows ``fastdml.dispatch.kernel_atomics()`` (atomics unless
+            ``torch.use_deterministic_algorithms(True)``). True keeps the square case's gradient on the
+            row-owned full square (bitwise repeatable); False sweeps the upper triangle and adds the
+            transposed half atomically. The statistics are deterministic either way.
+
+    Shape:
+        stats (4,) float64; gx_parts (2, N, D) float32, ``dS+/dx`` and ``dS-/dx``; gr_parts (2, M, D)
+        float32, the same for r. Without ``need_grad`` the parts are ``(0, N, D)`` / ``(0, M, D)``; in the
+        square case the whole gradient is in gx_parts and gr_parts is ``(0, 0, D)``; with
+        ``need_grad_r=False`` gr_parts is ``(0, M, D)``.
     """
     p = prepare(x, y, r, z, excl, kind)
     margins = tuple(

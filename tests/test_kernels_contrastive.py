@@ -95,13 +95,17 @@ def test_contrastive_without_grad_returns_empty_parts(kind, tol):
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("d", [3, 130])
 @pytest.mark.parametrize("only_near", [False, True])
 @pytest.mark.parametrize("kind", ["l2", "sql2"])
-def test_contrastive_near_duplicates_match_float64(kind, only_near, deterministic, tol):
+def test_contrastive_near_duplicates_match_float64(kind, only_near, d, deterministic, tol):
     # pairs at distance ~1e-4: the expansion |x|^2 + |r|^2 - 2 x.r alone would be off by ~3e-4 in d, and the
     # GEMM form of the gradient (sum_j c_ij) x_i - sum_j c_ij x_j by ~1e-3 for c = 1/d. With only_near the
     # positive margin is out of reach, so only the near negative pairs carry weight (and dominate the check).
-    x, y = near_duplicates(66, 3, torch.float32)
+    # Rows shuffled: near pairs in different row blocks (the upper triangle's transposed contribution).
+    x, y = near_duplicates(66, d, torch.float32)
+    perm = torch.randperm(66, generator=torch.Generator().manual_seed(1)).to(x.device)
+    x, y = x[perm], y[perm]
     pos_margin = 100.0 if only_near else (1e-3 if kind == "l2" else 1e-6)
     neg_margin = 5e-3 if kind == "l2" else 2.5e-5
     args = (pos_margin, neg_margin, -INF, INF, 0.0, INF)
