@@ -124,6 +124,30 @@ def test_contrastive_identical_points_give_finite_zero_subgradient(deterministic
 @pytest.mark.cuda
 @cuda_only
 @pytest.mark.parametrize("kind", ["l2", "dot"])
+def test_contrastive_atomic_mode_on_cuda(kind, tol):
+    # real concurrency: the atomic mode's statistics are bitwise repeatable and its gradient equals the
+    # deterministic mode's up to fp32 summation order; deterministic mode (also the default under torch's
+    # deterministic flag) is bitwise repeatable
+    x, y, _, _, _ = make_inputs(3000, 0, 64, "few", "square", torch.float32)
+    args = (kind, 0.5, 12.0, -INF, INF, 0.0, INF)
+    a = contrastive_stats_fwd(x, y, None, None, None, *args, True, deterministic=False)
+    b = contrastive_stats_fwd(x, y, None, None, None, *args, True, deterministic=False)
+    assert torch.equal(a[0], b[0])
+    det = contrastive_stats_fwd(x, y, None, None, None, *args, True, deterministic=True)
+    assert_close_scaled(a[0], det[0], tol[torch.float32], "stats")
+    assert_close_scaled(a[1], det[1], tol[torch.float32], "gradient parts")
+    prev = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        again = contrastive_stats_fwd(x, y, None, None, None, *args, True)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert all(torch.equal(u, v) for u, v in zip(again, det))
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("kind", ["l2", "dot"])
 def test_contrastive_bf16_on_cuda(kind, tol):
     x, y, r, z, excl = make_inputs(300, 0, 64, "pk", "square", torch.bfloat16)
     _check(x, y, r, z, excl, kind, _margins(x, r, kind, False), tol, torch.bfloat16)

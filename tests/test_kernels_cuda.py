@@ -49,7 +49,10 @@ def _inputs(n, d, pattern="pk", seed=0):
 def test_kernels_are_bitwise_deterministic(kind):
     x, y = _inputs(3000, 64, "few")
     calls = [
-        lambda: K.contrastive_stats_fwd(x, y, None, None, None, kind, 0.5, 12.0, -INF, INF, 0.0, INF, True),
+        # the square gradient's atomic (upper-triangle) mode: tests/test_kernels_contrastive.py
+        lambda: K.contrastive_stats_fwd(
+            x, y, None, None, None, kind, 0.5, 12.0, -INF, INF, 0.0, INF, True, deterministic=True
+        ),
         lambda: K.contrastive_stats_fwd(x[:1000], y[:1000], x, y, None, kind, 0.5, 12.0, -INF, INF, 0.0, INF, True),
         lambda: K.triplet_stats_fwd(x[:700], y[:700], None, None, None, kind, 0.3, False, -INF, INF, 0.0, INF, True),
         lambda: K.semihard_stats_fwd(x[:700], y[:700], None, None, None, kind, 0.3, True),
