@@ -274,11 +274,13 @@ def contrastive_kernel(
             rb = tl.where(ph == 0, rb_a, rb_b)
             lo = tl.where(ph == 0, tl.minimum(s0, la), tl.minimum(tl.maximum(s0 - la, 0), lb)) + rb * BM
             hi = tl.where(ph == 0, tl.minimum(s1, la), tl.minimum(tl.maximum(s1 - la, 0), lb)) + rb * BM
+            todo = lo < hi
         else:
             rb = pid
             lo = sid * SPAN
             hi = tl.minimum(lo + SPAN, N_OTH)
-        if lo < hi:
+            todo = lo <= hi  # always: an empty range (M = 0) writes zero partials
+        if todo:
             rows = rb.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
             rmask = rows < N_OWN
             yl = tl.load(ylab_ptr + rows, mask=rmask, other=0)
