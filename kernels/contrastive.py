@@ -476,10 +476,12 @@ def _config(d, dtype=torch.float32, prec="ieee"):
     if interpreting():
         return dict(BM=32, BN=32, BK=block_d(d), BG=grad_group(d), BT=grad_group(d), SUBK=16, num_warps=4)
     # (32, 16) tiles, 8 warps and maxnreg=255 keep the two (BM, BG) accumulators in registers on sm_90 (4
-    # warps, or 8 capped at 128 registers by ptxas, spill); fp16/bf16 and the split tf32 dots spill at
-    # BM = 32, not at BM = 16; the transposed contribution goes in 32-wide D groups (bench/compile_check.py)
+    # warps, or 8 capped at 128 registers by ptxas, spill); fp16/bf16 and the split tf32 dots spill at BM = 32,
+    # not at 16. Above D = 128 (no accumulators) 32-wide groups; transposed groups of 16 (fp16/bf16) or 32.
     bm = 32 if dtype in (torch.float32, torch.float64) and prec == "ieee" else 16
-    return dict(BM=bm, BN=16, BK=16, BG=grad_group(d), BT=min(32, grad_group(d)), SUBK=1, num_warps=8, maxnreg=255)
+    bg = grad_group(d) if d <= 128 else 32
+    bt = 16 if dtype in (torch.float16, torch.bfloat16) else min(32, bg)
+    return dict(BM=bm, BN=16, BK=16, BG=bg, BT=bt, SUBK=1, num_warps=8, maxnreg=255)
 
 
 def _plan(n_own, n_oth, d, dtype, prec, tri, device):
