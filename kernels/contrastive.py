@@ -274,13 +274,12 @@ def contrastive_kernel(
             rb = tl.where(ph == 0, rb_a, rb_b)
             lo = tl.where(ph == 0, tl.minimum(s0, la), tl.minimum(tl.maximum(s0 - la, 0), lb)) + rb * BM
             hi = tl.where(ph == 0, tl.minimum(s1, la), tl.minimum(tl.maximum(s1 - la, 0), lb)) + rb * BM
-            todo = lo < hi
         else:
             rb = pid
             lo = sid * SPAN
             hi = tl.minimum(lo + SPAN, N_OTH)
-            todo = lo <= hi  # always: an empty range (M = 0) writes zero partials
-        if todo:
+
+        if lo < hi:
             rows = rb.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
             rmask = rows < N_OWN
             yl = tl.load(ylab_ptr + rows, mask=rmask, other=0)
@@ -476,11 +475,11 @@ def _config(d, dtype=torch.float32, prec="ieee"):
     if interpreting():
         return dict(BM=32, BN=32, BK=block_d(d), BG=grad_group(d), BT=grad_group(d), SUBK=16, num_warps=4)
     # (32, 16) tiles, 8 warps and maxnreg=255 keep the two (BM, BG) accumulators in registers on sm_90 (4
-    # warps, or 8 capped at 128 registers by ptxas, spill); fp16/bf16 and the split tf32 dots spill at BM = 32,
-    # not at 16. Above D = 128 (no accumulators) 32-wide groups; transposed groups of 16 (fp16/bf16) or 32.
+    # warps, or 8 capped at 128 registers by ptxas, spill); fp16/bf16 and the split tf32 dots spill at BM = 32
+    # and with 32-wide transposed groups, not at 16. Above D = 128 (no accumulators) 32-wide groups.
     bm = 32 if dtype in (torch.float32, torch.float64) and prec == "ieee" else 16
     bg = grad_group(d) if d <= 128 else 32
-    bt = 16 if dtype in (torch.float16, torch.bfloat16) else min(32, bg)
+    bt = min(bm, bg)
     return dict(BM=bm, BN=16, BK=16, BG=bg, BT=bt, SUBK=1, num_warps=8, maxnreg=255)
 
 
@@ -535,8 +534,8 @@ def _sweep(p, own, oth, ownn, othn, ylab, zlab, n_own, n_oth, colmode, stats, ne
     # the transposed contributions of the upper triangle (atomic adds)
     trans = _fresh((k, n_own, p.d), dev, zero=True) if tri and need_grad else parts
     st = _fresh((splits, 4, n_own) if stats else (1, 4, 1), dev, torch.float64, zero=tri)
-    if n_own == 0:
-        return st.sum(0), parts.sum(1)
+    if n_own == 0 or n_oth == 0:  # nothing to sweep: zero sums, counts and gradients
+        return st.zero_().sum(0), parts.zero_().sum(1)
     gp, gn = (parts[0, 0], parts[1, 0]) if need_grad else (parts, parts)
     np_, nn_ = (near[0, 0], near[1, 0]) if has_near else (parts, parts)
     tp, tn = (trans[0], trans[1]) if tri and need_grad else (parts, parts)
