@@ -31,6 +31,12 @@
 
 #include "fastdml_native.h"
 
+/* a weights call with kind, f (flags or NULL) and csum (column sums or NULL) as constants */
+#define WEIGHTS(NAME, K, F, CS) NAME##_weights(vr, a, b, K, lo, hi, pos, pmT, nmT, F, crow, CS, sum)
+#define WEIGHTS_K(NAME, K)                                                                                    \
+  (f ? (csum ? WEIGHTS(NAME, K, f, csum) : WEIGHTS(NAME, K, f, NULL))                                          \
+     : (csum ? WEIGHTS(NAME, K, NULL, csum) : WEIGHTS(NAME, K, NULL, NULL)))
+
 #define DEFINE_CONTRASTIVE_TILE(NAME, T, SQRT)                                                                        \
   /* direct-difference gradient of one pair: coef (x_i - x_j) on row i, its negative on row j (dot: see top) */       \
   static inline void NAME##_pair(T *restrict gi, T *restrict gj, const T *restrict xi, const T *restrict xj,          \
@@ -73,25 +79,59 @@
     return nf;                                                                                                        \
   }                                                                                                                   \
                                                                                                                       \
-  /* weights of the entries a..b-1 of one row: c (0 where inactive or flagged) into crow, sums into rsc */            \
-  static inline double NAME##_weights(const T *restrict vr, int64_t a, int64_t b, int64_t kind, T lo, T hi,           \
-                                      int pos, T pmT, T nmT, const uint8_t *restrict f, T *restrict crow,             \
-                                      double *restrict rsc, double *restrict sum) {                                   \
-    double s = 0.0, rsum = 0.0;                                                                                       \
+  /* weights of the entries a..b-1 of one row: c (0 where inactive or flagged) into crow, added to the column         \
+   * sums csum when given; the terms' sum into *sum; returns the row's weight sum. kind, f and csum are               \
+   * constants at each call site (weights_at), so each variant compiles to its own vector loop (a sqrt under a        \
+   * runtime condition would not vectorize). */                                                                       \
+  static inline __attribute__((always_inline)) T NAME##_weights(const T *restrict vr, int64_t a, int64_t b, int64_t kind, T lo, T hi, int pos, \
+                                 T pmT, T nmT, const uint8_t *restrict f, T *restrict crow, T *restrict csum,         \
+                                 double *restrict sum) {                                                              \
+    T s = 0, rsum = 0;                                                                                                \
     _Pragma("omp simd reduction(+ : s, rsum)") for (int64_t j = a; j < b; j++) {                                      \
       const T vv = vr[j];                                                                                             \
-      const int act = (vv > lo) & (vv < hi);                                                                          \
+      const int act = (vv > lo) & (vv < hi) & !(f && f[j]);                                                           \
       const T m = kind == 2 ? -vv : vv;                                                                               \
       const T d = kind == 0 ? SQRT(m) : m;                                                                            \
-      s += act ? (double)(pos ? d - pmT : nmT - d) : 0.0;                                                             \
-      T c = act ? (kind == 0 ? (T)1 / d : (T)1) : (T)0;                                                               \
-      if (f && f[j]) c = 0;                                                                                           \
-      crow[j] = c;                                                                                                    \
-      if (rsc) rsc[j] += (double)c;                                                                                   \
-      rsum += (double)c;                                                                                              \
+      const T t = pos ? d - pmT : nmT - d;                                                                            \
+      const T c = kind == 0 ? (T)1 / d : (T)1;                                                                        \
+      const T cc = act ? c : (T)0;                                                                                    \
+      s += act ? t : (T)0;                                                                                            \
+      crow[j] = cc;                                                                                                   \
+      if (csum) csum[j] += cc;                                                                                        \
+      rsum += cc;                                                                                                     \
     }                                                                                                                 \
-    *sum += s;                                                                                                        \
+    if (f) /* a flagged entry's term counts (only its weight is left out) */                                          \
+      for (int64_t j = a; j < b; j++)                                                                                 \
+        if (f[j] && (vr[j] > lo) & (vr[j] < hi)) {                                                                    \
+          const T m = kind == 2 ? -vr[j] : vr[j], d = kind == 0 ? SQRT(m) : m;                                        \
+          s += pos ? d - pmT : nmT - d;                                                                               \
+        }                                                                                                             \
+    *sum += (double)s;                                                                                                \
     return rsum;                                                                                                      \
+  }                                                                                                                   \
+                                                                                                                      \
+  static inline T NAME##_weights_at(const T *restrict vr, int64_t a, int64_t b, int64_t kind, T lo, T hi, int pos,    \
+                                    T pmT, T nmT, const uint8_t *f, T *crow, T *csum, double *sum) {                  \
+    return kind == 0 ? WEIGHTS_K(NAME, 0) : (kind == 1 ? WEIGHTS_K(NAME, 1) : WEIGHTS_K(NAME, 2));                    \
+  }                                                                                                                   \
+                                                                                                                      \
+  /* the terms' sum of the active entries a..b-1 of one row (no weights), kind a constant as above */                 \
+  static inline __attribute__((always_inline)) double NAME##_terms(const T *restrict vr, int64_t a, int64_t b,        \
+                                                                   int64_t kind, T lo, T hi, int pos, T pmT,          \
+                                                                   T nmT) {                                           \
+    T s = 0;                                                                                                          \
+    _Pragma("omp simd reduction(+ : s)") for (int64_t j = a; j < b; j++) {                                            \
+      const T vv = vr[j], m = kind == 2 ? -vv : vv, d = kind == 0 ? SQRT(m) : m;                                      \
+      s += (vv > lo) & (vv < hi) ? (pos ? d - pmT : nmT - d) : (T)0;                                                  \
+    }                                                                                                                 \
+    return (double)s;                                                                                                 \
+  }                                                                                                                   \
+                                                                                                                      \
+  static inline double NAME##_terms_at(const T *restrict vr, int64_t a, int64_t b, int64_t kind, T lo, T hi,          \
+                                       int pos, T pmT, T nmT) {                                                       \
+    if (kind == 0) return NAME##_terms(vr, a, b, 0, lo, hi, pos, pmT, nmT);                                           \
+    if (kind == 1) return NAME##_terms(vr, a, b, 1, lo, hi, pos, pmT, nmT);                                           \
+    return NAME##_terms(vr, a, b, 2, lo, hi, pos, pmT, nmT);                                                          \
   }                                                                                                                   \
                                                                                                                       \
   int64_t NAME(T *restrict v, int64_t h, int64_t w, int64_t si, int64_t sj, int64_t N, int64_t D,                     \
@@ -118,6 +158,12 @@
     int64_t Cp = 0, Cn = 0;                                                                                           \
     int any_pos = 0, any_neg = 0;                                                                                     \
     uint8_t *fm = NULL; /* the row's flagged near-duplicates, allocated when the first one is met */                  \
+    /* the tile's column sums of the weights (full = 0), added to rs at the end */                                    \
+    T *csp = NULL, *csn = NULL;                                                                                       \
+    if (need_grad && !full && w > 0) {                                                                                \
+      if (!(csp = calloc(2 * (size_t)w, sizeof(T)))) return FASTDML_NO_MEMORY;                                        \
+      csn = csp + w;                                                                                                  \
+    }                                                                                                                 \
     for (int64_t i = 0; i < h; i++) {                                                                                 \
       const int64_t gi = si + i;                                                                                      \
       T *restrict vr = v + i * w;                                                                                     \
@@ -138,7 +184,10 @@
       int32_t cnt[3];                                                                                                 \
       if (NAME##_count(vr, j0, pl, ph, w, lim, nearT, xni, xnc, cnt)) {                                               \
         /* near-duplicates: recomputed by direct differences, then the row counted again */                           \
-        if (!fm && !(fm = malloc(w > 0 ? (size_t)w : 1))) return FASTDML_NO_MEMORY;                                   \
+        if (!fm && !(fm = malloc(w > 0 ? (size_t)w : 1))) {                                                           \
+          free(csp);                                                                                                  \
+          return FASTDML_NO_MEMORY;                                                                                   \
+        }                                                                                                             \
         memset(fm, 0, (size_t)w);                                                                                     \
         for (int64_t j = j0; j < w; j++) {                                                                            \
           if (!(vr[j] <= nearT * (xni + xnc[j]))) continue;                                                           \
@@ -161,10 +210,11 @@
         for (int64_t j = lo; j < (pl < hi ? pl : hi); j++) cp[i * w + j] = 0;                                         \
       if (ph > pl) {                                                                                                  \
         if (need_grad && !direct) {                                                                                   \
-          const double rsum = NAME##_weights(vr, pl, ph, kind, lim[2], lim[3], 1, pmT, nmT, f, cp + i * w,            \
-                                             full ? NULL : rs0 + sj, &Sp);                                            \
-          rs0[gi] += rsum;                                                                                            \
-          any_pos |= rsum != 0.0;                                                                                     \
+          const T rsum = NAME##_weights_at(vr, pl, ph, kind, lim[2], lim[3], 1, pmT, nmT, f, cp + i * w, csp, &Sp);   \
+          rs0[gi] += (double)rsum;                                                                                    \
+          any_pos |= rsum != 0;                                                                                       \
+        } else if (!need_grad) {                                                                                      \
+          Sp += NAME##_terms_at(vr, pl, ph, kind, lim[2], lim[3], 1, pmT, nmT);                                       \
         } else {                                                                                                      \
           double s = 0.0;                                                                                             \
           for (int64_t j = pl; j < ph; j++) {                                                                         \
@@ -172,7 +222,6 @@
             const T m = kind == 2 ? -vr[j] : vr[j];                                                                   \
             const T d = kind == 0 ? SQRT(m) : m;                                                                      \
             s += (double)(d - pmT);                                                                                   \
-            if (!need_grad) continue;                                                                                 \
             const T coef = kind == 0 ? (d > 0 ? (T)2 / d : (T)0) : (kind == 1 ? (T)4 : (T)2);                         \
             NAME##_pair(gx0 + gi * D, gx0 + (sj + j) * D, xi, x + (sj + j) * D, D, kind, coef, !full);                \
           }                                                                                                           \
@@ -185,21 +234,12 @@
         if (need_grad) {                                                                                              \
           if (!any_neg) memset(cn, 0, (size_t)(i * w) * sizeof(T));                                                   \
           memset(cnr, 0, (size_t)w * sizeof(T));                                                                      \
-          double *rsc = full ? NULL : rs1 + sj;                                                                       \
-          double rsum = NAME##_weights(vr, j0, pl, kind, lim[6], lim[7], 0, pmT, nmT, f, cnr, rsc, &Sn);              \
-          rsum += NAME##_weights(vr, ph, w, kind, lim[6], lim[7], 0, pmT, nmT, f, cnr, rsc, &Sn);                     \
-          rs1[gi] += rsum;                                                                                            \
+          T rsum = NAME##_weights_at(vr, j0, pl, kind, lim[6], lim[7], 0, pmT, nmT, f, cnr, csn, &Sn);                \
+          rsum += NAME##_weights_at(vr, ph, w, kind, lim[6], lim[7], 0, pmT, nmT, f, cnr, csn, &Sn);                  \
+          rs1[gi] += (double)rsum;                                                                                    \
         } else {                                                                                                      \
-          double s = 0.0;                                                                                             \
-          for (int seg = 0; seg < 2; seg++) {                                                                         \
-            const int64_t a = seg ? ph : j0, b = seg ? w : pl;                                                        \
-            for (int64_t j = a; j < b; j++) {                                                                         \
-              if (!((vr[j] > lim[6]) & (vr[j] < lim[7]))) continue;                                                   \
-              const T m = kind == 2 ? -vr[j] : vr[j];                                                                 \
-              s += (double)(nmT - (kind == 0 ? SQRT(m) : m));                                                         \
-            }                                                                                                         \
-          }                                                                                                           \
-          Sn += s;                                                                                                    \
+          Sn += NAME##_terms_at(vr, j0, pl, kind, lim[6], lim[7], 0, pmT, nmT);                                       \
+          Sn += NAME##_terms_at(vr, ph, w, kind, lim[6], lim[7], 0, pmT, nmT);                                        \
         }                                                                                                             \
         any_neg = 1;                                                                                                  \
       } else if (any_neg && need_grad) {                                                                              \
@@ -220,6 +260,13 @@
       }                                                                                                               \
     }                                                                                                                 \
     free(fm);                                                                                                         \
+    if (csp) {                                                                                                        \
+      for (int64_t j = 0; j < w; j++) {                                                                               \
+        rs0[sj + j] += (double)csp[j];                                                                                \
+        rs1[sj + j] += (double)csn[j];                                                                                \
+      }                                                                                                               \
+      free(csp);                                                                                                      \
+    }                                                                                                                 \
     const double wt = full ? 1.0 : 2.0;                                                                               \
     stats[0] += wt * Sp;                                                                                              \
     stats[1] += wt * (double)Cp;                                                                                      \
