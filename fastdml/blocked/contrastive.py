@@ -27,6 +27,10 @@ both orders itself. That halves the distance GEMM and the elementwise passes. Ti
 
 Gradient in the forward: the pair weights go through the common GEMM-shaped pass (see :mod:`.distance`);
 in the square case the weights are symmetric, so the column side equals the row side (added twice).
+
+With the compiled helpers (:mod:`.native`) the square case runs :func:`_square_native` instead: per tile one
+distance GEMM and one C pass (``csrc/contrastive_tile.c``) for everything elementwise, then the gradient
+GEMMs; the torch sweep (:func:`_square_tiles`) is the fallback with the same results within rounding.
 """
 
 from __future__ import annotations
@@ -650,11 +654,18 @@ def _square_native(P, pm, nm, iv, need_grad, sums, gx, fixed) -> bool:
     # gradient scale of the weights: l2 c = 1/d', dot c = 1 (both orders: 2); sql2 dd'/dx = 2 (x_i - x_j)
     g = 4.0 if P.kind == "sql2" else 2.0
     tiles = list(budget.blocks(P.N, side))
+    rows = [x[s:e] for s, e in tiles]
+    cols = [r.t() for r in rows]
+    views: dict = {}  # (h, w) -> the three buffers' views (at most four shapes)
     for t, (si, ei) in enumerate(tiles):
-        for sj, ej in tiles[t:]:
-            diagonal = si == sj
-            v, cp, cn = work.views(ei - si, ej - sj)
-            torch.mm(x[si:ei], x[sj:ej].t(), out=v)
+        for u in range(t, len(tiles)):
+            sj, ej = tiles[u]
+            diagonal = t == u
+            shape = (ei - si, ej - sj)
+            if shape not in views:
+                views[shape] = work.views(*shape)
+            v, cp, cn = views[shape]
+            torch.mm(rows[t], cols[u], out=v)
             flags = tile(v, si, sj, cp, cn, diagonal)
             if flags & 2:
                 # the label runs meeting the tile's rows and columns
@@ -669,9 +680,9 @@ def _square_native(P, pm, nm, iv, need_grad, sums, gx, fixed) -> bool:
                         if not diagonal:
                             gp[b0:b1].addmm_(c.t(), x[a0:a1], alpha=-g)
             if flags & 1:
-                gn[si:ei].addmm_(cn, x[sj:ej], alpha=g)
+                gn[si:ei].addmm_(cn, rows[u], alpha=g)
                 if not diagonal:
-                    gn[sj:ej].addmm_(cn.t(), x[si:ei], alpha=g)
+                    gn[sj:ej].addmm_(cn.t(), rows[t], alpha=g)
     if need_grad and P.kind != "dot":
         # the row-sum side: g (sum_j c_ij) x_i, negatives with the opposite sign
         rs[1].neg_()
