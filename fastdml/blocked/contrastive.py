@@ -260,11 +260,16 @@ def contrastive_stats_fwd(
             rows = budget.rows_per_block(P.N, P.M, _bytes_per_entry(P, need_grad), fixed)
             for s, e in budget.blocks(P.N, rows):
                 _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gxs, grs)
-        # the parts back in the original order: every row is written (rperm, cperm are permutations), so the
-        # destination needs no zero fill
-        gx = torch.empty_like(gxs).index_copy_(1, rperm, gxs) if gxs.shape[0] else gxs
-        gr = torch.empty_like(grs).index_copy_(1, cperm, grs) if grs.shape[0] else grs
+        # the parts back in the original order: a gather with the inverse permutations (index_copy_ along
+        # dimension 1 is a scalar loop, several times slower)
+        gx = gxs.index_select(1, _inverse(rperm)) if gxs.shape[0] else gxs
+        gr = grs.index_select(1, _inverse(cperm)) if grs.shape[0] else grs
         return sums, gx, gr
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse of a permutation: ``_inverse(p)[p[i]] = i``."""
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
 
 
 def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
