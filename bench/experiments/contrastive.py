@@ -11,7 +11,7 @@ alternating headline protocol are). Prints the medians and the ratios::
 
     python -m bench.experiments.contrastive                     # N = 1024, 10 random classes, 100 rounds
     python -m bench.experiments.contrastive --after-pml --rounds 60
-    python -m bench.experiments.contrastive --labels pk4 --neg-margin 2.0
+    python -m bench.experiments.contrastive --labels pk4 --neg-margin 2.0 --threads 1
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def main(argv=None) -> None:
     ap.add_argument("--labels", default="random10", choices=("random10", "pk4"))
     ap.add_argument("--neg-margin", type=float, default=1.0)
     ap.add_argument("--after-pml", action="store_true", help="an untimed PML call before every fastdml step")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     from fastdml.blocked import native
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; compiled helpers: {native.status()}")
