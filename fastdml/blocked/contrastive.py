@@ -603,7 +603,7 @@ def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
 
 
 # ------------------------------------------------------------------------------------------------------
-# square case with the compiled tile: strips above the diagonal
+# square case with the compiled tile: the tiles on and above the diagonal
 # ------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
 def _native_bounds(iv, dtype, l2: bool) -> torch.Tensor:
