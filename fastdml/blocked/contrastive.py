@@ -27,6 +27,10 @@ both orders itself. That halves the distance GEMM and the elementwise passes. Ti
 
 Gradient in the forward: the pair weights go through the common GEMM-shaped pass (see :mod:`.distance`);
 in the square case the weights are symmetric, so the column side equals the row side (added twice).
+
+With the compiled helpers (:mod:`.native`) the square case runs :func:`_square_native` instead: per tile one
+distance GEMM and one C pass (``csrc/contrastive_tile.c``) for everything elementwise, then the gradient
+GEMMs; the torch sweep (:func:`_square_tiles`) is the fallback with the same results within rounding.
 """
 
 from __future__ import annotations
@@ -37,14 +41,20 @@ import math
 
 import torch
 
-from . import budget
-from .distance import Problem, canonical_columns, distances, new_parts
+from .. import dispatch
+from . import budget, native
+from .distance import NEAR_REL, Problem, canonical_columns, distances, new_parts
 
 INF = math.inf
 # above this many label runs in a block, positives use a label mask over the block instead of rectangles
 MAX_RECTS = 32
 # largest side of a square-case tile: 512 x 512 fp32 temporaries are 1 MB (cache-resident)
 TILE = 512
+# largest side of the compiled sweep's tiles (measured against 512: more, smaller GEMMs above the diagonal)
+NATIVE_TILE = 256
+# label runs shorter than this take their positives' gradient by direct differences in the compiled tile (a
+# GEMM pair per short run costs more in calls than in arithmetic)
+DIRECT_RUN = 32
 
 
 def _largest(guess: float, pred, dtype) -> float:
@@ -241,19 +251,25 @@ def contrastive_stats_fwd(
             return sums, gx, gr
         P, rperm, cperm = P0.sorted_by_label()
         gxs, grs = new_parts(P, 2, need_grad, need_grad_r)
-        runs = _label_runs(P)
         fixed = (gxs.numel() + grs.numel()) * P.esize  # the parts in the original order, written at the end
         if P.square and canonical_columns(P) is None:
-            _square_tiles(P, pm, nm, iv, runs, need_grad, sums, gxs, fixed)
+            if not _square_native(P, pm, nm, iv, need_grad, sums, gxs, fixed):
+                _square_tiles(P, pm, nm, iv, _label_runs(P), need_grad, sums, gxs, fixed)
         else:
+            runs = _label_runs(P)
             rows = budget.rows_per_block(P.N, P.M, _bytes_per_entry(P, need_grad), fixed)
             for s, e in budget.blocks(P.N, rows):
                 _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gxs, grs)
-        # the parts back in the original order: every row is written (rperm, cperm are permutations), so the
-        # destination needs no zero fill
-        gx = torch.empty_like(gxs).index_copy_(1, rperm, gxs) if gxs.shape[0] else gxs
-        gr = torch.empty_like(grs).index_copy_(1, cperm, grs) if grs.shape[0] else grs
+        # the parts back in the original order: a gather with the inverse permutations (index_copy_ along
+        # dimension 1 is a scalar loop, several times slower)
+        gx = gxs.index_select(1, _inverse(rperm)) if gxs.shape[0] else gxs
+        gr = grs.index_select(1, _inverse(cperm)) if grs.shape[0] else grs
         return sums, gx, gr
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse of a permutation: ``_inverse(p)[p[i]] = i``."""
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
 
 
 def _block(P, s, e, pm, nm, iv, runs, need_grad, sums, gx, gr):
@@ -584,3 +600,96 @@ def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
     if fl is not None:
         fi, fj = fl
         _flagged_direct(P, si, sj, fi, fj, q[fi, fj].sqrt(), pa, na, gx, None if diagonal else gx, 2.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# square case with the compiled tile: the tiles on and above the diagonal
+# ------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
+def _native_bounds(iv, dtype, l2: bool) -> torch.Tensor:
+    """The 8 interval ends the compiled tile compares m with (on q for l2), as a float64 tensor (never
+    modified: shared by the calls with the same intervals)."""
+    return torch.tensor([v for lo_hi in (q_intervals(iv, dtype) if l2 else iv) for v in lo_hi], dtype=torch.float64)
+
+
+def _native_side(P: Problem, fixed: int) -> int:
+    """Side of the compiled sweep's square tiles: three (side, side) buffers within the budget (the O(N D)
+    parts beside them, as in :func:`_tile_side`), at most ``NATIVE_TILE``."""
+    per = 3 * P.esize
+    side = max(1, min(NATIVE_TILE, math.isqrt(max(1, budget.budget_bytes() // per)), P.N))
+    if budget.peak_log is not None:
+        budget.peak_log.append(side * side * per + int(fixed))
+    return side
+
+
+def _square_native(P, pm, nm, iv, need_grad, sums, gx, fixed) -> bool:
+    """The square case with the compiled tile (``csrc/contrastive_tile.c``): False (nothing done) when the
+    helpers are off or do not apply (small D: distances by direct differences).
+
+    Tiles (I, J), J >= I, as in :func:`_square_tiles`: a diagonal tile is taken whole (its weights are
+    symmetric: the row side counts twice), an off-diagonal one above its diagonal only, each entry for both
+    orders (row side ``C X_J``, column side ``C^T X_I``). Per tile: one GEMM for the distances, one compiled
+    pass for the terms, sums, counts and pair weights, then the gradient GEMMs: for each label run of at least
+    ``DIRECT_RUN`` rows with an active positive in the tile, and for the negatives when one is active. The
+    row-sum side ``rowsum(C) x_i`` is added once at the end.
+    """
+    if P.direct or not dispatch.native_helpers(P.device, P.acc):
+        return False
+    bounds = _native_bounds(iv, P.acc, P.kind == "l2")
+    counts = torch.unique_consecutive(P.y, return_counts=True)[1]
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
+    plo = torch.repeat_interleave(starts, counts)
+    phi = torch.repeat_interleave(ends, counts)
+    short = counts < DIRECT_RUN
+    pdir = torch.repeat_interleave(short.to(torch.uint8), counts)
+    long_runs = [(a, b) for a, b, s in zip(starts.tolist(), ends.tolist(), short.tolist()) if not s]
+    long_ends = [b for _, b in long_runs]
+    xn = P.xn if P.kind != "dot" else P.x.new_zeros(P.N)
+    rs = torch.zeros((2, P.N), dtype=torch.float64, device=P.device) if need_grad else None
+    near = 0.0 if P.kind == "dot" else NEAR_REL
+    tile = native.contrastive_tiles(
+        P.x, xn, plo, phi, pdir, P.kind, bounds, pm, nm, near, rs, gx if need_grad else None, sums
+    )
+    if tile is None:
+        return False
+    side = _native_side(P, fixed)
+    work = _Work(3, side * side, P.acc, P.device)
+    x, gp, gn = P.x, gx[0] if need_grad else None, gx[1] if need_grad else None
+    # gradient scale of the weights: l2 c = 1/d', dot c = 1 (both orders: 2); sql2 dd'/dx = 2 (x_i - x_j)
+    g = 4.0 if P.kind == "sql2" else 2.0
+    tiles = list(budget.blocks(P.N, side))
+    rows = [x[s:e] for s, e in tiles]
+    cols = [r.t() for r in rows]
+    views: dict = {}  # (h, w) -> the three buffers' views (at most four shapes)
+    for t, (si, ei) in enumerate(tiles):
+        for u in range(t, len(tiles)):
+            sj, ej = tiles[u]
+            diagonal = t == u
+            shape = (ei - si, ej - sj)
+            if shape not in views:
+                views[shape] = work.views(*shape)
+            v, cp, cn = views[shape]
+            torch.mm(rows[t], cols[u], out=v)
+            flags = tile(v, si, sj, cp, cn, diagonal)
+            if flags & 2:
+                # the label runs meeting the tile's rows and columns
+                for k in range(bisect.bisect_right(long_ends, max(si, sj)), len(long_runs)):
+                    r0, r1 = long_runs[k]
+                    a0, a1, b0, b1 = max(r0, si), min(r1, ei), max(r0, sj), min(r1, ej)
+                    if a0 >= a1:
+                        break
+                    if b0 < b1:
+                        c = cp[a0 - si : a1 - si, b0 - sj : b1 - sj]
+                        gp[a0:a1].addmm_(c, x[b0:b1], alpha=-g)
+                        if not diagonal:
+                            gp[b0:b1].addmm_(c.t(), x[a0:a1], alpha=-g)
+            if flags & 1:
+                gn[si:ei].addmm_(cn, rows[u], alpha=g)
+                if not diagonal:
+                    gn[sj:ej].addmm_(cn.t(), rows[t], alpha=g)
+    if need_grad and P.kind != "dot":
+        # the row-sum side: g (sum_j c_ij) x_i, negatives with the opposite sign
+        rs[1].neg_()
+        gx.addcmul_(rs.to(P.acc).unsqueeze(2), x.unsqueeze(0), value=g)
+    return True

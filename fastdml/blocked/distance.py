@@ -111,10 +111,18 @@ class Problem:
         if kind != "dot":
             self.xn = (self.x * self.x).sum(1)
             self.rn = self.xn if self.square else (self.r * self.r).sum(1)
-            self.rn_max = float(self.rn.max()) if self.M > 0 else 0.0
         self._rt = None
         self._aug = None
         self._canon = None
+        self._rn_max = None
+
+    @property
+    def rn_max(self) -> float:
+        """``max_j |r_j|^2`` (l2/sql2), read from the tensor on first use (a host sync the sweeps that never
+        need it do not pay)."""
+        if self._rn_max is None:
+            self._rn_max = float(self.rn.max()) if self.M > 0 else 0.0
+        return self._rn_max
 
     # ------------------------------------------------------------------------------------------------
     def sorted_by_label(self):

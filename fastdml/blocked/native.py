@@ -16,6 +16,10 @@ the strips, lets the GEMM shrink).
   row gathers, differences, norms, the coefficients, the gradient rows and two ``index_add_``: about 35 ops)
   in one pass over the anchors and one over the chosen rows.
 
+* ``contrastive_tile`` (``csrc/contrastive_tile.c``): the elementwise part of one tile of the square
+  contrastive sweep (masks, terms, sums, counts, near-duplicates, the pair weights for the GEMMs) in one pass
+  instead of about thirty ATen ops per tile, taking only the entries above the diagonal.
+
 Both scans stay: the strip scan serves the square case, the row scan the rest (a memory queue, excluded
 columns), and the strips are measured to matter (``bench/bench_native.py``; figures in ``bench/RESULTS.md``).
 
@@ -55,12 +59,18 @@ import torch
 
 _CSRC = Path(__file__).with_name("csrc")
 _HEADER = _CSRC / "fastdml_native.h"  # the prototypes: the C includes them, _prototypes() reads them
-_SOURCES = [_CSRC / name for name in ("row_scan.c", "chosen_triplets.c")]
-_VERSION = 4  # fastdml_row_scan_version() of the C sources this module calls
-# -march=native is not known to every compiler; -fopenmp-simd only enables the sources' `omp simd` loops
-_FLAG_SETS = (("-O3", "-march=native", "-fopenmp-simd"), ("-O3", "-fopenmp-simd"), ("-O3",))
+_SOURCES = [_CSRC / name for name in ("row_scan.c", "chosen_triplets.c", "contrastive_tile.c")]
+_VERSION = 5  # fastdml_row_scan_version() of the C sources this module calls
+# -march=native is not known to every compiler; -fopenmp-simd only enables the sources' `omp simd` loops;
+# -fno-math-errno lets sqrt vectorize (the sources never read errno)
+_FLAG_SETS = (
+    ("-O3", "-fno-math-errno", "-march=native", "-fopenmp-simd"),
+    ("-O3", "-fno-math-errno", "-fopenmp-simd"),
+    ("-O3",),
+)
 _RETRY_FAILED_BUILD_S = 3600.0  # a failed build is not retried by any process for this long
 _BAD_ARGUMENT = -1  # FASTDML_BAD_ARGUMENT in the header
+_NO_MEMORY = -2  # FASTDML_NO_MEMORY
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library or None, "why": the reason when None, "note": a rebuild's reason
@@ -444,3 +454,56 @@ def chosen_triplets(x, ref, p, n, valid, kind, margin, smooth, low, high, gx, gc
               0 if gcol is None else gcol.data_ptr(), coef.data_ptr(), stats.data_ptr())  # fmt: skip
     _bad_argument("chosen_triplets", code, N=N, D=D, M=M, kind=kind)
     return stats if code == 0 else None
+
+
+_KIND_TILE = {"l2": 0, "sql2": 1, "dot": 2}
+
+
+def contrastive_tiles(x, xn, plo, phi, pdir, kind, bounds, pm, nm, near, rs, gx, stats):
+    """The square contrastive sweep's compiled tile (see ``csrc/contrastive_tile.c``), its per-sweep arguments
+    checked once: returns ``tile(v, si, sj, cp, cn) -> flags``, or None when the library is unavailable or
+    the dtype is not float32/float64.
+
+    ``x`` (N, D): the label-sorted rows; ``xn`` (N,) their squared norms; ``plo``/``phi`` (N,) int64: each row's
+    positive columns; ``pdir`` (N,) uint8: rows whose positives take the direct-difference gradient;
+    ``bounds``: the 8 interval ends on m (float64); ``near``: the near-duplicate factor (0: no check);
+    ``stats`` float64 (4,) gets each tile's ``[S+, C+, S-, C-]`` added; with ``gx`` (2, N, D) given, the
+    pair weights go to ``cp``/``cn`` and their sums to ``rs`` (float64 (2, N)). ``tile``: ``v`` (h, w) the
+    GEMM's values of rows ``si..`` x columns ``sj..`` (modified where a near-duplicate is recomputed or on
+    the diagonal); ``full``: a diagonal tile (``si == sj``, square) taken whole, each entry for its own pair
+    (else only the entries above the diagonal, each for both orders); returns the flags (bit 0: ``cn``
+    written, bit 1: ``cp`` holds a weight).
+    """
+    lib = _library()
+    if lib is None or x.dtype not in (torch.float32, torch.float64):
+        return None
+    N, D = x.shape
+    t = x.dtype
+    fn = lib.fastdml_contrastive_tile_f32 if t == torch.float32 else lib.fastdml_contrastive_tile_f64
+    need_grad = gx is not None
+    checks = [("x", x, (N, D), t), ("xn", xn, (N,), t), ("plo", plo, (N,), torch.int64),
+              ("phi", phi, (N,), torch.int64), ("pdir", pdir, (N,), torch.uint8),
+              ("bounds", bounds, (8,), torch.float64), ("stats", stats, (4,), torch.float64)]  # fmt: skip
+    if need_grad:
+        checks += [("rs", rs, (2, N), torch.float64), ("gx", gx, (2, N, D), t)]
+    for name, a, shape, dt in checks:
+        _check("contrastive_tiles", name, a, shape, dt)
+    head = (N, D, x.data_ptr(), xn.data_ptr(), plo.data_ptr(), phi.data_ptr(), pdir.data_ptr(), _KIND_TILE[kind],
+            bounds.data_ptr(), float(pm), float(nm), float(near))  # fmt: skip
+    tail = (rs.data_ptr(), gx.data_ptr(), stats.data_ptr()) if need_grad else (0, 0, stats.data_ptr())
+
+    def tile(v, si: int, sj: int, cp, cn, full: bool) -> int:
+        h, w = v.shape
+        _check("contrastive_tile", "v", v, (h, w), t)
+        if need_grad:
+            _check("contrastive_tile", "cp", cp, (h, w), t)
+            _check("contrastive_tile", "cn", cn, (h, w), t)
+        code = fn(v.data_ptr(), h, w, si, sj, *head, int(full), int(need_grad),
+                  cp.data_ptr() if need_grad else 0, cn.data_ptr() if need_grad else 0, *tail)  # fmt: skip
+        if code == _NO_MEMORY:
+            raise MemoryError("contrastive_tile: no memory for a row's near-duplicate flags")
+        _bad_argument("contrastive_tile", code, h=h, w=w, si=si, sj=sj, N=N, D=D, kind=kind)
+        return code
+
+    tile.args = (x, xn, plo, phi, pdir, bounds, rs, gx, stats)  # the pointers' tensors stay alive with it
+    return tile

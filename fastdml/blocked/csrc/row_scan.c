@@ -219,4 +219,4 @@ DEFINE_ROW_HARDEST(fastdml_row_hardest_f32, float, int32_t, 16, INT32_MAX)
 DEFINE_ROW_HARDEST(fastdml_row_hardest_f64, double, int64_t, 8, INT64_MAX)
 
 /* The interface version of both sources: native.py refuses a library whose version differs from its own. */
-int64_t fastdml_row_scan_version(void) { return 4; }
+int64_t fastdml_row_scan_version(void) { return 5; }
