@@ -120,13 +120,13 @@ def test_half_miners_pick_what_pml_picks_on_a_grid(case, dist_name):
     """Points 1 degree apart on a circle: d_an - d_ap is exactly 0 or a margin for many triplets in float16."""
     _, cls, kwargs = case
     x = _circle(16)
-    for seed in range(3):
+    for seed in range(2):
         y = _labels(16, seed)
         fd, pml = _both(cls, kwargs, dist_name)
         _same(tuple(fd(x, y)), pml(x, y))
 
 
-@pytest.mark.parametrize("dist_name", ["l2", "cosine", "dot", "l2_unnormalized"])
+@pytest.mark.parametrize("dist_name", ["l2", "dot", "l2_unnormalized"])
 @pytest.mark.parametrize("case", MINERS[::5] + MINERS[-7:], ids=[c[0] for c in MINERS[::5] + MINERS[-7:]])
 def test_half_miners_pick_what_pml_picks_with_ref_emb(case, dist_name):
     _, cls, kwargs = case
