@@ -18,7 +18,13 @@ NaN, inf or overflowing ``x``/``r``   :mod:`fastdml.reference` (PML's NaN rule):
                                        mechanism in ``blocked/nonfinite.py``)
 D = 0                                  :mod:`fastdml.reference` (every distance is 0: PML's values)
 CPU, float32/float64 rows, blocked     the compiled C helpers, unless switched off (``FASTDML_NATIVE=0``,
-  batch-hard scans, chosen triplets    ``native.disabled()``) or not built: :func:`native_helpers`
+  batch-hard scans, chosen triplets,   ``native.disabled()``) or not built: :func:`native_helpers`
+  the square contrastive tile
+a miner on float16 CPU embeddings      the distance object's matrix, compared in float16 (PML's algorithm and
+  (``triton`` not forced)              arithmetic, so PML's picks): :func:`miner_on_matrix`
+square contrastive gradient, Triton     upper triangle, transposed half added with atomics; the row-owned full
+                                       square (bitwise repeatable) under ``torch.use_deterministic_algorithms``:
+                                       :func:`kernel_atomics`
 =====================================  ==================================================================
 """
 
@@ -163,6 +169,14 @@ def native_helpers(device: torch.device, dtype: torch.dtype | None = None) -> bo
     from .blocked import native
 
     return native.enabled()
+
+
+def miner_on_matrix(x: torch.Tensor) -> bool:
+    """Whether a miner selects on its distance object's matrix in ``x``'s dtype (PML's algorithm and float16
+    comparisons) instead of the fused fp32-accumulating sweeps: float16 embeddings on the CPU, unless the
+    kernels are forced. Margins on an 11-bit grid often tie exactly, so only PML's own arithmetic gives PML's
+    picks (the losses stay fp32-accumulated)."""
+    return x.dtype == torch.float16 and x.device.type == "cpu" and requested_backend() != "triton"
 
 
 # --- Triton kernels: atomics (used by kernels/contrastive.py) -----------------------------------------------

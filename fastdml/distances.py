@@ -7,7 +7,8 @@ Same classes, arguments, attributes and methods as PML (``normalize_embeddings``
 zero distance: PML's ``torch.cdist`` uses the expansion ``|a|^2 + |b|^2 - 2 a.b`` above 25 rows, which in
 float32 is off by up to ~4e-4 for near-duplicates; here entries with a small ``q`` relative to
 ``|a|^2 + |b|^2`` are recomputed by direct differences. The gradient at zero distance is 0 (PML's cdist
-subgradient), so identical embeddings give finite gradients.
+subgradient), so identical embeddings give finite gradients. In float16 ``LpDistance`` computes PML's values
+bit for bit (PML's direct differences ``||a - b + 1e-6||`` in float16 ops, no cancellation to avoid there).
 
 fastdml's losses never build this matrix for the distances that have a fused path; :func:`fused_spec` says
 which ones do (for fastdml and PML distance objects alike). Any other distance (``p != 2``, other powers,
@@ -157,25 +158,53 @@ class LpDistance(BaseDistance):
             raise ValueError("LpDistance is a distance: is_inverted must be False")
 
     def compute_mat(self, query_emb, ref_emb):
-        """``||q_i - r_j||_p`` for every pair of rows (exact near 0)."""
+        """``||q_i - r_j||_p`` for every pair of rows (exact near 0; float16: PML's values, see below)."""
         if ref_emb is None:
             ref_emb = query_emb
+        if query_emb.dtype == torch.float16:
+            return _pml_half_matrix(self, query_emb, ref_emb)
         if self.p == 2:
             q = _sq_l2_matrix(query_emb, ref_emb)
             return _safe_sqrt(q)
         dtype = query_emb.dtype
-        if dtype in (torch.float16, torch.bfloat16):
-            # cdist has no half kernels on every device: compute in float32, return the input dtype
+        if dtype == torch.bfloat16:
+            # cdist has no bfloat16 kernels on every device: compute in float32, return the input dtype
             return torch.cdist(query_emb.float(), ref_emb.float(), p=self.p).to(dtype)
         return torch.cdist(query_emb, ref_emb, p=self.p)
 
     def pairwise_distance(self, query_emb, ref_emb):
-        # exact (PML's F.pairwise_distance adds eps = 1e-6 to every difference); gradient 0 at d = 0
-        """``||q_i - r_i||_p`` of row pairs."""
+        """``||q_i - r_i||_p`` of row pairs: exact, gradient 0 at d = 0 (PML's ``F.pairwise_distance`` adds
+        eps = 1e-6 to every difference); float16 takes PML's ``||q_i - r_i + 1e-6||_p`` in float16 ops."""
+        if query_emb.dtype == torch.float16:
+            return F.pairwise_distance(query_emb, ref_emb, p=self.p)
         diff = query_emb - ref_emb
         if self.p == 2:
             return _safe_sqrt((diff * diff).sum(-1))
         return torch.linalg.vector_norm(diff, ord=self.p, dim=-1)
+
+
+# elements of one row chunk's (rows x M x D) difference tensor in the float16 matrix
+_HALF_CHUNK_ELEMS = 1 << 24
+
+
+def _pml_half_matrix(distance, query_emb, ref_emb):
+    """PML's float16 matrix, bit for bit: ``distance.pairwise_distance`` of every (query row, ref row) pair,
+    in float16 ops, PML's row-major pair order, a bounded number of rows at a time.
+
+    Float16 is where the margins of a miner fall on rounding boundaries (an 11-bit grid), so fastdml takes
+    PML's exact arithmetic there and its miners select what PML's select (``fastdml.dispatch``).
+    """
+    n, m = query_emb.shape[0], ref_emb.shape[0]
+    step = max(1, _HALF_CHUNK_ELEMS // max(1, m * query_emb.shape[1]))
+    parts = []
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        q = query_emb[s:e].repeat_interleave(m, dim=0)
+        r = ref_emb.repeat(e - s, 1)
+        parts.append(distance.pairwise_distance(q, r).view(e - s, m))
+    if not parts:
+        return query_emb.new_zeros((0, m))
+    return torch.cat(parts)
 
 
 class DotProductSimilarity(BaseDistance):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
-from .._common import overrides_hook, resolve_inputs
+from .. import dispatch, reference
+from .._common import Geometry, overrides_hook, resolve_inputs
 from ..distances import LpDistance
 from ..utils.common_functions import resolve_collect_stats
 
@@ -56,6 +56,11 @@ class BaseMiner(torch.nn.Module):
         else:
             self.output_assertion(out)
         return out
+
+    def _geometry(self, inp):
+        """The distances a miner selects on: fused, or the distance object's matrix where
+        :func:`fastdml.dispatch.miner_on_matrix` says (float16 on the CPU: PML's picks)."""
+        return Geometry(self.distance, inp, generic=dispatch.miner_on_matrix(inp.embeddings))
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         """PML's hook: the plain tuple ``(a, p, n)`` or ``(a1, p, a2, n)`` of int64 index tensors."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import Geometry, RowPairsRecord
+from .._common import RowPairsRecord
 from ..lazy import make_lazy
 from .base_miner import BaseMiner
 
@@ -121,7 +121,7 @@ class BatchEasyHardMiner(BaseMiner):
         return out
 
     def _mine(self, inp):
-        geo = Geometry(self.distance, inp)
+        geo = self._geometry(inp)
         out = self._select(geo, inp)
         if callable(out[0]):
             builder, fuse, valid = out
@@ -154,7 +154,7 @@ class BatchHardMiner(BatchEasyHardMiner):
         super().__init__(pos_strategy=self.HARD, neg_strategy=self.HARD, **kwargs)
 
     def _mine(self, inp):
-        geo = Geometry(self.distance, inp)
+        geo = self._geometry(inp)
         out = self._select(geo, inp)
         if callable(out[0]):
             builder4, fuse, valid = out

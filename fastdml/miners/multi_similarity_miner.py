@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from .._common import Geometry
 from ..distances import CosineSimilarity
 from ..lazy import make_lazy
 from .base_miner import BaseMiner
@@ -25,7 +24,7 @@ class MultiSimilarityMiner(BaseMiner):
         return CosineSimilarity()
 
     def _mine(self, inp):
-        geo = Geometry(self.distance, inp)
+        geo = self._geometry(inp)
         dev = inp.embeddings.device
         a1, p, a2, n = geo.pair_list()
         if len(a1) == 0 or len(a2) == 0:

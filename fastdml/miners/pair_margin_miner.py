@@ -6,7 +6,7 @@ import torch
 
 from .. import _validation as V
 from .. import ops
-from .._common import INF, BandRecord, Geometry
+from .._common import INF, BandRecord
 from ..lazy import make_lazy
 from .base_miner import BaseMiner
 
@@ -29,7 +29,7 @@ class PairMarginMiner(BaseMiner):
         return self.pos_margin, self.neg_margin
 
     def _mine(self, inp):
-        geo = Geometry(self.distance, inp)
+        geo = self._geometry(inp)
         pos_lo, neg_hi = self.thresholds(geo.inverted)
         if self.collect_stats:
             a1, p, a2, n = geo.pair_list()

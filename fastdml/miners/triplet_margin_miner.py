@@ -6,7 +6,7 @@ import torch
 
 from .. import _validation as V
 from .. import ops
-from .._common import INF, BandRecord, Geometry
+from .._common import INF, BandRecord
 from ..lazy import make_lazy
 from .base_miner import BaseMiner, _raw_matrix
 
@@ -35,7 +35,7 @@ class TripletMarginMiner(BaseMiner):
         }[self.type_of_triplets]
 
     def _mine(self, inp):
-        geo = Geometry(self.distance, inp)
+        geo = self._geometry(inp)
         lo, hi = self.band()
         if self.collect_stats:
             self._set_stats(geo)
