@@ -60,7 +60,7 @@ DEFAULTS = {
         epochs=36,
         lr=3e-3,
         width=8,
-        shift=1,
+        shift=2,
         reducer="mean",
     ),
     "paired-contrastive": dict(
@@ -83,10 +83,10 @@ DEFAULTS = {
         positive_weight=0.5,
         p=10,
         k=25,
-        epochs=20,
+        epochs=36,
         lr=3e-3,
-        width=16,
-        shift=0,
+        width=8,
+        shift=1,
         reducer="avg-nonzero",
     ),
 }
