@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastdml import distances, losses
-from fastdml.demo.recipes import DEFAULTS, LOSSES, MININGS, build_recipe
+from fastdml.demo.recipes import DEFAULTS, LOSSES, MININGS, REDUCERS, build_recipe
 
 PML_RECIPES = [(loss, mining) for loss in ("contrastive", "triplet") for mining in MININGS[loss]]
 
@@ -17,13 +17,14 @@ def _pk_batch(p=10, k=7, d=2, seed=0):
 
 @pytest.mark.parametrize("loss, mining", PML_RECIPES)
 @pytest.mark.parametrize("margin", [None, 0.5])
-def test_recipe_matches_the_same_recipe_built_from_pml(loss, mining, margin, monkeypatch, tol):
+@pytest.mark.parametrize("reducer", REDUCERS)
+def test_recipe_matches_the_same_recipe_built_from_pml(loss, mining, margin, reducer, monkeypatch, tol):
     x, y = _pk_batch(seed=len(mining))
     upstream = torch.tensor(1.7, dtype=torch.float64)
     results = []
     for library in ("fastdml", "pml"):
         monkeypatch.setenv("FASTDML_DEMO_LIB", library)
-        recipe = build_recipe(loss, mining, margin)
+        recipe = build_recipe(loss, mining, margin, reducer=reducer)
         emb = x.clone().requires_grad_()
         value = recipe(emb, y)
         (grad,) = torch.autograd.grad(value * upstream, emb)
@@ -83,7 +84,38 @@ def test_defaults_are_filled_in(loss):
     assert recipe.margin == DEFAULTS[loss]["margin"]
 
 
+@pytest.mark.parametrize("reducer", REDUCERS)
+def test_all_pairs_and_all_triplets_by_hand(reducer, tol):
+    x, y = _pk_batch(p=4, k=5, d=2, seed=7)
+    x = (x * 1.5).requires_grad_()
+    d = torch.cdist(x, x)
+    same = y[:, None] == y[None, :]
+    off = ~torch.eye(len(y), dtype=torch.bool)
+    pos, neg = same & off, ~same
+
+    def average(terms):  # mean over all terms, or over the non-zero ones
+        return terms.mean() if reducer == "mean" else terms.sum() / (terms > 0).sum()
+
+    pos_terms, neg_terms = (d[pos] - 0.5).relu(), (2.0 - d[neg]).relu()
+    want = {"contrastive": average(pos_terms) + average(neg_terms)}
+    triplets = pos[:, :, None] & neg[:, None, :]  # (anchor, positive, negative)
+    want["triplet"] = average((d[:, :, None] - d[:, None, :] + 1.0).relu()[triplets])
+    for loss, margin, pos_margin in (("contrastive", 2.0, 0.5), ("triplet", 1.0, None)):
+        recipe = build_recipe(
+            loss, "none" if loss == "contrastive" else "batch-all", margin, pos_margin, reducer=reducer
+        )
+        value = recipe(x, y)
+        assert recipe.reducer == reducer and want[loss] > 0
+        torch.testing.assert_close(value, want[loss], **tol[torch.float64])
+        got, expected = (torch.autograd.grad(v, x, retain_graph=True)[0] for v in (value, want[loss]))
+        torch.testing.assert_close(got, expected, **tol[torch.float64])
+
+
 def test_bad_recipe_arguments_are_named():
+    with pytest.raises(ValueError, match="reducer must be one of"):
+        build_recipe("contrastive", reducer="sum")
+    with pytest.raises(ValueError, match="reducer applies to the contrastive and triplet losses only"):
+        build_recipe("paired-contrastive", reducer="mean")
     with pytest.raises(ValueError, match="loss must be one of"):
         build_recipe("npair")
     with pytest.raises(ValueError, match="mining for loss 'triplet'"):

@@ -41,7 +41,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .recipes import DEFAULTS, LOSSES, MININGS
+    from .recipes import DEFAULTS, LOSSES, MININGS, REDUCERS
 
     def per_loss(key: str) -> str:
         return ", ".join(f"{loss}: {DEFAULTS[loss][key]}" for loss in LOSSES)
@@ -92,9 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="paired-contrastive only: weight of the positive term, 1 - it on the negative term "
         f"(default {DEFAULTS['paired-contrastive']['positive_weight']})",
     )
+    g.add_argument(
+        "--reducer",
+        choices=REDUCERS,
+        default=None,
+        help="contrastive and triplet only: average the terms over every pair (the positive and the negative "
+        "terms apart) or triplet (mean), or over those that are not zero (avg-nonzero) (default per loss: "
+        + ", ".join(f"{loss}: {DEFAULTS[loss]['reducer']}" for loss in LOSSES if DEFAULTS[loss]["reducer"])
+        + ")",
+    )
     g = parser.add_argument_group("model and optimisation")
     g.add_argument("--dim", type=int, default=2, help="embedding dimension")
-    g.add_argument("--width", type=int, default=16, help="channels of the first conv block (then 2x, 4x)")
+    g.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="channels of the first conv block, then 2x, 4x (default per loss: " + per_loss("width") + ")",
+    )
     g.add_argument("--hidden", type=int, default=512, help="width of the hidden layer before the projection")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default per loss: " + per_loss("epochs") + ")")
     g.add_argument(
@@ -120,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--shift",
         type=int,
-        default=0,
-        help="augmentation: translate each training image by up to +-SHIFT pixels (0: off; costs time)",
+        default=None,
+        help="augmentation: translate each training image by up to +-SHIFT pixels, 0: off (default per loss: "
+        + per_loss("shift")
+        + ")",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batch order")
     g = parser.add_argument_group("data and run")
@@ -197,7 +213,12 @@ def _check_options(parser, args) -> None:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             parser.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    if not 0 <= args.shift <= MAX_SHIFT:
+    if args.reducer is not None and args.loss == "paired-contrastive":
+        parser.error(
+            f"--reducer applies to --loss contrastive and triplet only (paired-contrastive averages over its "
+            f"mined pairs), got --reducer {args.reducer}"
+        )
+    if args.shift is not None and not 0 <= args.shift <= MAX_SHIFT:
         parser.error(f"--shift must be in [0, {MAX_SHIFT}] pixels, got {args.shift}")
     if args.classes_per_batch is not None and args.classes_per_batch > N_CLASSES:
         parser.error(
@@ -261,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainConfig, TrainingDiverged, embed, evaluate, to_tensor, train
 
     try:
-        recipe = build_recipe(args.loss, args.mining, args.margin, args.pos_margin, args.positive_weight)
+        recipe = build_recipe(args.loss, args.mining, args.margin, args.pos_margin, args.positive_weight, args.reducer)
     except ValueError as exc:
         parser.error(str(exc))
     d = DEFAULTS[args.loss]
@@ -277,14 +298,14 @@ def main(argv: list[str] | None = None) -> int:
         weight_decay=args.weight_decay,
         p=args.classes_per_batch or d["p"],
         k=args.samples_per_class or d["k"],
-        width=args.width,
+        width=args.width or d["width"],
         hidden=args.hidden,
         dim=args.dim,
         seed=args.seed,
         device=device,
         sampler="random" if recipe.mining == "none" and args.loss == "paired-contrastive" else "pk",
         progress=not args.no_progress,
-        shift=args.shift,
+        shift=args.shift if args.shift is not None else d["shift"],
     )
     out = Path(args.out or os.path.join("runs", _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")))
 
@@ -342,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         "margin": recipe.margin,
         "pos_margin": recipe.pos_margin if recipe.loss != "triplet" else None,
         "positive_weight": recipe.positive_weight if recipe.loss == "paired-contrastive" else None,
+        "reducer": recipe.reducer,
         "dim": config.dim,
         "width": config.width,
         "hidden": config.hidden,
