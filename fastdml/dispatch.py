@@ -22,7 +22,7 @@ CPU, float32/float64 rows, blocked     the compiled C helpers, unless switched o
   the square contrastive tile
 a miner on float16 CPU embeddings      the distance object's matrix, compared in float16 (PML's algorithm and
   (``triton`` not forced)              arithmetic, so PML's picks): :func:`miner_on_matrix`
-square contrastive gradient, Triton     upper triangle, transposed half added with atomics; the row-owned full
+square contrastive gradient, Triton    upper triangle, transposed half added with atomics; the row-owned full
                                        square (bitwise repeatable) under ``torch.use_deterministic_algorithms``:
                                        :func:`kernel_atomics`
 =====================================  ==================================================================
