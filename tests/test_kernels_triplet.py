@@ -201,7 +201,7 @@ def test_triplet_weights_of_classes_over_one_block(pattern, case, ref_pattern, v
     _check(triplet_stats_fwd, "triplet_stats", x, y, r, z, excl, "l2", args, tol, torch.float32)
 
 
-@pytest.mark.parametrize("kind", ["l2", "sql2", "dot"])
+@pytest.mark.parametrize("kind", ["l2", "dot"])
 @pytest.mark.parametrize(
     ("pattern", "case", "ref_pattern", "dtype"),
     [
@@ -225,14 +225,14 @@ def test_semihard_weights_of_classes_over_one_block(pattern, case, ref_pattern, 
     _check(semihard_stats_fwd, semihard_on_own_picks, x, y, r, z, excl, kind, (margin,), tol, dtype, nograd=True)
 
 
-@pytest.mark.parametrize("kind", ["l2", "dot"])
-def test_semihard_classes_over_one_block_across_chunks_at_larger_n(kind, tol, monkeypatch):
-    # N = 301: class 0 (~60 %) spans six 32-wide positive blocks; a 7-row budget cuts the anchors into 43
-    # chunks, so the column-side gradient adds up across launches; ties from duplicated rows
+def test_semihard_classes_over_one_block_across_chunks_at_larger_n(tol, monkeypatch):
+    # N = 161: class 0 (~60 %) spans three 32-wide positive blocks; an 11-row budget cuts the anchors into
+    # 15 chunks, so the column-side gradient adds up across launches; n* ties from duplicated rows
     monkeypatch.setattr(_staged, "MAX_ONE_BLOCK", 64)
-    x, y, _, _, _ = make_inputs(301, 0, 7, "imbalanced", "square", torch.float32, seed=21)
+    n = 161
+    x, y, _, _, _ = make_inputs(n, 0, 7, "imbalanced", "square", torch.float32, seed=21)
     x[::17] = x[1::17][: x[::17].shape[0]]  # exact duplicates: n* ties resolve to the lowest index
-    monkeypatch.setattr(_staged, "_STAGE_OVERRIDE", [7 * 301 * 8])
-    assert not _staged.Stager(_common.prepare(x, y, None, None, None, kind), True, "ieee").one_block
-    margin = _triplet_args(x, None, kind, "plain")[0]
-    _check(semihard_stats_fwd, semihard_on_own_picks, x, y, None, None, None, kind, (margin,), tol, torch.float32)
+    monkeypatch.setattr(_staged, "_STAGE_OVERRIDE", [11 * n * 8])
+    assert not _staged.Stager(_common.prepare(x, y, None, None, None, "l2"), True, "ieee").one_block
+    margin = _triplet_args(x, None, "l2", "plain")[0]
+    _check(semihard_stats_fwd, semihard_on_own_picks, x, y, None, None, None, "l2", (margin,), tol, torch.float32)
