@@ -396,8 +396,8 @@ def test_stage_budget_default_and_env(monkeypatch):
 @pytest.mark.parametrize("max_one_block", [1024, 4])
 @pytest.mark.parametrize("rows_per_chunk", [1, 3, 7])
 def test_triplet_ops_with_small_budgets(monkeypatch, rows_per_chunk, max_one_block, tol):
-    # max_one_block 1024: one positive block, W written by plain stores; 4: positive blocks in turn over a
-    # zeroed W. The staging buffers come NaN-filled (spy): every entry read must have been written.
+    # max_one_block 1024: one positive block, W written by plain stores; 4: positive blocks in turn, W also by
+    # plain stores. The staging buffers come NaN-filled (spy): every entry read must have been written.
     n, m, d = 23, 31, 5
     x, y, r, z, excl = make_inputs(n, m, d, "few", "excl", torch.float32, seed=rows_per_chunk)
     monkeypatch.setattr(_staged, "_STAGE_OVERRIDE", [rows_per_chunk * m * 8])
