@@ -81,6 +81,7 @@ class State:
     failures: list = []
     grids: dict = {}  # kernel name -> smallest grid size of the current call
     partial: str | None = None  # where records so far are dumped every 10 variants
+    candidate_sets: set = set()  # (dtype, precision, D) of the row sweeps' compiled candidate lists
 
 
 def _grid_size(grid) -> int:
@@ -235,10 +236,16 @@ def _calls(K, x, y, r, z, kind):
     ]
 
 
+# the autotuned row sweeps: every D bucket's candidates (D = 3, 64, 128, 130 and 256 cover the buckets the
+# candidate sets tell apart, aligned and unaligned rows); the other launchers' configs follow D less
+_ROW_SWEEPS = ("row_extreme", "row_hardest")
+_ROW_DIMS = (3, 64, 128, 130, 256)
+
+
 def _run(call, what):
     """Run one launcher call; the autotuned row sweeps once per candidate config (all are default)."""
-    if what.split()[0].startswith(("row_extreme", "row_hardest")):
-        most = max(len(_common.extreme_configs(128, t, c)) for t in _DT for c in _common.PRECISIONS)
+    if what.split()[0].startswith(_ROW_SWEEPS):
+        most = max(len(_common.extreme_configs(d, t, c)) for d in _ROW_DIMS for t in _DT for c in _common.PRECISIONS)
         for i in range(most):  # FORCE_CANDIDATE past a shorter list repeats its last (compiled once)
             _common.FORCE_CANDIDATE[:] = [i]
             try:
@@ -302,17 +309,27 @@ def main() -> int:
                 for kind in kinds:
                     for rect in (False, True):
                         # D = 128 for every launcher; D = 3, 64, 130 (other D groups, no divisibility) for the
-                        # two launchers whose constexprs follow D, in the default set
+                        # two launchers whose constexprs follow D, in the default set; every D bucket's
+                        # autotune candidates of the row sweeps, in every dtype and precision
                         dims = (3, 64, 128, 130) if main_set and not opts.quick else (128,)
-                        for d in dims:
+                        for d in sorted(set(dims) | (set() if opts.quick else set(_ROW_DIMS))):
                             x = torch.randn(40, d).to(dtype)
                             y = torch.randint(0, 3, (40,))
                             r = torch.randn(30, d).to(dtype) if rect else None
                             z = torch.randint(0, 3, (30,)) if rect else None
                             for name, call in _calls(K, x, y, r, z, kind):
-                                if d != 128 and name not in ("contrastive", "contrastive-det", "triplet"):
+                                row_sweep = name.startswith(_ROW_SWEEPS)
+                                if d not in dims and not row_sweep:
+                                    continue
+                                if (
+                                    d != 128
+                                    and not row_sweep
+                                    and name not in ("contrastive", "contrastive-det", "triplet")
+                                ):
                                     continue
                                 _run(call, f"{name} {State.dtype} {prec} {kind} rect={rect} d={d}")
+                                if row_sweep:
+                                    State.candidate_sets.add((State.dtype, prec, d))
     g4096 = _grids(K, 4096)
     g65536 = _grids(K, 65536)
     records = list(State.records.values())
@@ -328,6 +345,19 @@ def main() -> int:
             problems.append(f"needs global scratch ({rec['global_scratch']} B; no allocator is set): {tag}")
         if rec["default"] and rec["sweep"] and (rec["ctas_n4096"] or 0) < MIN_CTAS:
             problems.append(f"default sweep launches {rec['ctas_n4096']} < {MIN_CTAS} CTAs at N = 4096: {tag}")
+    # every autotune candidate of the row sweeps, per D bucket, dtype and precision compiled, is a record
+    for dt_name, prec, d in sorted(State.candidate_sets):
+        dtype = next(t for t, n in _DT.items() if n == dt_name)
+        for cand in _common.extreme_configs(d, dtype, prec):
+            for kernel in ("row_extreme_kernel", "row_hardest_kernel"):
+                if not any(
+                    r["kernel"] == kernel
+                    and r["dtype"] == dt_name
+                    and r["precision"] == prec
+                    and all(r["constexprs"].get(k) == cand.get(k) for k in ("BM", "BN", "BK", "num_warps", "maxnreg"))
+                    for r in records
+                ):
+                    problems.append(f"no record of candidate {cand}: {kernel} {dt_name} {prec} D = {d}")
     for kernel in sorted({r["kernel"] for r in records if r["dtype"] == "fp32" and r["dot_ops"] > 0}):
         good = [
             r

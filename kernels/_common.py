@@ -417,14 +417,24 @@ def extreme_configs(d: int, dtype=torch.float32, prec: str = "ieee") -> list[dic
     """Candidate launch configurations of the row-owned extreme sweeps (``row_extreme``, ``row_hardest``),
     the first the default: one under the interpreter; on CUDA a small set per (D bucket, dtype, precision)
     that :func:`autotuned` times once per (kernel, D bucket, dtype, kind, precision). Every candidate is
-    compiled and checked spill-free on sm_90 by bench/compile_check.py (it lists each one)."""
+    compiled and checked spill-free on sm_90 by bench/compile_check.py (it lists each one).
+
+    Besides the default (64 x 32 tiles, 8 warps): 32 x 16 tiles with 4 warps in every bucket (more programs
+    for few rows); for D <= 64, where each tile's dot is short, 32 x 32 tiles (the per-tile label loads
+    and running-extreme updates spread over twice the columns); for D > 128, where the dot dominates,
+    64 x 16 tiles with 8 warps; each with maxnreg=255 (under ptxas's own cap of 128 registers the 4-warp
+    programs spilled: fp32 ieee on Triton 3.9, fp16 with unaligned rows on 3.6)."""
     if interpreting():
         return [dict(BM=32, BN=32, BK=block_d(d), SUBK=16, num_warps=4)]
     # only configs the sm_90 compile check finds spill-free on Triton 3.6 and the latest Triton in every kind
     # (bench/RESULTS.md lists the ones dropped for spilling)
     cands = [dict(BM=64, BN=32, BK=16, SUBK=1, num_warps=8)]
-    if triton.next_power_of_2(d) == 128 and (dtype in (torch.float16, torch.bfloat16) or prec != "ieee"):
-        cands.append(dict(BM=32, BN=16, BK=16, SUBK=1, num_warps=4))
+    cands.append(dict(BM=32, BN=16, BK=16, SUBK=1, num_warps=4, maxnreg=255))
+    bucket = triton.next_power_of_2(d)
+    if bucket <= 64:
+        cands.append(dict(BM=32, BN=32, BK=16, SUBK=1, num_warps=4, maxnreg=255))
+    elif bucket > 128:
+        cands.append(dict(BM=64, BN=16, BK=16, SUBK=1, num_warps=8, maxnreg=255))
     return cands
 
 

@@ -204,8 +204,8 @@ def wpass_kernel(
 
 
 class Stager:
-    """Chunks of anchors with their staged d' rows and weight rows W (zeroed only for classes over
-    ``MAX_ONE_BLOCK``, where the per-anchor kernels add into W)."""
+    """Chunks of anchors with their staged d' rows and weight rows W (neither is filled: the staging kernel
+    writes every d' entry of the chunk and the per-anchor kernels every W entry)."""
 
     def __init__(self, p, need_grad, prec, need_grad_r=True):
         self.p = p
@@ -246,8 +246,6 @@ class Stager:
             if p.m > 0:
                 with device_guard(p.device):
                     self._stage(a0, ch)
-            if self.need_grad and not self.one_block:
-                self.w.zero_()  # the multi-block kernels add into W
             yield a0, ch
 
     def _stage(self, a0, ch):

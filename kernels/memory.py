@@ -14,7 +14,7 @@ import torch
 import triton
 
 from . import _staged, contrastive, pairs
-from ._common import column_split, extreme_configs
+from ._common import PRECISIONS, column_split, extreme_configs
 
 _OPS = ("contrastive", "triplet", "semihard", "row_hardest", "row_extreme", "pair_list")
 
@@ -41,8 +41,9 @@ def predicted_extra_bytes(op: str, n: int, m: int, d: int, need_grad: bool = Tru
         grads = (2 * n + 2 * m) * d * 4 if need_grad else 0  # near scratch and gradient outputs
         return base + staged + grads + 3 * 8 * n + 16 * n + _layers_allowance(n, m, d)
     if op in ("row_hardest", "row_extreme"):
-        # the autotuned sweeps may pick any candidate: the most column ranges of them
-        cands = [c for dt in (torch.float32, torch.float16) for c in extreme_configs(d, dt, "tf32x3")]
+        # the autotuned sweeps may pick any candidate of any dtype and precision: the most column ranges of them
+        dts = (torch.float32, torch.float16, torch.bfloat16)
+        cands = [c for dt in dts for pr in PRECISIONS for c in extreme_configs(d, dt, pr)]
         s = max(column_split(triton.cdiv(n, c["BM"]), m, c["BN"], dev)[0] for c in cands)
         per = s * n * (4 + 8 + 1) + n * (4 + 8 + 1)
         return base + (2 if op == "row_hardest" else 1) * per + _layers_allowance(n, m, d)

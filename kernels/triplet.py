@@ -19,13 +19,14 @@ Per anchor i (one program each), positives p in P(i) (an index range of the labe
 The loads of positives/negatives are written out inline in each loop (not jit helpers): the interpreter
 re-patches the language on every helper call, which dominated the CPU test time.
 
-Every per-anchor kernel owns its anchor's weight row (no atomics). When every class has at most
-``_staged.MAX_ONE_BLOCK`` members (``ONE_BLOCK``), an anchor's positives are held in one block and each W
-entry is written once by a plain store (the negative tiles' weights, then the positives'): W needs no
-zeroing and no read-modify-write. Larger classes take positive blocks in turn: in ``triplet_stats`` each
-positive's weight is complete after its block and each negative tile's after a second loop over the blocks
-(plain stores into a zeroed W); ``semihard_stats`` adds its negatives' weights into the zeroed W (a barrier
-orders the read-modify-writes inside the program).
+Every per-anchor kernel owns its anchor's weight row (no atomics) and writes every entry of it with plain
+stores, so W needs no zeroing and no entry is read-modified-written per tile. When every class has at most
+``_staged.MAX_ONE_BLOCK`` members (``ONE_BLOCK``), an anchor's positives are held in one block: the negative
+tiles' weights are stored, then the positives'. Larger classes take positive blocks in turn: each
+positive's weight is complete after its block; each negative tile's weight is summed over the blocks in a
+second loop and stored once (``triplet_stats`` evaluates the terms again there; ``semihard_stats`` parks
+each positive's n* in the positive's own W slot as int32 and counts the positives that chose each
+negative, then turns the slots into the positives' weights). Barriers separate these phases only.
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ def triplet_anchor_kernel(
             tl.debug_barrier()
     if NEED_GRAD and not ONE_BLOCK:
         # larger classes: each negative tile's weights summed over the positive blocks, then one plain store
-        # (the terms are evaluated a second time; no read-modify-write of W; positive columns are disjoint)
+        # on every column but the positives (the terms are evaluated a second time; no read-modify-write)
+        none = (tl.zeros((BT,), tl.int64) + lo) >= hi  # no positive (no class run, or it takes every column)
         for j0 in range(0, M, BT):
             cols, nm = _negative_cols(z_ptr, j0, M, ya, ex, BT)
             dan = tl.load(buf_row + cols, mask=nm, other=0.0)
@@ -162,7 +164,8 @@ def triplet_anchor_kernel(
                 pidx, pm, dap = _positive_block(buf_row, perm_ptr, t0, hi, ex, BP)
                 _, _, dterm = _counted(dap, dan, pm, nm, margin, band_lo, band_hi, low, high, SMOOTH)
                 wn += tl.sum(dterm, axis=0)
-            tl.store(w_row + cols, -wn, mask=nm)
+            zl = tl.load(z_ptr + cols, mask=cols < M, other=0)
+            tl.store(w_row + cols, -wn, mask=(cols < M) & ((zl != ya) | (cols == ex) | none))
     one = tl.arange(0, 1)
     tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + one, s)
     tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + 1 + one, c.to(tl.float64))
@@ -172,6 +175,7 @@ def triplet_anchor_kernel(
 def semihard_anchor_kernel(
     buf_ptr,
     w_ptr,
+    wi_ptr,
     y_ptr,
     z_ptr,
     excl_ptr,
@@ -192,6 +196,7 @@ def semihard_anchor_kernel(
     ya, ex, lo, hi = _anchor_setup(y_ptr, excl_ptr, plo_ptr, phi_ptr, A0, pid, M)
     buf_row = buf_ptr + pid.to(tl.int64) * LD
     w_row = w_ptr + pid.to(tl.int64) * LD
+    wi_row = wi_ptr + pid.to(tl.int64) * LD  # the same row of W read as int32 (n* of each positive)
     s = tl.zeros((1,), tl.float64)
     c = tl.zeros((1,), tl.int64)
     t_end = lo + 1 if ONE_BLOCK else hi  # as in triplet_anchor_kernel: one block, plain stores of W
@@ -226,19 +231,44 @@ def semihard_anchor_kernel(
         s += tl.sum(tl.where(has, tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0), axis=0).to(tl.float64)
         c += tl.sum(has.to(tl.int32), axis=0).to(tl.int64)
         if NEED_GRAD:
-            wpos = tl.where(has & (v > 0), 1.0, 0.0)
-            for j0 in range(0, M, BT):
-                cols, nm = _negative_cols(z_ptr, j0, M, ya, ex, BT)
-                hit = tl.where(nstar[:, None] == cols[None, :], wpos[:, None], 0.0)
-                if ONE_BLOCK:
+            if ONE_BLOCK:
+                wpos = tl.where(has & (v > 0), 1.0, 0.0)
+                for j0 in range(0, M, BT):
+                    cols = j0 + tl.arange(0, BT).to(tl.int64)
+                    hit = tl.where(nstar[:, None] == cols[None, :], wpos[:, None], 0.0)
                     tl.store(w_row + cols, -tl.sum(hit, axis=0), mask=cols < M)
-                else:
-                    old = tl.load(w_row + cols, mask=nm, other=0.0)
-                    tl.store(w_row + cols, old - tl.sum(hit, axis=0), mask=nm)
-                    tl.debug_barrier()
+                tl.debug_barrier()
+                tl.store(w_row + pidx, wpos, mask=pm)
+            else:
+                # larger classes: the positive's W slot holds its n* (-1: weight 0) until the negatives'
+                # weights are summed below
+                tl.store(wi_row + pidx, tl.where(has & (v > 0), nstar, -1).to(tl.int32), mask=pm)
+    if NEED_GRAD and not ONE_BLOCK:
+        tl.debug_barrier()
+        # each negative tile's weight: minus the number of positives that chose it, over every positive block,
+        # then one plain store on every column but the positives (no read-modify-write of W)
+        none = (tl.zeros((BT,), tl.int64) + lo) >= hi  # no positive (no class run, or it takes every column)
+        for j0 in range(0, M, BT):
+            cols = j0 + tl.arange(0, BT).to(tl.int64)
+            cm = cols < M
+            zl = tl.load(z_ptr + cols, mask=cm, other=0)
+            wn = tl.zeros((BT,), tl.float32)
+            for t0 in range(lo, hi, BP):
+                ts = t0 + tl.arange(0, BP).to(tl.int64)
+                pidx = tl.load(perm_ptr + ts, mask=ts < hi, other=0)
+                ns = tl.load(wi_row + pidx, mask=(ts < hi) & (pidx != ex), other=-1).to(tl.int64)
+                wn += tl.sum(tl.where(ns[:, None] == cols[None, :], 1.0, 0.0), axis=0)
+            tl.store(w_row + cols, -wn, mask=cm & ((zl != ya) | (cols == ex) | none))
+        tl.debug_barrier()
+        # the positives' weights: [v > 0], read back from their n* slots (every thread that holds a slot reads
+        # it before any overwrites it)
+        for t0 in range(lo, hi, BP):
+            ts = t0 + tl.arange(0, BP).to(tl.int64)
+            pidx = tl.load(perm_ptr + ts, mask=ts < hi, other=0)
+            pm = (ts < hi) & (pidx != ex)
+            ns = tl.load(wi_row + pidx, mask=pm, other=-1)
             tl.debug_barrier()
-            tl.store(w_row + pidx, wpos, mask=pm)
-            tl.debug_barrier()
+            tl.store(w_row + pidx, tl.where(ns >= 0, 1.0, 0.0), mask=pm)
     one = tl.arange(0, 1)
     tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + one, s)
     tl.store(part_ptr + 2 * (A0 + pid.to(tl.int64)) + 1 + one, c.to(tl.float64))
@@ -385,6 +415,8 @@ def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, need_grad_r=Tr
     p = prepare(x, y, r, z, excl, kind)
     margin = check_float("margin", margin)
     need_grad = bool(need_grad)
+    if p.m >= 2**31:
+        _fail(ValueError, f"r has {p.m} rows: semihard_stats_fwd takes fewer than 2**31 references")
 
     def launch(st, a0, ch, part):
         if p.m == 0:
@@ -393,6 +425,7 @@ def semihard_stats_fwd(x, y, r, z, excl, kind, margin, need_grad, need_grad_r=Tr
         semihard_anchor_kernel[(ch,)](
             st.buf,
             st.w,
+            st.w.view(torch.int32),
             p.y,
             p.z,
             p.excl,

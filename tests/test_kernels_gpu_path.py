@@ -396,8 +396,8 @@ def test_stage_budget_default_and_env(monkeypatch):
 @pytest.mark.parametrize("max_one_block", [1024, 4])
 @pytest.mark.parametrize("rows_per_chunk", [1, 3, 7])
 def test_triplet_ops_with_small_budgets(monkeypatch, rows_per_chunk, max_one_block, tol):
-    # max_one_block 1024: one positive block, W written by plain stores; 4: positive blocks in turn over a
-    # zeroed W. The staging buffers come NaN-filled (spy): every entry read must have been written.
+    # max_one_block 1024: one positive block, W written by plain stores; 4: positive blocks in turn, W also by
+    # plain stores. The staging buffers come NaN-filled (spy): every entry read must have been written.
     n, m, d = 23, 31, 5
     x, y, r, z, excl = make_inputs(n, m, d, "few", "excl", torch.float32, seed=rows_per_chunk)
     monkeypatch.setattr(_staged, "_STAGE_OVERRIDE", [rows_per_chunk * m * 8])
@@ -501,3 +501,52 @@ def test_autotune_times_each_candidate_once_per_key_and_keeps_results(monkeypatc
     # another key (another kind) is tuned separately
     K.row_extreme(x, y, r, z, excl, "dot", "neg", "min", -INF, INF, None, "")
     assert len(timed) == 6 and len(_common._TUNED) == 2
+
+
+def _cuda_candidates(monkeypatch, d, dtype):
+    """Every distinct CUDA autotune candidate of the row sweeps for D = d and ``dtype``, over the precisions."""
+    with monkeypatch.context() as m:
+        m.setattr(_common, "interpreting", lambda: False)
+        lists = [_common.extreme_configs(d, dtype, prec) for prec in _common.PRECISIONS]
+    seen = []
+    for c in (c for lst in lists for c in lst):
+        if c not in seen:
+            seen.append(c)
+    return seen
+
+
+@needs_kernels
+@pytest.mark.parametrize("d", [3, 64, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_autotune_candidate_matches_the_reference(monkeypatch, d, dtype, tol):
+    # each CUDA candidate config of the D bucket (run here under the interpreter, one at a time): found
+    # flags exact, values within the dtype's tolerance, each pick's float64 d' within BOUND of the row's best
+    # (fp32 rounding of d' on rows of norm ~sqrt(D), the values below ~2 sqrt(D): 1e-5 relative)
+    cands = _cuda_candidates(monkeypatch, d, dtype)
+    assert len(cands) >= 2, f"D = {d}, {dtype}: a second candidate"
+    x, y, r, z, excl = make_inputs(45, 37, d, "few", "excl", dtype, seed=d)
+    x64, r64 = x.cpu().double(), r.cpu().double()
+    dm = torch.cdist(x64, r64)
+    bound = 1e-5 * float(dm.max())
+    same = y.cpu()[:, None] == z.cpu()[None, :]
+    ok = torch.ones_like(same)
+    keep = excl.cpu() >= 0
+    ok[keep.nonzero()[:, 0], excl.cpu()[keep]] = False
+    for cand in cands:
+        monkeypatch.setattr(extreme, "extreme_configs", lambda *a, c=cand: [dict(c)])
+        monkeypatch.setattr(hardest, "extreme_configs", lambda *a, c=cand: [dict(c)])
+        got = K.row_hardest(x, y, r, z, excl, "l2")
+        for (val, idx, found), elig, maximize in ((got[:3], same & ok, True), (got[3:], ~same & ok, False)):
+            fill = -INF if maximize else INF
+            d_el = torch.where(elig, dm, torch.full_like(dm, fill))
+            best = d_el.amax(1) if maximize else d_el.amin(1)
+            assert torch.equal(found.cpu(), elig.any(1)), f"{cand}: found flags"
+            f = found.cpu()
+            pick = d_el[torch.arange(45)[f], idx.cpu()[f]]
+            gap = (best[f] - pick) if maximize else (pick - best[f])
+            assert float(gap.max()) <= bound, f"{cand}: a pick {float(gap.max())} from the best"
+            assert_close_scaled(val.cpu()[f], best[f], tol[dtype], f"{cand}: values")
+        val, idx, found = K.row_extreme(x, y, r, z, excl, "l2", "neg", "max", -INF, INF, None, "")
+        d_el = torch.where(~same & ok, dm, torch.full_like(dm, -INF))
+        assert torch.equal(found.cpu(), (~same & ok).any(1))
+        assert_close_scaled(val.cpu()[found.cpu()], d_el.amax(1)[found.cpu()], tol[dtype], f"{cand}: row_extreme")
