@@ -193,3 +193,41 @@ def test_tile_rejects_bad_arguments():
     with pytest.raises(ValueError, match="pdir"):
         native.contrastive_tiles(x, xn, plo, phi, pdir.long(), "l2", bounds, 0.0, 1.0, 0.01, None, None, stats)
     assert torch.equal(stats, torch.zeros(4, dtype=torch.float64))  # nothing was added by a refused call
+
+
+def test_tile_names_each_bad_argument():
+    """Unknown kinds, a near-duplicate test on dot products, half a gradient and shared buffers are refused
+    by name; the C refuses a near-duplicate test on dot products by itself too."""
+    n, d = 6, 3
+    x = torch.randn(n, d)
+    xn = (x * x).sum(1)
+    plo, phi = torch.zeros(n, dtype=torch.int64), torch.full((n,), n, dtype=torch.int64)
+    pdir = torch.zeros(n, dtype=torch.uint8)
+    bounds = torch.tensor([0.0, INF, 0.0, INF, -INF, 1.0, -INF, 1.0], dtype=torch.float64)
+    stats = torch.zeros(4, dtype=torch.float64)
+    args = (x, xn, plo, phi, pdir)
+    with pytest.raises(ValueError, match="kind"):
+        native.contrastive_tiles(*args, "cosine", bounds, 0.0, 1.0, 0.0, None, None, stats)
+    with pytest.raises(ValueError, match="near"):
+        native.contrastive_tiles(*args, "dot", bounds, 0.0, 1.0, 0.01, None, None, stats)
+    rs, gx = torch.zeros(2, n, dtype=torch.float64), torch.zeros(2, n, d)
+    with pytest.raises(ValueError, match="rs and gx"):
+        native.contrastive_tiles(*args, "l2", bounds, 0.0, 1.0, 0.01, rs, None, stats)
+    tile = native.contrastive_tiles(*args, "l2", bounds, 0.0, 1.0, 0.01, rs, gx, stats)
+    v, cp = torch.zeros(4, 4), torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="cn is required"):
+        tile(v, 0, 0, cp, None, False)
+    with pytest.raises(ValueError, match="v and cp share memory|cp and v share memory"):
+        tile(v, 0, 0, v, torch.zeros(4, 4), False)
+    both = torch.zeros(2, 4, 4)
+    with pytest.raises(ValueError, match="share memory"):
+        tile(v, 0, 0, both[0], both.view(-1)[8:24].view(4, 4), False)
+    assert torch.equal(stats, torch.zeros(4, dtype=torch.float64))
+    # the C itself: kind 2 (dot) with near > 0 is a bad argument, nothing added to stats
+    lib = native._library()
+    code = lib.fastdml_contrastive_tile_f32(
+        v.data_ptr(), 4, 4, 0, 0, n, d, x.data_ptr(), xn.data_ptr(), plo.data_ptr(), phi.data_ptr(),
+        pdir.data_ptr(), 2, bounds.data_ptr(), 0.0, 1.0, 0.01, 0, 0, 0, 0, 0, 0, stats.data_ptr(),
+    )  # fmt: skip
+    assert code == native._BAD_ARGUMENT
+    assert torch.equal(stats, torch.zeros(4, dtype=torch.float64))

@@ -459,6 +459,19 @@ def chosen_triplets(x, ref, p, n, valid, kind, margin, smooth, low, high, gx, gc
 _KIND_TILE = {"l2": 0, "sql2": 1, "dot": 2}
 
 
+def _disjoint(fn: str, **arrays) -> None:
+    """Raise a ValueError naming two of ``arrays`` whose memory overlaps (the C marks them ``restrict``)."""
+    spans = sorted(
+        (a.data_ptr(), a.data_ptr() + a.numel() * a.element_size(), n) for n, a in arrays.items() if a.numel()
+    )
+    reach, owner = 0, None
+    for start, end, name in spans:
+        if owner is not None and start < reach:
+            raise ValueError(f"{fn}: {owner} and {name} share memory; they must be separate buffers")
+        if end > reach:
+            reach, owner = end, name
+
+
 def contrastive_tiles(x, xn, plo, phi, pdir, kind, bounds, pm, nm, near, rs, gx, stats):
     """The square contrastive sweep's compiled tile (see ``csrc/contrastive_tile.c``), its per-sweep arguments
     checked once: returns ``tile(v, si, sj, cp, cn) -> flags``, or None when the library is unavailable or
@@ -477,6 +490,12 @@ def contrastive_tiles(x, xn, plo, phi, pdir, kind, bounds, pm, nm, near, rs, gx,
     lib = _library()
     if lib is None or x.dtype not in (torch.float32, torch.float64):
         return None
+    if kind not in _KIND_TILE:
+        raise ValueError(f"contrastive_tiles: kind must be one of {tuple(_KIND_TILE)}, got {kind!r}")
+    if kind == "dot" and near > 0:
+        raise ValueError(f"contrastive_tiles: near must be 0 for kind 'dot' (no near-duplicate test), got {near}")
+    if (rs is None) != (gx is None):
+        raise ValueError("contrastive_tiles: rs and gx must be given together (the gradient) or both be None")
     N, D = x.shape
     t = x.dtype
     fn = lib.fastdml_contrastive_tile_f32 if t == torch.float32 else lib.fastdml_contrastive_tile_f64
@@ -496,8 +515,11 @@ def contrastive_tiles(x, xn, plo, phi, pdir, kind, bounds, pm, nm, near, rs, gx,
         h, w = v.shape
         _check("contrastive_tile", "v", v, (h, w), t)
         if need_grad:
-            _check("contrastive_tile", "cp", cp, (h, w), t)
-            _check("contrastive_tile", "cn", cn, (h, w), t)
+            for name, a in (("cp", cp), ("cn", cn)):
+                if a is None:
+                    raise ValueError(f"contrastive_tile: {name} is required when the gradient is computed")
+                _check("contrastive_tile", name, a, (h, w), t)
+            _disjoint("contrastive_tile", v=v, cp=cp, cn=cn, x=x, gx=gx)
         code = fn(v.data_ptr(), h, w, si, sj, *head, int(full), int(need_grad),
                   cp.data_ptr() if need_grad else 0, cn.data_ptr() if need_grad else 0, *tail)  # fmt: skip
         if code == _NO_MEMORY:

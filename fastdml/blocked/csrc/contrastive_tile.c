@@ -12,8 +12,9 @@
  *
  *     stats += weight [sum_{pos active} (d' - pm), #pos counted, sum_{neg active} (nm - d'), #neg counted]
  *
- * Near-duplicates (near > 0): entries with q <= near (xn_i + xn_j) are first recomputed by direct differences;
- * for l2 (with need_grad) their weights are left out of cp, cn and rs and their gradient is added to gx by
+ * Near-duplicates (near > 0; l2 and sql2 only, refused for dot): entries with q <= near (xn_i + xn_j) are
+ * first recomputed by direct differences; for l2 (with need_grad) their weights are left out of cp, cn and
+ * rs and their gradient is added to gx by
  * direct differences (0 at d' = 0). With need_grad, the pair weights c = [active] / d' (l2) or [active]:
  *   - positives of a row with pdir[i] = 0: c into cp (h x w, on the row's positive columns, 0 where not taken),
  *     row sums into rs[0][i] and (full = 0) column sums into rs[0][j]; pdir[i] = 1 (short label runs): the
@@ -141,7 +142,8 @@
                int64_t need_grad, T *restrict cp, T *restrict cn, double *rs, T *gx, double *restrict stats) {        \
     if (h < 0 || w < 0 || si < 0 || sj < 0 || N < 0 || D < 0 || si > N - h || sj > N - w || kind < 0 ||               \
         kind > 2 || w > INT32_MAX || (full && (si != sj || h != w)) || (need_grad && (!cp || !cn || !rs || !gx)) ||   \
-        (D > 0 && N > INT64_MAX / (2 * D)))                                                                           \
+        (D > 0 && N > INT64_MAX / 2 / D) || (kind == 2 && near > 0) || !bounds || !stats ||                           \
+        (h > 0 && (!v || !xn || !plo || !phi || !pdir || (D > 0 && !x))))                                             \
       return FASTDML_BAD_ARGUMENT;                                                                                    \
     for (int64_t i = si; i < si + h; i++)                                                                             \
       if (plo[i] < 0 || phi[i] < plo[i] || phi[i] > N) return FASTDML_BAD_ARGUMENT;                                   \
