@@ -100,27 +100,8 @@ def _owned_rmw(
         offs = rows[:, None] * D + kk[None, :]
         m2 = rmask[:, None] & (kk[None, :] < D)
         acc = tl.load(g_ptr + offs, mask=m2, other=0.0)
-        acc, _ = grad_tile(
-            acc,
-            tl.zeros((BM,), tl.float32),
-            c,
-            near,
-            own_ptr,
-            oth_ptr,
-            near_ptr,
-            rows,
-            rmask,
-            cols,
-            cmask,
-            g0,
-            D,
-            KIND,
-            BM,
-            BN,
-            BG,
-            SUBK,
-            PREC,
-        )
+        acc, _ = grad_tile(acc, tl.zeros((BM,), tl.float32), c, near, own_ptr, oth_ptr, near_ptr, rows, rmask, cols,
+            cmask, g0, D, KIND, BM, BN, BG, SUBK, PREC)  # fmt: skip
         tl.store(g_ptr + offs, acc, mask=m2)
         tl.debug_barrier()
 
@@ -341,124 +322,24 @@ def contrastive_kernel(
                     cfp = pair_coef(tl.where(cntp & (dp - pos_margin > 0), 1.0, 0.0), dp, KIND)
                     cfn = pair_coef(tl.where(cntn & (neg_margin - dp > 0), -1.0, 0.0), dp, KIND)
                     if ONE_GROUP:
-                        accp, rsp = grad_tile(
-                            accp,
-                            rsp,
-                            cfp,
-                            near,
-                            own_ptr,
-                            oth_ptr,
-                            nearp_ptr,
-                            rows,
-                            rmask,
-                            cols,
-                            cmask,
-                            0,
-                            D,
-                            KIND,
-                            BM,
-                            BN,
-                            BG,
-                            SUBK,
-                            PREC,
-                        )
-                        accn, rsn = grad_tile(
-                            accn,
-                            rsn,
-                            cfn,
-                            near,
-                            own_ptr,
-                            oth_ptr,
-                            nearn_ptr,
-                            rows,
-                            rmask,
-                            cols,
-                            cmask,
-                            0,
-                            D,
-                            KIND,
-                            BM,
-                            BN,
-                            BG,
-                            SUBK,
-                            PREC,
-                        )
+                        accp, rsp = grad_tile(accp, rsp, cfp, near, own_ptr, oth_ptr, nearp_ptr, rows, rmask, cols,
+                            cmask, 0, D, KIND, BM, BN, BG, SUBK, PREC)  # fmt: skip
+                        accn, rsn = grad_tile(accn, rsn, cfn, near, own_ptr, oth_ptr, nearn_ptr, rows, rmask, cols,
+                            cmask, 0, D, KIND, BM, BN, BG, SUBK, PREC)  # fmt: skip
                     else:
                         rsp += tl.sum(tl.where(near, 0.0, cfp), axis=1)
                         rsn += tl.sum(tl.where(near, 0.0, cfn), axis=1)
-                        _owned_rmw(
-                            cfp,
-                            near,
-                            own_ptr,
-                            oth_ptr,
-                            gp_ptr,
-                            nearp_ptr,
-                            rows,
-                            rmask,
-                            cols,
-                            cmask,
-                            D,
-                            KIND,
-                            BM,
-                            BN,
-                            BG,
-                            SUBK,
-                            PREC,
-                        )
-                        _owned_rmw(
-                            cfn,
-                            near,
-                            own_ptr,
-                            oth_ptr,
-                            gn_ptr,
-                            nearn_ptr,
-                            rows,
-                            rmask,
-                            cols,
-                            cmask,
-                            D,
-                            KIND,
-                            BM,
-                            BN,
-                            BG,
-                            SUBK,
-                            PREC,
-                        )
+                        _owned_rmw(cfp, near, own_ptr, oth_ptr, gp_ptr, nearp_ptr, rows, rmask, cols, cmask, D, KIND,
+                            BM, BN, BG, SUBK, PREC)  # fmt: skip
+                        _owned_rmw(cfn, near, own_ptr, oth_ptr, gn_ptr, nearn_ptr, rows, rmask, cols, cmask, D, KIND,
+                            BM, BN, BG, SUBK, PREC)  # fmt: skip
                     if TRI:
                         if j0 + BN > diag_end:
                             off = cols[None, :] >= diag_end
-                            _transposed_add(
-                                tl.where(off, cfp, 0.0),
-                                near,
-                                own_ptr,
-                                tp_ptr,
-                                rows,
-                                rmask,
-                                cols,
-                                cmask,
-                                D,
-                                scale,
-                                KIND,
-                                BT,
-                                SUBK,
-                                PREC,
-                            )
-                            _transposed_add(
-                                tl.where(off, cfn, 0.0),
-                                near,
-                                own_ptr,
-                                tn_ptr,
-                                rows,
-                                rmask,
-                                cols,
-                                cmask,
-                                D,
-                                scale,
-                                KIND,
-                                BT,
-                                SUBK,
-                                PREC,
-                            )
+                            _transposed_add(tl.where(off, cfp, 0.0), near, own_ptr, tp_ptr, rows, rmask, cols, cmask,
+                                D, scale, KIND, BT, SUBK, PREC)  # fmt: skip
+                            _transposed_add(tl.where(off, cfn, 0.0), near, own_ptr, tn_ptr, rows, rmask, cols, cmask,
+                                D, scale, KIND, BT, SUBK, PREC)  # fmt: skip
             if STATS:
                 # row k of the (4, N) partials at k * N + rows, formed as int64 (rows is int64)
                 tl.store(stats_ptr + rows, sp, mask=rmask)
