@@ -19,7 +19,20 @@ def _plain_euclidean():
     return LpDistance(normalize_embeddings=False)
 
 
-class BatchHardTripletLoss(BaseMetricLossFunction):
+class _OnePassTripletLoss(BaseMetricLossFunction):
+    """PML's hooks shared by the one-pass batch losses: Euclidean distance by default, and ``compute_loss``
+    as the per-element terms of the fused computation."""
+
+    def get_default_distance(self):
+        """PML's hook: the distance used when none is given."""
+        return _plain_euclidean()
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's hook: the per-element loss dict (the terms, not their fused reduction)."""
+        return self._per_element_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+
+class BatchHardTripletLoss(_OnePassTripletLoss):
     """Batch-hard triplet loss (Hermans et al. 2017; TF-Addons ``triplet_hard_loss``) in one pass.
 
     Per anchor i: the farthest positive ``p*`` (max d') and the nearest negative ``n*`` (min d'), ties to the
@@ -49,14 +62,6 @@ class BatchHardTripletLoss(BaseMetricLossFunction):
         self.margin = V.check_number(margin, "margin")
         self.soft = bool(soft)
         super().__init__(**kwargs)
-
-    def get_default_distance(self):
-        """PML's hook: the distance used when none is given."""
-        return _plain_euclidean()
-
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        """PML's hook: the per-element loss dict (the terms, not their fused reduction)."""
-        return self._per_element_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _compute(self, inp, indices_tuple):
         geo = Geometry(self.distance, inp)
@@ -139,7 +144,7 @@ class BatchAllTripletLoss(TripletMarginLoss):
         return out
 
 
-class SemiHardTripletLoss(BaseMetricLossFunction):
+class SemiHardTripletLoss(_OnePassTripletLoss):
     """FaceNet semi-hard triplet loss with TF-Addons' ``triplet_semihard_loss`` semantics, in one pass.
 
     For every positive pair (i, p): ``n*`` = the nearest negative farther than p (smallest d_in with
@@ -161,14 +166,6 @@ class SemiHardTripletLoss(BaseMetricLossFunction):
     def __init__(self, margin=1.0, **kwargs):
         self.margin = V.check_number(margin, "margin")
         super().__init__(**kwargs)
-
-    def get_default_distance(self):
-        """PML's hook: the distance used when none is given."""
-        return _plain_euclidean()
-
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        """PML's hook: the per-element loss dict (the terms, not their fused reduction)."""
-        return self._per_element_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _compute(self, inp, indices_tuple):
         geo = Geometry(self.distance, inp)
