@@ -22,7 +22,7 @@ def embedding_net(dim: int = 2) -> nn.Module:
     """Two conv blocks, a hidden layer, a linear map to ``dim`` (no activation: the embedding uses the plane)."""
 
     def block(c_in, c_out):
-        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2))
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(c_out), nn.ReLU())
 
     return nn.Sequential(
         block(1, 16), block(16, 32), nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, dim)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastdml.demo.__main__ import build_parser, main, snapshot_epochs
+from fastdml.demo.recipes import DEFAULTS
 from fastdml.demo.sampler import PKSampler, RandomSampler
 
 SMALL = [
@@ -62,6 +63,8 @@ def test_demo_smoke_run_writes_valid_outputs(tmp_path, capsys, loss, mining):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["train_seconds"] > 0 and metrics["epochs"] == 1
     assert metrics["loss"] == loss and metrics["device"] == "cpu"
+    for key in ("weight_decay", "rotate", "scale", "shift", "width", "lr"):  # options left unset: the loss's defaults
+        assert metrics[key] == DEFAULTS[loss][key], key
     assert metrics["mining"] == (mining or build_parser().parse_args(["--loss", loss]).mining or metrics["mining"])
     state = torch.load(out / "model.pt", weights_only=False)
     assert state["state_dict"] and state["metrics"]["loss"] == loss
@@ -107,10 +110,11 @@ def test_progress_plot_rejects_no_snapshots_and_mismatched_labels(tmp_path):
         plot_progress([(0, np.zeros((4, 2)))], np.arange(5), [1.0], tmp_path / "p.png")
 
 
-def test_demo_is_deterministic_given_the_seed(tmp_path):
+@pytest.mark.parametrize("augment", [[], ["--rotate", "0", "--scale", "0", "--shift", "2"]])  # warp, whole pixels
+def test_demo_is_deterministic_given_the_seed(tmp_path, augment):
     runs = []
     for name in ("a", "b"):
-        assert main(SMALL + ["--seed", "3", "--out", str(tmp_path / name)]) == 0
+        assert main(SMALL + augment + ["--seed", "3", "--out", str(tmp_path / name)]) == 0
         runs.append(torch.load(tmp_path / name / "model.pt", weights_only=False)["state_dict"])
     for key in runs[0]:
         assert torch.equal(runs[0][key], runs[1][key]), key
@@ -151,6 +155,12 @@ def test_help_documents_every_option(capsys):
         (["--width", "0"], "--width must be >= 1"),
         (["--shift", "-3"], "--shift must be in [0, 13]"),
         (["--shift", "14"], "--shift must be in [0, 13]"),
+        (["--rotate", "-1"], "--rotate must be in [0, 180] degrees"),
+        (["--rotate", "nan"], "--rotate must be in [0, 180] degrees"),
+        (["--rotate", "181"], "--rotate must be in [0, 180] degrees"),
+        (["--scale", "0.6"], "--scale must be in [0, 0.5]"),
+        (["--scale", "inf"], "--scale must be in [0, 0.5]"),
+        (["--scale=-0.1"], "--scale must be in [0, 0.5]"),
         (["--validation", "-5"], "--validation must be >= 0"),
         (["--validation", "60000"], "--validation must be < 60000"),
         (["--train-subset", "1"], "--classes-per-batch 10 exceeds the 1 digits present"),
@@ -210,6 +220,66 @@ def test_diverging_run_stops_at_the_first_non_finite_step_naming_epoch_and_lr(tm
 def test_missing_data_dir_files_exit_with_the_file_named(tmp_path, capsys):
     assert main(SMALL + ["--data-dir", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     assert "train-images-idx3-ubyte: not found in --data-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("train_subset", ["60", "240"])
+def test_runs_of_fewer_steps_than_the_schedule_warm_up_train(tmp_path, train_subset):
+    # one or four steps: shorter than the one-cycle schedule's shortest warm-up
+    out = tmp_path / "run"
+    assert main(SMALL + ["--train-subset", train_subset, "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == int(train_subset) // 60
+
+
+def test_affine_warp_turns_clockwise_moves_right_and_down_and_fills():
+    from fastdml.demo.train import affine_warp
+
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    ones, still = torch.ones(3), torch.zeros(3, 2)
+    torch.testing.assert_close(affine_warp(x, 0 * ones, ones, still, fill=0.0), x, atol=1e-4, rtol=0)
+    turned = affine_warp(x, 90 * ones, ones, still, fill=0.0)
+    torch.testing.assert_close(turned, torch.rot90(x, -1, (2, 3)), atol=1e-4, rtol=0)
+    moved = affine_warp(x, 0 * ones, ones, torch.tensor([[2.0, 1.0]] * 3), fill=-5.0)
+    expected = torch.full_like(x, -5.0)
+    expected[..., 1:, 2:] = x[..., :-1, :-2]
+    torch.testing.assert_close(moved, expected, atol=1e-4, rtol=0)
+    # zoom 2 about the centre: the central 14 x 14 pixels fill the image, each read by a 2 x 2 block
+    flat = torch.arange(28.0).repeat(28, 1)[None, None].expand(3, 1, 28, 28)
+    zoomed = affine_warp(flat, 0 * ones, 2 * ones, still, fill=0.0)
+    assert zoomed.amin() >= 6.5 - 1e-4 and zoomed.amax() <= 20.5 + 1e-4
+
+
+@pytest.mark.parametrize(
+    "shape, pixel, angle, offset, expected",
+    [
+        # 3.5 right of and 0.5 below the centre: turned clockwise it lies 3.5 below and 0.5 left of it
+        ((28, 28), (14, 17), 90.0, (0.0, 0.0), (17, 13)),
+        ((28, 28), (14, 17), 90.0, (3.0, 0.0), (17, 16)),  # the offset moves the turned digit
+        ((28, 28), (14, 17), -90.0, (0.0, -2.0), (8, 14)),
+        ((20, 40), (10, 23), 90.0, (0.0, 0.0), (13, 19)),  # not square: no shear
+        ((20, 40), (10, 23), 0.0, (-5.0, 2.0), (12, 18)),
+    ],
+)
+def test_affine_warp_moves_one_pixel_where_the_docstring_says(shape, pixel, angle, offset, expected):
+    from fastdml.demo.train import affine_warp
+
+    image = torch.zeros(1, 1, *shape)
+    image[0, 0, pixel[0], pixel[1]] = 1.0
+    out = affine_warp(image, torch.tensor([angle]), torch.ones(1), torch.tensor([offset]), fill=0.0)[0, 0]
+    assert divmod(int(out.argmax()), shape[1]) == expected
+    torch.testing.assert_close(out.sum(), torch.tensor(1.0), atol=1e-4, rtol=0)  # one whole pixel, not smeared
+    assert out.max() > 1 - 1e-4
+
+
+def test_random_affine_draws_bounded_parameters_from_the_generator():
+    from fastdml.demo.train import affine_warp, random_affine
+
+    x = torch.randn(50, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    out = random_affine(x, 2.0, 15.0, 0.1, torch.Generator().manual_seed(7))
+    # the draws: u uniform in [-1, 1]^4 from the generator, scaled to the three ranges
+    u = torch.rand(50, 4, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    torch.testing.assert_close(out, affine_warp(x, u[:, 0] * 15.0, 1 + u[:, 1] * 0.1, u[:, 2:] * 2.0), rtol=0, atol=0)
+    assert not torch.allclose(out, x)
+    torch.testing.assert_close(random_affine(x, 0.0, 0.0, 0.0, torch.Generator()), x, atol=1e-4, rtol=0)
 
 
 def test_pk_sampler_batches_hold_k_of_p_distinct_classes_and_are_reproducible():

@@ -23,12 +23,14 @@ __all__ = ["main", "build_parser"]
 N_CLASSES = 10  # MNIST digits
 SNAPSHOT_IMAGES = 2000  # evaluation images drawn in progress.png
 MAX_SHIFT = 13  # --shift: beyond half the 28-pixel image the digit can leave the frame
+MAX_ROTATE = 180.0  # --rotate, degrees
+MAX_SCALE = 0.5  # --scale: zoom factors in [0.5, 1.5]
 
-# Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads slowed
-# training 5-10x in measured runs. libgomp reads this once, when torch is first loaded, so it is set here,
-# before any import of torch (an explicit OMP_WAIT_POLICY in the environment wins).
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Idle OpenMP threads spin briefly, then sleep: long spins (libgomp's default) slow training on a shared
+# CPU, none (OMP_WAIT_POLICY=PASSIVE, faster there) slow it on an idle one (bench/RESULTS.md). libgomp
+# reads GOMP_SPINCOUNT once, when torch is loaded: hence here, before any import of torch.
+if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "2000")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -117,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="peak learning rate of AdamW's one-cycle schedule (default per loss: " + per_loss("lr") + ")",
     )
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="AdamW's decoupled weight decay (default per loss: " + per_loss("weight_decay") + ")",
+    )
     g.add_argument(
         "--classes-per-batch",
         type=int,
@@ -138,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="augmentation: translate each training image by up to +-SHIFT pixels, 0: off (default per loss: "
         + per_loss("shift")
         + ")",
+    )
+    g.add_argument(
+        "--rotate",
+        type=float,
+        default=None,
+        help="augmentation: rotate each training image by up to +-ROTATE degrees, 0: off; with --rotate or "
+        "--scale the shifts are continuous (bilinear) (default per loss: " + per_loss("rotate") + ")",
+    )
+    g.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="augmentation: zoom each training image by a factor in [1 - SCALE, 1 + SCALE], 0: off (default "
+        "per loss: " + per_loss("scale") + ")",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batch order")
     g = parser.add_argument_group("data and run")
@@ -207,7 +228,7 @@ def _check_options(parser, args) -> None:
     )
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a finite number > 0, got {args.lr}")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+    if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         parser.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     for name in ("margin", "pos_margin", "positive_weight"):
         value = getattr(args, name)
@@ -220,6 +241,10 @@ def _check_options(parser, args) -> None:
         )
     if args.shift is not None and not 0 <= args.shift <= MAX_SHIFT:
         parser.error(f"--shift must be in [0, {MAX_SHIFT}] pixels, got {args.shift}")
+    if args.rotate is not None and not (math.isfinite(args.rotate) and 0 <= args.rotate <= MAX_ROTATE):
+        parser.error(f"--rotate must be in [0, {MAX_ROTATE:g}] degrees, got {args.rotate}")
+    if args.scale is not None and not (math.isfinite(args.scale) and 0 <= args.scale <= MAX_SCALE):
+        parser.error(f"--scale must be in [0, {MAX_SCALE:g}], got {args.scale}")
     if args.classes_per_batch is not None and args.classes_per_batch > N_CLASSES:
         parser.error(
             f"--classes-per-batch must be <= {N_CLASSES} (MNIST has {N_CLASSES} digits), got {args.classes_per_batch}"
@@ -295,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(
         epochs=args.epochs or d["epochs"],
         lr=args.lr if args.lr is not None else d["lr"],
-        weight_decay=args.weight_decay,
+        weight_decay=args.weight_decay if args.weight_decay is not None else d["weight_decay"],
         p=args.classes_per_batch or d["p"],
         k=args.samples_per_class or d["k"],
         width=args.width or d["width"],
@@ -306,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         sampler="random" if recipe.mining == "none" and args.loss == "paired-contrastive" else "pk",
         progress=not args.no_progress,
         shift=args.shift if args.shift is not None else d["shift"],
+        rotate=args.rotate if args.rotate is not None else d["rotate"],
+        scale=args.scale if args.scale is not None else d["scale"],
     )
     out = Path(args.out or os.path.join("runs", _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")))
 
@@ -371,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         "lr": config.lr,
         "weight_decay": config.weight_decay,
         "shift": config.shift,
+        "rotate": config.rotate,
+        "scale": config.scale,
         "seed": config.seed,
         "device": device,
         "threads": torch.get_num_threads(),

@@ -1,7 +1,7 @@
 """The demo's embedding network: a small CNN with batch norm, a hidden layer, then a linear map to ``dim``.
 
 x (n, 1, 28, 28)
--> [conv3x3 -> BN -> ReLU -> maxpool2] x 3   (channels c, 2c, 4c; 28 -> 14 -> 7 -> 3)
+-> [conv3x3 -> maxpool2 -> BN -> ReLU] x 3   (channels c, 2c, 4c; 28 -> 14 -> 7 -> 3)
 -> flatten (4c * 3 * 3) -> linear -> BN -> ReLU (hidden)
 -> linear (dim), no activation: the embedding may use the whole plane (an activation or a normalization
    there would confine a 2-D embedding to a quadrant or a circle).
@@ -18,9 +18,11 @@ __all__ = ["EmbeddingNet"]
 def _block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),  # BN supplies the bias
+        # pooling first: batch norm and ReLU then run on a quarter of the values (bench/RESULTS.md has
+        # the step times of both orders)
+        nn.MaxPool2d(2),
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
     )
 
 

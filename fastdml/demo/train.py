@@ -19,7 +19,19 @@ from .model import EmbeddingNet
 from .recipes import Recipe
 from .sampler import PKSampler, RandomSampler
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "to_tensor", "train", "embed", "evaluate"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "to_tensor",
+    "random_shift",
+    "affine_warp",
+    "random_affine",
+    "augment",
+    "train",
+    "embed",
+    "evaluate",
+]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -42,6 +54,8 @@ class TrainConfig:
     progress: bool = True
     max_steps: int | None = None  # stop early (tests, quick trials)
     shift: int = 0  # augmentation: random translation of each image by up to +-shift pixels (0: off)
+    rotate: float = 0.0  # augmentation: random rotation by up to +-rotate degrees (0: off)
+    scale: float = 0.0  # augmentation: random zoom by a factor in [1 - scale, 1 + scale] (0: off)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -86,6 +100,54 @@ def random_shift(
     batch = torch.arange(n, device=images.device)[:, None, None]
     out = padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
     return out.contiguous(memory_format=torch.channels_last)
+
+
+def affine_warp(
+    images: torch.Tensor,
+    angle: torch.Tensor,
+    zoom: torch.Tensor,
+    offset: torch.Tensor,
+    fill: float = -MNIST_MEAN / MNIST_STD,
+) -> torch.Tensor:
+    """Rotate each image (n, 1, h, w) by ``angle[i]`` degrees, zoom it by ``zoom[i]`` and move it by
+    ``offset[i]`` = (right, down) pixels, about the image centre, with bilinear interpolation.
+
+    The output pixel at x (from the centre, y pointing down) reads the input at R(-angle) (x - offset) / zoom,
+    so positive angles turn the digit clockwise on screen. Pixels read from outside the image get ``fill``.
+    """
+    n, _, h, w = images.shape
+    a = torch.deg2rad(angle.to(images.device, images.dtype))
+    zoom = zoom.to(images.device, images.dtype)
+    offset = offset.to(images.device, images.dtype)
+    cos, sin = torch.cos(a) / zoom, torch.sin(a) / zoom
+    # affine_grid maps output to input coordinates in which the image spans [-1, 1] both ways (a pixel is
+    # 2 / w wide and 2 / h high): the rotation's off-diagonal terms carry the aspect ratio
+    tx, ty = offset[:, 0] * 2 / w, offset[:, 1] * 2 / h
+    row_x = torch.stack([cos, sin * (h / w), -(cos * tx + sin * (h / w) * ty)], 1)
+    row_y = torch.stack([-sin * (w / h), cos, sin * (w / h) * tx - cos * ty], 1)
+    grid = torch.nn.functional.affine_grid(torch.stack([row_x, row_y], 1), [n, 1, h, w], align_corners=False)
+    out = torch.nn.functional.grid_sample(images - fill, grid, padding_mode="zeros", align_corners=False) + fill
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def random_affine(
+    images: torch.Tensor, shift: float, rotate: float, scale: float, generator: torch.Generator
+) -> torch.Tensor:
+    """:func:`affine_warp` of each image (n, 1, h, w) by its own random angle in [-rotate, rotate] degrees,
+    zoom in [1 - scale, 1 + scale] and offset in [-shift, shift]^2 pixels (uniform, independent)."""
+    u = torch.rand(len(images), 4, generator=generator) * 2 - 1
+    return affine_warp(images, u[:, 0] * rotate, 1 + u[:, 1] * scale, u[:, 2:] * shift)
+
+
+def augment(images: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """The training-time augmentation of ``config``.
+
+    With ``config.rotate`` and ``config.scale`` both 0: :func:`random_shift` by whole pixels (none if
+    ``config.shift`` is 0). Otherwise :func:`random_affine`: rotation, zoom and a continuous shift.
+    """
+    if config.rotate or config.scale:
+        return random_affine(images, config.shift, config.rotate, config.scale, generator)
+    return random_shift(images, config.shift, generator)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -140,12 +202,14 @@ def train(
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # OneCycleLR divides by its warm-up length (a quarter of total_steps, minus one), zero at 4 steps: runs
+    # of 4 steps or fewer take a 5-step schedule and end before it does
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=max(total, 1), pct_start=0.25
+        optimizer, max_lr=config.lr, total_steps=max(total, 5), pct_start=0.25
     )
     labels = labels.to(device)
     result = TrainResult(model=model)
-    augment = torch.Generator().manual_seed(config.seed + 1)
+    augmenter = torch.Generator().manual_seed(config.seed + 1)
     _warm_up(recipe, labels, config.dim, device)
     outside, cpu_outside = 0.0, 0.0  # time spent in on_epoch, taken out of the training time
 
@@ -170,7 +234,7 @@ def train(
         running, seen = 0.0, 0
         for batch in batches:
             index = torch.from_numpy(batch).to(device)
-            embeddings = model(random_shift(images[index], config.shift, augment))
+            embeddings = model(augment(images[index], config, augmenter))
             loss = recipe(embeddings, labels[index])
             # stop before a non-finite step is applied; a loss can stay finite on non-finite embeddings
             # (an infinite distance clears a hinge), so both are checked
