@@ -168,15 +168,21 @@ def test_tile_plan_respects_the_budget(compiled_only):
         budget.peak_log = None
 
 
-def test_tile_rejects_bad_arguments():
-    """The C checks the sizes and offsets it is given; the wrapper checks dtypes and shapes."""
-    n, d = 6, 3
+def _tile_arguments(n=6, d=3):
+    """Valid arguments of ``native.contrastive_tiles`` for n points in d dimensions, one label run."""
     x = torch.randn(n, d)
     xn = (x * x).sum(1)
     plo, phi = torch.zeros(n, dtype=torch.int64), torch.full((n,), n, dtype=torch.int64)
     pdir = torch.zeros(n, dtype=torch.uint8)
     bounds = torch.tensor([0.0, INF, 0.0, INF, -INF, 1.0, -INF, 1.0], dtype=torch.float64)
     stats = torch.zeros(4, dtype=torch.float64)
+    return x, xn, plo, phi, pdir, bounds, stats
+
+
+def test_tile_rejects_bad_arguments():
+    """The C checks the sizes and offsets it is given; the wrapper checks dtypes and shapes."""
+    n, d = 6, 3
+    x, xn, plo, phi, pdir, bounds, stats = _tile_arguments(n, d)
     tile = native.contrastive_tiles(x, xn, plo, phi, pdir, "l2", bounds, 0.0, 1.0, 0.01, None, None, stats)
     v = torch.zeros(4, 4)
     with pytest.raises(ValueError, match="out of range"):
@@ -199,12 +205,7 @@ def test_tile_names_each_bad_argument():
     """Unknown kinds, a near-duplicate test on dot products, half a gradient and shared buffers are refused
     by name; the C refuses a near-duplicate test on dot products by itself too."""
     n, d = 6, 3
-    x = torch.randn(n, d)
-    xn = (x * x).sum(1)
-    plo, phi = torch.zeros(n, dtype=torch.int64), torch.full((n,), n, dtype=torch.int64)
-    pdir = torch.zeros(n, dtype=torch.uint8)
-    bounds = torch.tensor([0.0, INF, 0.0, INF, -INF, 1.0, -INF, 1.0], dtype=torch.float64)
-    stats = torch.zeros(4, dtype=torch.float64)
+    x, xn, plo, phi, pdir, bounds, stats = _tile_arguments(n, d)
     args = (x, xn, plo, phi, pdir)
     with pytest.raises(ValueError, match="kind"):
         native.contrastive_tiles(*args, "cosine", bounds, 0.0, 1.0, 0.0, None, None, stats)

@@ -310,7 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         recipe = build_recipe(args.loss, args.mining, args.margin, args.pos_margin, args.positive_weight, args.reducer)
     except ValueError as exc:
         parser.error(str(exc))
-    d = DEFAULTS[args.loss]
+
+    def option(name: str, key: str | None = None):
+        """``--name`` as given, else the loss's default ``DEFAULTS[loss][key or name]``."""
+        value = getattr(args, name)
+        return DEFAULTS[args.loss][key or name] if value is None else value
+
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
@@ -318,21 +323,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     config = TrainConfig(
-        epochs=args.epochs or d["epochs"],
-        lr=args.lr if args.lr is not None else d["lr"],
-        weight_decay=args.weight_decay if args.weight_decay is not None else d["weight_decay"],
-        p=args.classes_per_batch or d["p"],
-        k=args.samples_per_class or d["k"],
-        width=args.width or d["width"],
+        epochs=option("epochs"),
+        lr=option("lr"),
+        weight_decay=option("weight_decay"),
+        p=option("classes_per_batch", "p"),
+        k=option("samples_per_class", "k"),
+        width=option("width"),
         hidden=args.hidden,
         dim=args.dim,
         seed=args.seed,
         device=device,
         sampler="random" if recipe.mining == "none" and args.loss == "paired-contrastive" else "pk",
         progress=not args.no_progress,
-        shift=args.shift if args.shift is not None else d["shift"],
-        rotate=args.rotate if args.rotate is not None else d["rotate"],
-        scale=args.scale if args.scale is not None else d["scale"],
+        shift=option("shift"),
+        rotate=option("rotate"),
+        scale=option("scale"),
     )
     out = Path(args.out or os.path.join("runs", _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")))
 
