@@ -20,6 +20,8 @@ D = 0                                  :mod:`fastdml.reference` (every distance 
 CPU, float32/float64 rows, blocked     the compiled C helpers, unless switched off (``FASTDML_NATIVE=0``,
   batch-hard scans, chosen triplets,   ``native.disabled()``) or not built: :func:`native_helpers`
   the square contrastive tile
+square contrastive, D <= 4, blocked,   one dense pass over the (N, N) matrix by direct differences (no tiles,
+  N <= 384, within the memory budget   no near-duplicates taken apart): :func:`contrastive_dense_sweep`
 a miner on float16 CPU embeddings      the distance object's matrix, compared in float16 (PML's algorithm and
   (``triton`` not forced)              arithmetic, so PML's picks): :func:`miner_on_matrix`
 square contrastive gradient, Triton    upper triangle, transposed half added with atomics; the row-owned full
@@ -169,6 +171,27 @@ def native_helpers(device: torch.device, dtype: torch.dtype | None = None) -> bo
     from .blocked import native
 
     return native.enabled()
+
+
+# largest N of the dense square contrastive pass: it computes all N^2 pairs where the tiles take half and skip
+# inactive ones, so above a few hundred rows the tiles are faster (bench/RESULTS.md)
+DENSE_SWEEP_MAX_N = 384
+
+
+def dense_sweep_bytes(n: int, esize: int) -> int:
+    """Peak working memory of the dense square contrastive pass: six (n, n) buffers of ``esize`` bytes and two
+    boolean masks, ``(6 esize + 2) n^2``."""
+    return (6 * esize + 2) * n * n
+
+
+def contrastive_dense_sweep(direct: bool, n: int, esize: int, fixed: int) -> bool:
+    """Whether the blocked path takes a square contrastive problem of ``n`` rows in one dense pass (direct
+    differences, gradient included) instead of its tile sweeps: small D (``direct``), ``n <=
+    DENSE_SWEEP_MAX_N``, and ``dense_sweep_bytes(n, esize) + fixed <= budget`` (``fixed``: the bytes of the
+    gradient parts)."""
+    from .blocked import budget
+
+    return direct and n <= DENSE_SWEEP_MAX_N and dense_sweep_bytes(n, esize) + int(fixed) <= budget.budget_bytes()
 
 
 def miner_on_matrix(x: torch.Tensor) -> bool:

@@ -47,6 +47,8 @@ def call(x, y):
         return reference.contrastive_stats(x, y, None, None, None, "l2", 0.0, 1.0, -inf, inf, 0.0, inf)
     if op == "contrastive":
         return blocked.contrastive_stats_fwd(x, y, None, None, None, "l2", 0.0, 1.0, -inf, inf, 0.0, inf, True)
+    if op == "contrastive_mean":  # counted and active differ on both branches: every mask is its own buffer
+        return blocked.contrastive_stats_fwd(x, y, None, None, None, "l2", 0.2, 1.3, -inf, inf, -inf, inf, True)
     if op == "triplet":
         return blocked.triplet_stats_fwd(x, y, None, None, None, "l2", 0.1, False, -inf, inf, 0.0, inf, True)
     if op == "smooth":
@@ -111,6 +113,21 @@ def test_peak_working_memory_stays_within_the_budget(op):
     # the softplus path materializes (anchor, positive, negative) chunks: a smaller problem, a smaller budget
     n, mb = (700, 2.0) if op == "smooth" else (3000, 8.0)
     got = measure("blocked", op, n=n, mb=mb)
+    limit = (1 + SLACK) * mb * 2**20 + got["outputs"]
+    assert got["extra"] <= limit, f"{op}: peak extra RSS {got['extra'] / 2**20:.1f} MB > {limit / 2**20:.1f} MB"
+
+
+@needs_proc
+@pytest.mark.parametrize("op", ["contrastive", "contrastive_mean"])
+def test_dense_contrastive_pass_stays_within_the_budget(op):
+    """D = 2 and N = 384: the square contrastive problem takes the dense pass (checked here), whose measured
+    peak must fit the same budget."""
+    from fastdml import dispatch
+
+    n, mb = 384, 4.0
+    with memory_budget(mb):
+        assert dispatch.contrastive_dense_sweep(True, n, 4, 2 * n * 2 * 4)
+    got = measure("blocked", op, n=n, d=2, mb=mb)
     limit = (1 + SLACK) * mb * 2**20 + got["outputs"]
     assert got["extra"] <= limit, f"{op}: peak extra RSS {got['extra'] / 2**20:.1f} MB > {limit / 2**20:.1f} MB"
 

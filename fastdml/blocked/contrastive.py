@@ -28,6 +28,10 @@ both orders itself. That halves the distance GEMM and the elementwise passes. Ti
 Gradient in the forward: the pair weights go through the common GEMM-shaped pass (see :mod:`.distance`);
 in the square case the weights are symmetric, so the column side equals the row side (added twice).
 
+Small D (direct differences, ``D <= 4``) with the whole (N, N) matrix within the budget: one dense pass
+(:func:`_square_dense_direct`), the gradient by direct differences too, so no near-duplicate is taken apart
+and a small batch costs a few dozen ops instead of the tile sweep's hundred or more.
+
 With the compiled helpers (:mod:`.native`) the square case runs :func:`_square_native` instead: per tile one
 distance GEMM and one C pass (``csrc/contrastive_tile.c``) for everything elementwise, then the gradient
 GEMMs; the torch sweep (:func:`_square_tiles`) is the fallback with the same results within rounding.
@@ -43,7 +47,7 @@ import torch
 
 from .. import dispatch
 from . import budget, native
-from .distance import NEAR_REL, Problem, canonical_columns, distances, new_parts
+from .distance import NEAR_REL, Problem, _direct_q, canonical_columns, distances, new_parts
 
 INF = math.inf
 # above this many label runs in a block, positives use a label mask over the block instead of rectangles
@@ -253,7 +257,9 @@ def contrastive_stats_fwd(
         gxs, grs = new_parts(P, 2, need_grad, need_grad_r)
         fixed = (gxs.numel() + grs.numel()) * P.esize  # the parts in the original order, written at the end
         if P.square and canonical_columns(P) is None:
-            if not _square_native(P, pm, nm, iv, need_grad, sums, gxs, fixed):
+            if _dense_direct_fits(P, fixed):
+                _square_dense_direct(P, pm, nm, iv, need_grad, sums, gxs)
+            elif not _square_native(P, pm, nm, iv, need_grad, sums, gxs, fixed):
                 _square_tiles(P, pm, nm, iv, _label_runs(P), need_grad, sums, gxs, fixed)
         else:
             runs = _label_runs(P)
@@ -600,6 +606,60 @@ def _tile(P, si, ei, sj, ej, pm, nm, iv, qiv, runs, need_grad, acc, gx, work):
     if fl is not None:
         fi, fj = fl
         _flagged_direct(P, si, sj, fi, fj, q[fi, fj].sqrt(), pa, na, gx, None if diagonal else gx, 2.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# square case, small D, the whole matrix at once
+# ------------------------------------------------------------------------------------------------------
+def _dense_direct_fits(P: Problem, fixed: int) -> bool:
+    """:func:`fastdml.dispatch.contrastive_dense_sweep` for ``P`` (its plan logged when it applies)."""
+    if not dispatch.contrastive_dense_sweep(P.direct, P.N, P.esize, fixed):
+        return False
+    if budget.peak_log is not None:
+        budget.peak_log.append(dispatch.dense_sweep_bytes(P.N, P.esize) + int(fixed))
+    return True
+
+
+def _square_dense_direct(P, pm, nm, iv, need_grad, sums, gx) -> None:
+    """The square case for small D in one pass over the whole matrix (a small problem).
+
+    q by direct differences (as in the tiles, so the same masks), then the gradient by direct differences
+    too, ``scale sum_j c_ij (x_i - x_j)`` one coordinate at a time with ``c = A / d`` (l2; 0 at d = 0) or
+    ``A`` (sql2): exact for near-duplicates, so no pair is taken apart, and a few dozen ops in all instead
+    of the tile sweep's hundred or more. At most six (N, N) buffers of ``P.acc`` and two boolean masks are
+    alive at once (:func:`fastdml.dispatch.dense_sweep_bytes`).
+    """
+    x = P.x
+    l2 = P.kind == "l2"
+    q = _direct_q(x, P.rt())
+    pc, pa, nc, na = q_intervals(iv, P.acc) if l2 else iv
+    neg = P.y[:, None] == P.y[None, :]
+    pos = neg.clone().fill_diagonal_(False)  # positives, the diagonal excluded
+    neg.logical_not_()  # negatives (never the diagonal)
+    d = q.sqrt() if l2 else q
+
+    def row_sums(t):  # per-row sums in the accumulation dtype, the rows added in float64 (as the tiles do)
+        return t.sum(1).sum(dtype=torch.float64)
+
+    Aa = _interval_mask(q, pa).mul_(pos)
+    sums[0] += torch.linalg.vecdot(Aa, d - pm, dim=1).sum(dtype=torch.float64)
+    sums[1] += row_sums(Aa if pc == pa else _interval_mask(q, pc).mul_(pos))
+    An = _interval_mask(q, na).mul_(neg)
+    sums[2] -= torch.linalg.vecdot(An, d - nm, dim=1).sum(dtype=torch.float64)
+    sums[3] += row_sums(An if nc == na else _interval_mask(q, nc).mul_(neg))
+    del pos, neg
+    if not need_grad:
+        return
+    # each pair stands for both orders: dt_ij/dx_i + dt_ji/dx_i = 2 dt_ij/dx_i; sql2 has dq/dx_i = 2 (x_i - x_j)
+    scale = 4.0 if P.kind == "sql2" else 2.0
+    zero = q == 0 if l2 else None  # d = 0: weight 0 (0/0 on the diagonal, A/0 at coincident points)
+    diff = q  # q is spent: its buffer takes the coordinate differences
+    for part, (A, sign) in enumerate(((Aa, 1.0), (An, -1.0))):
+        if l2:
+            A.div_(d).masked_fill_(zero, 0.0)
+        for k in range(P.D):
+            torch.sub(x[:, k : k + 1], x[None, :, k], out=diff)
+            gx[part, :, k] += torch.linalg.vecdot(A, diff, dim=1) * (scale * sign)
 
 
 # ------------------------------------------------------------------------------------------------------
