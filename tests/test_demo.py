@@ -249,6 +249,19 @@ def test_affine_warp_turns_clockwise_moves_right_and_down_and_fills():
 
 
 @pytest.mark.parametrize(
+    "dtype, shape", [(torch.float32, (28, 28)), (torch.float64, (20, 33)), (torch.float64, (1, 5))]
+)
+def test_affine_grid_by_broadcasting_matches_torch(dtype, shape):
+    from fastdml.demo.train import _affine_grid
+
+    theta = torch.randn(7, 2, 3, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    expected = torch.nn.functional.affine_grid(theta, [7, 1, *shape], align_corners=False)
+    # three terms (|x|, |y| < 1) summed in either order: within a few roundings of the sum of their magnitudes
+    bound = 4 * torch.finfo(dtype).eps * float(theta.abs().sum(-1).max())
+    torch.testing.assert_close(_affine_grid(theta, *shape), expected, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize(
     "shape, pixel, angle, offset, expected",
     [
         # 3.5 right of and 0.5 below the centre: turned clockwise it lies 3.5 below and 0.5 left of it

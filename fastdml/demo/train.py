@@ -102,6 +102,18 @@ def random_shift(
     return out.contiguous(memory_format=torch.channels_last)
 
 
+def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``affine_grid(theta, (n, 1, h, w), align_corners=False)`` by broadcasting: grid[k, i, j] =
+    theta[k] @ (x_j, y_i, 1) at the pixel centres x_j = (2j + 1) / w - 1, y_i = (2i + 1) / h - 1.
+
+    Same values within rounding; torch's version builds them with a batched matrix product.
+    """
+    xs = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1
+    ys = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
+    t = theta[..., None, None]  # (n, 2, 3, 1, 1)
+    return (t[:, :, 0] * xs + t[:, :, 1] * ys[:, None] + t[:, :, 2]).permute(0, 2, 3, 1)  # (n, h, w, 2)
+
+
 def affine_warp(
     images: torch.Tensor,
     angle: torch.Tensor,
@@ -125,7 +137,7 @@ def affine_warp(
     tx, ty = offset[:, 0] * 2 / w, offset[:, 1] * 2 / h
     row_x = torch.stack([cos, sin * (h / w), -(cos * tx + sin * (h / w) * ty)], 1)
     row_y = torch.stack([-sin * (w / h), cos, sin * (w / h) * tx - cos * ty], 1)
-    grid = torch.nn.functional.affine_grid(torch.stack([row_x, row_y], 1), [n, 1, h, w], align_corners=False)
+    grid = _affine_grid(torch.stack([row_x, row_y], 1), h, w)
     out = torch.nn.functional.grid_sample(images - fill, grid, padding_mode="zeros", align_corners=False) + fill
     return out.contiguous(memory_format=torch.channels_last)
 
