@@ -28,9 +28,10 @@ both orders itself. That halves the distance GEMM and the elementwise passes. Ti
 Gradient in the forward: the pair weights go through the common GEMM-shaped pass (see :mod:`.distance`);
 in the square case the weights are symmetric, so the column side equals the row side (added twice).
 
-Small D (direct differences, ``D <= 4``) with the whole (N, N) matrix within the budget: one dense pass
-(:func:`_square_dense_direct`), the gradient by direct differences too, so no near-duplicate is taken apart
-and a small batch costs a few dozen ops instead of the tile sweep's hundred or more.
+Small D (direct differences, ``D <= 4``), at most ``dispatch.DENSE_SWEEP_MAX_N`` rows and the whole (N, N)
+pass within the budget: one dense pass (:func:`_square_dense_direct`), the gradient by direct differences
+too, so no near-duplicate is taken apart and a small batch costs a few dozen ops instead of the tile
+sweep's hundred or more.
 
 With the compiled helpers (:mod:`.native`) the square case runs :func:`_square_native` instead: per tile one
 distance GEMM and one C pass (``csrc/contrastive_tile.c``) for everything elementwise, then the gradient
